@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML -> nested dataclasses, strict about unknown keys and wrong types."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the file and the dotted field."""
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None  # local HF-format checkpoint dir; None -> build a tiny random model
+    tiny_hidden_size: int = 64
+    tiny_layers: int = 2
+    freeze_vision_tower: bool = True
+    freeze_audio_tower: bool = True
+    freeze_bert: bool = True
+    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+
+
+@dataclass
+class SyntheticConfig:
+    num_train: int = 64
+    num_eval: int = 32
+    num_sft: int = 32
+    labels: list[str] = field(default_factory=lambda: ["happy", "sad", "angry", "neutral"])
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_path: str | None = None  # R1-Omni JSON; None -> synthetic data generated under output_dir
+    eval_path: str | None = None
+    sft_path: str | None = None
+    root: str | None = None
+    label_set: str = "dfew"
+    labels: list[str] | None = None  # restrict to these labels (synthetic data uses a subset)
+    on_error: str = "skip"  # skip bad records (counted, logged) or raise
+    use_video: bool = True
+    use_audio: bool = True
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # hf (transformers generate, CPU/GPU) | vllm (GPU)
+    num_workers: int = 2
+    group_size: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    tensor_parallel_size: int = 1
+    num_gpus_per_worker: float = 0.0
+    num_cpus_per_worker: float = 1.0
+    gpu_memory_utilization: float = 0.6
+    torch_threads: int = 1
+    max_restarts: int = 3
+
+
+@dataclass
+class RewardItem:
+    name: str = "accuracy"
+    weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    num_actors: int = 1
+    rewards: list[RewardItem] = field(
+        default_factory=lambda: [RewardItem("accuracy", 1.0), RewardItem("format", 1.0)]
+    )
+
+
+@dataclass
+class GRPOConfig:
+    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    advantage_eps: float = 1e-4
+    clip_eps_low: float = 0.2
+    clip_eps_high: float = 0.2
+    dual_clip: float | None = None
+    beta: float = 0.04
+    kl_estimator: str = "k3"
+    loss_agg: str = "seq_mean_token_mean"
+    updates_per_rollout: int = 1
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 2
+    zero_stage: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8  # sequences per forward/backward
+    num_cpus_per_learner: float = 1.0
+    num_gpus_per_learner: float = 0.0
+    torch_threads: int = 1
+    use_reference: bool = True
+    dist_timeout_s: float = 300.0
+    broadcast_bucket_mb: float = 64.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    prompts_per_step: int = 8
+    seed: int = 0
+    overlap: bool = False  # one-step off-policy: next rollout overlaps the current update
+    eval_every: int = 0
+    output_dir: str = "runs/demo"
+    log_samples: int = 4
+
+
+@dataclass
+class SFTConfig:
+    epochs: int = 3
+    lr: float = 1e-3
+    batch_size: int = 8
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # steps; 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class WandbConfig:
+    project: str = "r1omni-ray"
+    run_name: str | None = None
+    mode: str = "auto"  # auto: online with an API key, else offline | online | offline | disabled
+    dir: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RayConfig:
+    address: str | None = None  # None/"local": start or join a local Ray; "auto" or ray://... otherwise
+    num_cpus: int | None = None
+    placement_strategy: str = "SPREAD"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {
+    "rollout.engine": {"hf", "vllm"},
+    "data.on_error": {"skip", "raise"},
+    "grpo.advantage_scale": {"group", "batch", "none"},
+    "grpo.kl_estimator": {"k1", "k2", "k3"},
+    "grpo.loss_agg": {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"},
+    "learner.zero_stage": {0, 1, 2, 3},
+    "wandb.mode": {"auto", "online", "offline", "disabled"},
+    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+}
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {type(value).__name__} ({value!r})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {type(value).__name__} ({value!r})")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {type(value).__name__} ({value!r})")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        kwargs[name] = _convert(hints[name], value, path)
+        allowed = _CHOICES.get(path)
+        if allowed is not None and kwargs[name] not in allowed:
+            raise ConfigError(f"{path}: {kwargs[name]!r} is not one of {sorted(allowed, key=str)}")
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected dotted.key=value")
+    key, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    node = data
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML config (or defaults when path is None) and apply `a.b=value` overrides."""
+    data: dict[str, Any] = {}
+    src = "<defaults>"
+    if path is not None:
+        src = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e})") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for ov in overrides:
+        _apply_override(data, ov)
+    try:
+        return _build(RunConfig, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{src}: {e}") from None
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, data, "")

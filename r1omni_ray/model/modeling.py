@@ -1,0 +1,307 @@
+"""HumanOmni-style omni-modal policy: SigLIP frames + Whisper audio spliced into a Qwen2 LM.
+
+Parameter names follow the public HumanOmni / R1-Omni checkpoint: ``model.vision_tower.vision_tower.*``
+(SigLIP), ``model.mm_projector.*``, ``model.audio_tower.audio_tower.*`` (Whisper encoder),
+``model.audio_projector.*``, ``model.bert_model.*`` + ``model.bert_gate.*`` (the instruction-conditioned
+gate over the vision projector's branches), ``model.layers.*`` / ``lm_head`` (Qwen2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    WhisperConfig,
+)
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+from r1omni_ray.model.configuration import HumanOmniQwen2Config
+
+NUM_VISION_BRANCHES = 3  # video, body, face (HumanOmni)
+
+
+class MMPrompt(Protocol):
+    """What the model needs of one processed prompt (r1omni_ray.data.processor.OmniInputs fits)."""
+
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None
+    audio_features: torch.Tensor | None
+    bert_input_ids: list[int]
+
+
+def _sub_config(cls: type, embedded: dict[str, Any] | None, path: str | None, what: str) -> Any:
+    if embedded:
+        d = {k: v for k, v in embedded.items() if k not in ("model_type", "transformers_version")}
+        return cls(**d)
+    if path:
+        return cls.from_pretrained(path)
+    raise ValueError(f"config has neither {what}_config nor a local path for the {what} tower")
+
+
+def build_mlp(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Linear(in_dim, out_dim)]
+    for _ in range(1, depth):
+        layers += [nn.GELU(), nn.Linear(out_dim, out_dim)]
+    return nn.Sequential(*layers)
+
+
+def _mlp_depth(projector_type: str) -> int | None:
+    m = re.fullmatch(r"mlp(\d+)x_gelu", projector_type)
+    return int(m.group(1)) if m else None
+
+
+class SiglipVisionTower(nn.Module):
+    def __init__(self, cfg: SiglipVisionConfig, select_layer: int) -> None:
+        super().__init__()
+        self.vision_tower = SiglipVisionModel(cfg)
+        self.select_layer = select_layer
+        self.patches_per_side = cfg.image_size // cfg.patch_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.vision_tower.parameters()).dtype
+        out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
+        return out.hidden_states[self.select_layer]  # [N, patches, C]; SigLIP has no CLS token
+
+
+class WhisperAudioTower(nn.Module):
+    def __init__(self, cfg: WhisperConfig) -> None:
+        super().__init__()
+        self.audio_tower = WhisperEncoder(cfg)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.audio_tower.parameters()).dtype
+        return self.audio_tower(features.to(dtype)).last_hidden_state  # [B, frames/2, d]
+
+
+class GatedVisionProjector(nn.Module):
+    """Three MLP branches mixed per sample by the BERT gate (HumanOmni's video/body/face idea)."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.readout_video = build_mlp(2, in_dim, out_dim)
+        self.readout_body = build_mlp(2, in_dim, out_dim)
+        self.mlp_2xgelu_face = build_mlp(2, in_dim, out_dim)
+
+    def forward(self, feats: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        # feats [B, T, P, C], gate [B, 3] -> [B, T, P, H]
+        branches = torch.stack(
+            [self.readout_video(feats), self.readout_body(feats), self.mlp_2xgelu_face(feats)], dim=-1
+        )
+        return (branches * gate[:, None, None, None, :].to(branches.dtype)).sum(-1)
+
+
+class HumanOmniQwen2Model(Qwen2Model):
+    config_class = HumanOmniQwen2Config
+
+    def __init__(self, config: HumanOmniQwen2Config) -> None:
+        super().__init__(config)
+        vcfg = _sub_config(SiglipVisionConfig, config.vision_config, config.mm_vision_tower, "vision")
+        acfg = _sub_config(WhisperConfig, config.audio_config, config.mm_audio_tower, "audio")
+        self.vision_tower = SiglipVisionTower(vcfg, config.mm_vision_select_layer)
+        self.audio_tower = WhisperAudioTower(acfg)
+        config.mm_hidden_size = vcfg.hidden_size
+        config.audio_hidden_size = acfg.d_model
+        if config.mm_projector_type == "gated_mlp":
+            self.mm_projector: nn.Module = GatedVisionProjector(vcfg.hidden_size, config.hidden_size)
+        elif (depth := _mlp_depth(config.mm_projector_type)) is not None:
+            self.mm_projector = build_mlp(depth, vcfg.hidden_size, config.hidden_size)
+        elif config.mm_projector_type == "linear":
+            self.mm_projector = nn.Linear(vcfg.hidden_size, config.hidden_size)
+        else:
+            raise ValueError(
+                f"config.json field mm_projector_type={config.mm_projector_type!r} is not supported "
+                "(supported: gated_mlp, linear, mlpNx_gelu)"
+            )
+        adepth = _mlp_depth(config.mm_audio_projector_type)
+        if adepth is None:
+            raise ValueError(f"config.json field mm_audio_projector_type={config.mm_audio_projector_type!r}")
+        self.audio_projector = build_mlp(adepth, acfg.d_model, config.hidden_size)
+        if config.mm_projector_type == "gated_mlp":
+            bcfg = _sub_config(BertConfig, config.bert_config, config.text_model_path, "bert")
+            self.bert_model = BertModel(bcfg)
+            self.bert_gate = nn.Sequential(
+                nn.Linear(bcfg.hidden_size, config.bert_gate_hidden_size),
+                nn.GELU(),
+                nn.Linear(config.bert_gate_hidden_size, NUM_VISION_BRANCHES),
+            )
+        # Embed the tower configs so a saved checkpoint is self-contained.
+        config.vision_config = vcfg.to_dict()
+        config.audio_config = acfg.to_dict()
+        if hasattr(self, "bert_model"):
+            config.bert_config = self.bert_model.config.to_dict()
+        self.post_init()
+
+
+@dataclass
+class PackedBatch:
+    """Right-padded prompt+completion embeddings for log-prob computation."""
+
+    inputs_embeds: torch.Tensor  # [N, L, H]
+    attention_mask: torch.Tensor  # [N, L]
+    prompt_lens: list[int]
+    completion_lens: list[int]
+
+
+class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
+    config_class = HumanOmniQwen2Config
+
+    def __init__(self, config: HumanOmniQwen2Config) -> None:
+        super().__init__(config)
+        self.model = HumanOmniQwen2Model(config)
+        self.post_init()
+
+    # ---- multimodal encoding ----
+    def _vision_gate(self, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor | None:
+        m = self.model
+        if not hasattr(m, "bert_model"):
+            return None
+        dev = self.device
+        width = max(len(b) for b in bert_ids)
+        ids = torch.zeros(len(bert_ids), width, dtype=torch.long, device=dev)
+        att = torch.zeros_like(ids)
+        for i, b in enumerate(bert_ids):
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+            att[i, : len(b)] = 1
+        cls = m.bert_model(input_ids=ids, attention_mask=att).last_hidden_state[:, 0]
+        return torch.softmax(m.bert_gate(cls), dim=-1)
+
+    def encode_video(self, pixel_values: torch.Tensor, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """pixel_values [B, T, 3, H, W] -> visual tokens [B, T * pooled patches, hidden]."""
+        m = self.model
+        b, t = pixel_values.shape[:2]
+        feats = m.vision_tower(pixel_values.flatten(0, 1).to(self.device))
+        feats = feats.view(b, t, feats.shape[1], feats.shape[2])
+        if isinstance(m.mm_projector, GatedVisionProjector):
+            gate = self._vision_gate(bert_ids)
+            proj = m.mm_projector(feats, gate)
+        else:
+            proj = m.mm_projector(feats)
+        # Spatial 2x2 pooling per frame as HumanOmni's get_2dPool: fewer tokens per frame.
+        side = m.vision_tower.patches_per_side
+        s = self.config.vision_pool_stride
+        x = proj.view(b * t, side, side, -1).permute(0, 3, 1, 2)
+        if s > 1:
+            x = F.interpolate(x, size=(-(-side // s), -(-side // s)), mode="bilinear")
+        return x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1])
+
+    def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, n_mels, frames] -> audio tokens [B, frames / 2 / stride, hidden]."""
+        m = self.model
+        h = m.audio_tower(features.to(self.device)).transpose(1, 2)
+        h = F.avg_pool1d(h, kernel_size=self.config.audio_pool_stride, stride=self.config.audio_pool_stride)
+        return m.audio_projector(h.transpose(1, 2).to(m.audio_projector[0].weight.dtype))
+
+    def embed_prompts(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor]:
+        """Token embeddings with video/audio features spliced in at the placeholder ids: list of [L_i, H]."""
+        with_video = [i for i, p in enumerate(prompts) if p.pixel_values is not None]
+        with_audio = [i for i, p in enumerate(prompts) if p.audio_features is not None]
+        vfeat: dict[int, torch.Tensor] = {}
+        afeat: dict[int, torch.Tensor] = {}
+        if with_video:
+            pv = torch.stack([prompts[i].pixel_values for i in with_video])
+            out = self.encode_video(pv, [prompts[i].bert_input_ids for i in with_video])
+            vfeat = dict(zip(with_video, out, strict=True))
+        if with_audio:
+            af = torch.stack([prompts[i].audio_features for i in with_audio])
+            out = self.encode_audio(af)
+            afeat = dict(zip(with_audio, out, strict=True))
+        embed = self.get_input_embeddings()
+        result = []
+        for i, p in enumerate(prompts):
+            ids = torch.tensor(p.prompt_ids, dtype=torch.long, device=self.device)
+            pieces: list[torch.Tensor] = []
+            special = ((ids == VIDEO_TOKEN_INDEX) | (ids == AUDIO_TOKEN_INDEX)).nonzero().flatten().tolist()
+            start = 0
+            for pos in special:
+                if pos > start:
+                    pieces.append(embed(ids[start:pos]))
+                kind = int(ids[pos])
+                feats = vfeat if kind == VIDEO_TOKEN_INDEX else afeat
+                if i not in feats:
+                    name = "video" if kind == VIDEO_TOKEN_INDEX else "audio"
+                    raise ValueError(f"prompt {i} has a <{name}> placeholder but no {name} input")
+                pieces.append(feats[i].to(pieces[0].dtype if pieces else embed.weight.dtype))
+                start = pos + 1
+            if start < len(ids):
+                pieces.append(embed(ids[start:]))
+            result.append(torch.cat(pieces, dim=0))
+        return result
+
+    # ---- training-side log-probs ----
+    def pack(
+        self,
+        prompt_embeds: Sequence[torch.Tensor],
+        prompt_index: Sequence[int],
+        completions: Sequence[Sequence[int]],
+    ) -> PackedBatch:
+        embed = self.get_input_embeddings()
+        rows = []
+        plens, clens = [], []
+        for pi, comp in zip(prompt_index, completions, strict=True):
+            pe = prompt_embeds[pi]
+            ce = embed(torch.tensor(list(comp), dtype=torch.long, device=self.device))
+            rows.append(torch.cat([pe, ce.to(pe.dtype)], dim=0))
+            plens.append(pe.shape[0])
+            clens.append(len(comp))
+        width = max(r.shape[0] for r in rows)
+        hidden = rows[0].shape[1]
+        x = rows[0].new_zeros(len(rows), width, hidden)
+        att = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for i, r in enumerate(rows):
+            x[i, : r.shape[0]] = r
+            att[i, : r.shape[0]] = 1
+        return PackedBatch(x, att, plens, clens)
+
+    def completion_logprobs(
+        self,
+        prompts: Sequence[MMPrompt],
+        prompt_index: Sequence[int],
+        completions: Sequence[Sequence[int]],
+        temperature: float = 1.0,
+        with_entropy: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Log-probs of each completion token given its multimodal prompt.
+
+        Returns (logp [N, C], mask [N, C], entropy [N, C] or None), C = longest completion.
+        Only completion positions go through lm_head, so memory stays O(N*C*V), not O(N*L*V).
+        """
+        pe = self.embed_prompts(prompts)
+        batch = self.pack(pe, prompt_index, completions)
+        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        n = len(completions)
+        cmax = max(max(batch.completion_lens), 1)
+        idx = torch.zeros(n, cmax, dtype=torch.long, device=self.device)
+        mask = torch.zeros(n, cmax, dtype=torch.float32, device=self.device)
+        targets = torch.zeros(n, cmax, dtype=torch.long, device=self.device)
+        for i, (pl, cl) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
+            # hidden state at position t predicts token t+1
+            idx[i, :cl] = torch.arange(pl - 1, pl - 1 + cl, device=self.device)
+            mask[i, :cl] = 1.0
+            targets[i, :cl] = torch.tensor(list(completions[i]), dtype=torch.long)
+        h = torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = self.lm_head(h).float() / temperature
+        logsm = torch.log_softmax(logits, dim=-1)
+        logp = torch.gather(logsm, -1, targets[..., None]).squeeze(-1) * mask
+        ent = None
+        if with_entropy:
+            ent = -(logsm.exp() * logsm).sum(-1) * mask
+        return logp, mask, ent
+
+
+AutoConfig.register(HumanOmniQwen2Config.model_type, HumanOmniQwen2Config, exist_ok=True)
+AutoModelForCausalLM.register(HumanOmniQwen2Config, HumanOmniQwen2ForCausalLM, exist_ok=True)

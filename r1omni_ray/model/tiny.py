@@ -1,0 +1,53 @@
+"""Tiny random-init HumanOmni configs (seconds on CPU) for tests, the demo and benchmarks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from r1omni_ray.model.configuration import HumanOmniQwen2Config
+
+
+@dataclass
+class TinySizes:
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    image_size: int = 32
+    patch_size: int = 8
+    vision_hidden: int = 32
+    num_mel_bins: int = 16
+    audio_frames: int = 200  # mel frames per clip: Whisper needs exactly 2 * max_source_positions
+    audio_hidden: int = 32
+    bert_hidden: int = 32
+    num_frames: int = 4
+
+
+def tiny_config(vocab_size: int, sizes: TinySizes | None = None, **overrides) -> HumanOmniQwen2Config:
+    s = sizes or TinySizes()
+    vision = dict(
+        hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden, num_hidden_layers=2,
+        num_attention_heads=2, image_size=s.image_size, patch_size=s.patch_size, num_channels=3,
+    )
+    audio = dict(
+        d_model=s.audio_hidden, encoder_layers=2, encoder_attention_heads=2,
+        encoder_ffn_dim=2 * s.audio_hidden, num_mel_bins=s.num_mel_bins,
+        max_source_positions=s.audio_frames // 2, decoder_layers=1, decoder_attention_heads=2,
+        decoder_ffn_dim=2 * s.audio_hidden, vocab_size=64, max_target_positions=16,
+    )
+    bert = dict(
+        vocab_size=max(vocab_size, 64) + 8, hidden_size=s.bert_hidden, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=2 * s.bert_hidden, max_position_embeddings=128,
+    )
+    kw = dict(
+        vocab_size=vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+        num_hidden_layers=s.num_hidden_layers, num_attention_heads=s.num_attention_heads,
+        num_key_value_heads=s.num_key_value_heads, max_position_embeddings=1024,
+        tie_word_embeddings=True, rope_theta=10000.0,
+        vision_config=vision, audio_config=audio, bert_config=bert,
+        mm_vision_tower="vision_tower", mm_audio_tower="audio_tower", text_model_path="bert",
+        num_frames=s.num_frames, bert_gate_hidden_size=32, mm_projector_type="gated_mlp",
+    )
+    kw.update(overrides)
+    return HumanOmniQwen2Config(**kw)
