@@ -35,6 +35,7 @@ def tiny_config(vocab_size: int, sizes: TinySizes | None = None, **overrides) ->
         encoder_ffn_dim=2 * s.audio_hidden, num_mel_bins=s.num_mel_bins,
         max_source_positions=s.audio_frames // 2, decoder_layers=1, decoder_attention_heads=2,
         decoder_ffn_dim=2 * s.audio_hidden, vocab_size=64, max_target_positions=16,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )
     bert = dict(
         vocab_size=max(vocab_size, 64) + 8, hidden_size=s.bert_hidden, num_hidden_layers=1,

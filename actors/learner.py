@@ -1,0 +1,323 @@
+"""DeepSpeed learner actor: one data-parallel rank of the policy (ZeRO 1/2/3), plus a frozen reference."""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import device, node_ip, setup_process
+from r1omni_ray.config import RunConfig, config_from_dict
+from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
+from r1omni_ray.model.loading import freeze_modules, load_policy
+from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets
+
+
+@dataclass
+class TrainBatch:
+    """One learner's share of a step: prompts and the sampled completions that refer to them."""
+
+    prompts: list[Any]  # OmniInputs
+    prompt_index: list[int]
+    completions: list[list[int]]
+    advantages: list[float]
+    old_logp: list[list[float]] | None = None
+    ref_logp: list[list[float]] | None = None
+
+
+def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), width)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.tensor(list(r), dtype=torch.float32)
+    return out
+
+
+def _chunks(n: int, num_micro: int) -> list[slice]:
+    """Exactly num_micro contiguous, balanced slices: every DP rank must run the same number of
+    forward/backward passes (ZeRO-3 gathers parameters collectively inside each forward)."""
+    base, extra = divmod(n, num_micro)
+    out, start = [], 0
+    for i in range(num_micro):
+        size = base + (1 if i < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+@ray.remote
+class LearnerActor:
+    def __init__(
+        self, rank: int, world_size: int, master_addr: str, master_port: int, cfg: dict, ckpt_dir: str,
+        grad_accum: int,
+    ) -> None:
+        self.cfg: RunConfig = config_from_dict(cfg)
+        self.ckpt_dir = ckpt_dir
+        lc = self.cfg.learner
+        setup_process(lc.torch_threads)
+        self.rank, self.world_size = rank, world_size
+        os.environ.update(
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+            WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+        )
+        import deepspeed
+
+        self.cuda = torch.cuda.is_available()
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.cuda else "gloo",
+            timeout=datetime.timedelta(seconds=lc.dist_timeout_s),
+        )
+        self.device = device()
+        mc = self.cfg.model
+        model = load_policy(ckpt_dir, mc.dtype)
+        freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
+        self.ref = None
+        if lc.use_reference and self.cfg.grpo.beta > 0:
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+        self.grad_accum = grad_accum
+        bf16 = self.cuda and model.dtype == torch.bfloat16
+        ds_config = {
+            "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+            "gradient_accumulation_steps": grad_accum,
+            "gradient_clipping": lc.grad_clip,
+            "zero_optimization": {"stage": lc.zero_stage, "overlap_comm": False},
+            "bf16": {"enabled": bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = torch.optim.AdamW(params, lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99))
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optim, config=ds_config, model_parameters=params
+        )
+        self.zero3 = lc.zero_stage == 3
+        self.sync_group: BroadcastGroup | None = None
+        self.version = 0
+        self.skipped_updates = 0
+
+    # ---- info ----
+    def info(self) -> dict[str, Any]:
+        return {"rank": self.rank, "node_ip": node_ip(), "pid": os.getpid(), "version": self.version}
+
+    def sync_metas(self) -> list[ParamMeta]:
+        """Layout of the tensors broadcast to rollout workers: every trainable parameter."""
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        metas = []
+        for n, p in named:
+            shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
+            metas.append(ParamMeta(n, shape, str(p.dtype).removeprefix("torch.")))
+        return metas
+
+    # ---- log-probs ----
+    def _logprobs(self, model, batch: TrainBatch, with_entropy: bool = False):
+        return model.completion_logprobs(
+            batch.prompts, batch.prompt_index, batch.completions,
+            temperature=self.cfg.rollout.temperature, with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch, num_micro: int) -> dict[str, list[list[float]]]:
+        """Old (current policy) and reference log-probs of every completion, micro-batched."""
+        out: dict[str, list[list[float]]] = {"old": [], "ref": []}
+        self.engine.module.eval()
+        for sl in _chunks(len(batch.completions), num_micro):
+            sub = self._sub(batch, sl)
+            lp, mask, _ = self._logprobs(self.engine.module, sub)
+            out["old"] += [lp[i, : int(mask[i].sum())].tolist() for i in range(lp.shape[0])]
+            if self.ref is not None:
+                rlp, _, _ = self._logprobs(self.ref, sub)
+                out["ref"] += [rlp[i, : int(mask[i].sum())].tolist() for i in range(rlp.shape[0])]
+        return out
+
+    @staticmethod
+    def _sub(batch: TrainBatch, sl: slice) -> TrainBatch:
+        idx = batch.prompt_index[sl]
+        used = sorted(set(idx))
+        remap = {p: j for j, p in enumerate(used)}
+        return TrainBatch(
+            prompts=[batch.prompts[p] for p in used],
+            prompt_index=[remap[p] for p in idx],
+            completions=batch.completions[sl],
+            advantages=batch.advantages[sl],
+            old_logp=batch.old_logp[sl] if batch.old_logp is not None else None,
+            ref_logp=batch.ref_logp[sl] if batch.ref_logp is not None else None,
+        )
+
+    # ---- GRPO update ----
+    def _set_grad_accum(self, num_micro: int) -> None:
+        if num_micro != self.grad_accum:
+            self.engine.set_train_batch_size(self.cfg.learner.micro_batch_size * num_micro * self.world_size)
+            self.grad_accum = num_micro
+
+    def train_step(
+        self, batch: TrainBatch, num_micro: int, num_global_tokens: int, num_global_seqs: int, max_len: int
+    ) -> dict[str, float]:
+        g = self.cfg.grpo
+        loss_cfg = LossConfig(
+            clip_eps_low=g.clip_eps_low, clip_eps_high=g.clip_eps_high, dual_clip=g.dual_clip,
+            beta=g.beta if batch.ref_logp is not None else 0.0, kl_estimator=g.kl_estimator,
+            loss_agg=g.loss_agg, max_len=max_len,
+        )
+        self._set_grad_accum(num_micro)
+        slices = _chunks(len(batch.completions), num_micro)
+        scale = grad_scale_for_framework(self.world_size, self.grad_accum)
+        self.engine.module.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        total_loss = 0.0
+        nonfinite = 0
+        for sl in slices:
+            sub = self._sub(batch, sl)
+            lp, mask, ent = self._logprobs(self.engine.module, sub, with_entropy=True)
+            width = lp.shape[1]
+            old = _pad(sub.old_logp, width).to(lp) if sub.old_logp is not None else lp.detach()
+            ref = _pad(sub.ref_logp, width).to(lp) if sub.ref_logp is not None else None
+            adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
+            loss, metrics = policy_loss(
+                lp, old, adv, mask, loss_cfg, ref_logp=ref, entropy=ent,
+                num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
+            )
+            if not torch.isfinite(loss):
+                # Keep the collectives in step across ranks but contribute no gradient.
+                nonfinite += 1
+                loss = (lp * 0.0).nan_to_num(0.0).sum()
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            total_loss += float(loss.detach())
+            w = float(mask.sum())
+            for k, v in metrics.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    sums[k] = sums.get(k, 0.0) + v * w
+            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        tokens = max(sums.pop("_tokens", 1.0), 1.0)
+        out = {k: v / tokens for k, v in sums.items()}
+        out["loss"] = total_loss
+        out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["lr"] = float(self.optimizer.param_groups[0]["lr"])
+        out["nonfinite_microbatches"] = float(nonfinite)
+        out["update_s"] = time.perf_counter() - t0
+        self.version += 1
+        return out
+
+    # ---- SFT (cold start) ----
+    def sft_batch(self, records: list[Any], num_micro: int, use_video: bool = True, use_audio: bool = True) -> dict[str, float]:
+        """Process records with this rank's own processor (media decoding is spread over the learners)."""
+        if not hasattr(self, "processor"):
+            from r1omni_ray.data.processor import OmniProcessor
+
+            self.processor = OmniProcessor.from_pretrained(self.ckpt_dir)
+            self._sft_cache: dict[str, tuple[Any, list[int]]] = {}
+        prompts, targets = [], []
+        for rec in records:
+            key = f"{rec.id}|{use_video}|{use_audio}"
+            if key not in self._sft_cache:
+                inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
+                self._sft_cache[key] = (inp, self.processor.response_ids(rec.response or rec.solution))
+            inp, tgt = self._sft_cache[key]
+            prompts.append(inp)
+            targets.append(tgt)
+        return self.sft_step(prompts, targets, num_micro)
+
+    def sft_step(self, prompts: list[Any], targets: list[list[int]], num_micro: int) -> dict[str, float]:
+        """Cross-entropy on the response tokens (token mean over the global batch)."""
+        n = len(targets)
+        self._set_grad_accum(num_micro)
+        slices = _chunks(n, num_micro)
+        tokens_local = sum(len(t) for t in targets)
+        t = torch.tensor([float(tokens_local)])
+        torch.distributed.all_reduce(t)
+        scale = grad_scale_for_framework(self.world_size, self.grad_accum)
+        self.engine.module.train()
+        total, correct = 0.0, 0.0
+        for sl in slices:
+            idx = list(range(sl.start, sl.stop))
+            lp, mask, _ = self.engine.module.completion_logprobs(prompts, idx, targets[sl])
+            loss = -(lp * mask).sum() / t.item()
+            self.engine.backward(loss * scale)
+            self.engine.step()
+            total += float(loss.detach())
+            correct += float(((lp > math.log(0.5)) * mask).sum())
+        self.version += 1
+        return {"sft_loss": total, "sft_token_acc": correct / max(tokens_local, 1), "tokens": float(tokens_local)}
+
+    # ---- weight broadcast ----
+    def init_sync_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> bool:
+        if self.rank != 0:
+            return True
+        if self.sync_group is not None:
+            self.sync_group = None  # drop the old group (a worker was replaced)
+        self.sync_group = BroadcastGroup(backend, host, port, 0, world_size, timeout_s, name="learner-0")
+        return True
+
+    def broadcast_weights(self, version: int, bucket_bytes: int) -> dict[str, float]:
+        """All learner ranks call this (ZeRO-3 gathers are collective); rank 0 sends."""
+        import deepspeed
+
+        t0 = time.perf_counter()
+        named = [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
+        metas = self.sync_metas()
+        buckets = plan_buckets(metas, bucket_bytes)
+
+        def get_tensors(idx: Sequence[int]) -> list[torch.Tensor]:
+            return [named[i][1].data for i in idx]
+
+        sent = 0
+        for b in buckets:
+            params = [named[i][1] for i in b]
+            if self.zero3:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    if self.rank == 0:
+                        sent += send_buckets(self.sync_group, metas, [b], get_tensors, self.device)
+            elif self.rank == 0:
+                sent += send_buckets(self.sync_group, metas, [b], get_tensors, self.device)
+        self.version = version
+        return {"broadcast_s": time.perf_counter() - t0, "broadcast_bytes": float(sent)}
+
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) trainable weights on CPU, for checks and HF export."""
+        import deepspeed
+
+        out = {}
+        for n, p in self.engine.module.named_parameters():
+            if self.zero3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    out[n] = p.data.detach().cpu().clone()
+            else:
+                out[n] = p.data.detach().cpu().clone()
+        return out
+
+    def save_hf(self, out_dir: str) -> str | None:
+        """Export the current policy as a HF-format directory loadable with from_pretrained (rank 0)."""
+        state = self.full_state()  # collective under ZeRO-3
+        if self.rank != 0:
+            return None
+        model = self.engine.module
+        import shutil
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        # Tokenizer, processors and tower folders come from the checkpoint we started from.
+        shutil.copytree(self.ckpt_dir, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "*.pt"))
+        full = {k: v.contiguous() for k, v in state.items()}
+        for k, v in model.state_dict().items():  # buffers etc.
+            if k not in full and v.numel() > 0:
+                full[k] = v.detach().cpu().contiguous()
+        if model.config.tie_word_embeddings:
+            full.pop("lm_head.weight", None)
+        save_file(full, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        return str(out)

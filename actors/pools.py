@@ -1,0 +1,279 @@
+"""Actor pools and their wiring: placement groups, the learners' DP group, the weight-broadcast group,
+balanced rollout dispatch with worker replacement, and reward scoring with failure accounting."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.common import free_port
+from actors.learner import LearnerActor, TrainBatch
+from actors.reward import RewardActor
+from actors.rollout import RolloutGroup, RolloutWorker
+from r1omni_ray.config import RunConfig
+from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.rewards import RewardBatch, RewardSpec, score_completions
+
+log = logging.getLogger("r1omni_ray")
+
+
+def _bundles(n: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+    b: dict[str, float] = {"CPU": cpus}
+    if gpus > 0:
+        b["GPU"] = gpus
+    return [dict(b) for _ in range(n)]
+
+
+def split_even(n_items: int, n_parts: int) -> list[range]:
+    """Contiguous, balanced split (sizes differ by at most one)."""
+    base, extra = divmod(n_items, n_parts)
+    out, start = [], 0
+    for i in range(n_parts):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
+
+
+@dataclass
+class PoolStats:
+    worker_restarts: int = 0
+    reissued_prompts: int = 0
+    reward_errors: int = 0
+    reward_actor_restarts: int = 0
+    idle: dict[str, float] = field(default_factory=dict)
+
+
+class ActorPools:
+    def __init__(self, cfg: RunConfig, ckpt_dir: str, work_dir: str, label_set: Sequence[str] | None) -> None:
+        self.cfg, self.ckpt_dir, self.work_dir = cfg, ckpt_dir, work_dir
+        self.label_set = list(label_set) if label_set else None
+        self.stats = PoolStats()
+        lc, rc = cfg.learner, cfg.rollout
+        strategy = cfg.ray.placement_strategy
+        self.learner_pg = placement_group(
+            _bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner), strategy=strategy
+        )
+        gpus_per_worker = rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
+        self.rollout_pg = placement_group(
+            _bundles(rc.num_workers, rc.num_cpus_per_worker, gpus_per_worker), strategy=strategy
+        )
+        ray.get([self.learner_pg.ready(), self.rollout_pg.ready()], timeout=600)
+        self._worker_gpus = gpus_per_worker
+        self.learners = self._make_learners()
+        self.workers = [self._make_worker(i) for i in range(rc.num_workers)]
+        self.reward_actors = [self._make_reward_actor() for _ in range(max(0, cfg.reward.num_actors))]
+        self.metas = ray.get(self.learners[0].sync_metas.remote())
+        from r1omni_ray.weight_sync import plan_buckets
+
+        self.bucket_bytes = int(lc.broadcast_bucket_mb * 2**20)
+        self.buckets = plan_buckets(self.metas, self.bucket_bytes)
+        self.version = 0
+        self.init_sync_group()
+
+    # ---- construction ----
+    def _make_learners(self) -> list[Any]:
+        return create_learners(self.cfg, self.ckpt_dir, self.learner_pg)
+
+    def _make_worker(self, i: int) -> Any:
+        rc = self.cfg.rollout
+        return RolloutWorker.options(
+            num_cpus=rc.num_cpus_per_worker, num_gpus=self._worker_gpus,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.rollout_pg, placement_group_bundle_index=i),
+        ).remote(i, self.ckpt_dir, self.cfg.to_dict(), self.work_dir)
+
+    def _make_reward_actor(self) -> Any:
+        specs = [(r.name, r.weight) for r in self.cfg.reward.rewards]
+        return RewardActor.remote(specs, self.label_set)
+
+    # ---- weight broadcast ----
+    def init_sync_group(self) -> None:
+        """(Re)build the broadcast group: learner rank 0 is rank 0, worker i is rank i + 1."""
+        backend = "nccl" if self.cfg.learner.num_gpus_per_learner > 0 and self._worker_gpus > 0 else "gloo"
+        host = ray.get(self.learners[0].info.remote())["node_ip"]
+        port = free_port()
+        world = len(self.workers) + 1
+        t = self.cfg.learner.dist_timeout_s
+        refs = [self.learners[0].init_sync_group.remote(backend, host, port, world, t)]
+        refs += [w.init_sync_group.remote(backend, host, port, i + 1, world, t) for i, w in enumerate(self.workers)]
+        ray.get(refs, timeout=t + 60)
+
+    def broadcast(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        lrefs = [lr.broadcast_weights.remote(version, self.bucket_bytes) for lr in self.learners]
+        wrefs = [w.receive_weights.remote(version, self.metas, self.buckets) for w in self.workers]
+        out = ray.get(lrefs)[0]
+        got = ray.get(wrefs)
+        if any(v != version for v in got):
+            raise RuntimeError(f"weight version mismatch after broadcast: {got} != {version}")
+        self.version = version
+        out["broadcast_wall_s"] = time.perf_counter() - t0
+        return out
+
+    # ---- rollout with fault handling ----
+    def submit_rollout(self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True,
+                       use_audio: bool = True) -> list[tuple[int, list[tuple[int, Any]], Any]]:
+        parts = split_even(len(items), len(self.workers))
+        return [
+            (wi, [items[j] for j in part], self.workers[wi].rollout.remote([items[j] for j in part], params, use_video, use_audio))
+            for wi, part in enumerate(parts) if len(part)
+        ]
+
+    def collect_rollout(self, pending: list[tuple[int, list[tuple[int, Any]], Any]], params: SamplingParams,
+                        use_video: bool = True, use_audio: bool = True) -> list[RolloutGroup]:
+        """Gather results; a dead worker is replaced, re-synced, and its prompts re-issued."""
+        groups: list[RolloutGroup] = []
+        for _attempt in range(self.cfg.rollout.max_restarts + 1):
+            failed: list[tuple[int, Any]] = []
+            for wi, part, ref in pending:
+                try:
+                    groups.extend(ray.get(ref))
+                except (RayActorError, GetTimeoutError) as e:
+                    log.warning("rollout worker %d died (%s); replacing it and re-issuing %d prompts", wi, type(e).__name__, len(part))
+                    self.replace_worker(wi)
+                    failed.extend(part)
+            if not failed:
+                break
+            self.stats.reissued_prompts += len(failed)
+            pending = self.submit_rollout(failed, params, use_video, use_audio)
+        else:
+            raise RuntimeError("rollout failed after max_restarts worker replacements")
+        groups.sort(key=lambda g: g.uid)
+        return groups
+
+    def replace_worker(self, wi: int) -> None:
+        try:
+            ray.kill(self.workers[wi], no_restart=True)
+        except Exception:
+            pass
+        self.workers[wi] = self._make_worker(wi)
+        self.stats.worker_restarts += 1
+        # A gloo group has a fixed membership: rebuild it, then resend the current weights.
+        self.init_sync_group()
+        if self.version > 0:
+            self.broadcast(self.version)
+
+    # ---- rewards ----
+    def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
+        specs = [RewardSpec(r.name, r.weight) for r in self.cfg.reward.rewards]
+        if not self.reward_actors:
+            return score_completions(texts, solutions, specs, label_set=self.label_set)
+        parts = split_even(len(texts), len(self.reward_actors))
+        refs = [
+            (i, part, self.reward_actors[i].score.remote([texts[j] for j in part], [solutions[j] for j in part]))
+            for i, part in enumerate(parts) if len(part)
+        ]
+        results: list[tuple[range, RewardBatch]] = []
+        for i, part, ref in refs:
+            try:
+                results.append((part, ray.get(ref)))
+            except (RayActorError, RayTaskError) as e:
+                # The step goes on: these samples score 0 and the failure is counted.
+                log.warning("reward actor %d failed (%s); %d samples score 0", i, type(e).__name__, len(part))
+                self.stats.reward_errors += len(part)
+                if isinstance(e, RayActorError):
+                    self.reward_actors[i] = self._make_reward_actor()
+                    self.stats.reward_actor_restarts += 1
+                zero = {s.name: [0.0] * len(part) for s in specs}
+                results.append((part, RewardBatch(total=[0.0] * len(part), per_reward=zero,
+                                                  errors={"reward_actor_failed": len(part)}, diagnostics={})))
+        return _merge_reward_batches(results, len(texts), specs)
+
+    # ---- learners ----
+    def learner_call(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
+        return ray.get([getattr(lr, method).remote(s, *args) for lr, s in zip(self.learners, shards, strict=True)])
+
+    def shutdown(self) -> None:
+        for a in self.learners + self.workers + self.reward_actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        for pg in (self.learner_pg, self.rollout_pg):
+            try:
+                remove_placement_group(pg)
+            except Exception:
+                pass
+
+
+def learner_placement_group(cfg: RunConfig) -> Any:
+    lc = cfg.learner
+    pg = placement_group(_bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner),
+                         strategy=cfg.ray.placement_strategy)
+    ray.get(pg.ready(), timeout=600)
+    return pg
+
+
+def create_learners(cfg: RunConfig, ckpt_dir: str, pg: Any) -> list[Any]:
+    """N DeepSpeed learner ranks, one per placement-group bundle, rendezvous at rank 0's node."""
+    lc = cfg.learner
+    master_addr = ray.get(_node_ip_in_bundle.options(
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=0), num_cpus=0,
+    ).remote())
+    master_port = free_port()
+    learners = [
+        LearnerActor.options(
+            num_cpus=lc.num_cpus_per_learner, num_gpus=lc.num_gpus_per_learner,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=r),
+        ).remote(r, lc.num_learners, master_addr, master_port, cfg.to_dict(), ckpt_dir, 1)
+        for r in range(lc.num_learners)
+    ]
+    ray.get([lr.info.remote() for lr in learners])
+    return learners
+
+
+@ray.remote(num_cpus=0)
+def _node_ip_in_bundle() -> str:
+    return ray.util.get_node_ip_address()
+
+
+def _merge_reward_batches(results: list[tuple[range, RewardBatch]], n: int, specs: list[RewardSpec]) -> RewardBatch:
+    total = [0.0] * n
+    per = {s.name: [0.0] * n for s in specs}
+    errors: dict[str, int] = {}
+    diag: dict[str, int] = {}
+    for part, rb in results:
+        for k, j in enumerate(part):
+            total[j] = rb.total[k]
+            for name in per:
+                per[name][j] = rb.per_reward.get(name, [0.0] * len(part))[k]
+        for k, v in rb.errors.items():
+            errors[k] = errors.get(k, 0) + v
+        for k, v in rb.diagnostics.items():
+            diag[k] = diag.get(k, 0) + v
+    return RewardBatch(total=total, per_reward=per, errors=errors, diagnostics=diag)
+
+
+def shard_for_learners(groups: list[RolloutGroup], advantages: list[float], n_learners: int,
+                       micro: int) -> tuple[list[TrainBatch], int]:
+    """Split all samples evenly across learners (sample granularity, so every rank runs the same number
+    of micro-batches — required for ZeRO-3's collective forward). Returns (batches, micro-batches)."""
+    flat = [(gi, c) for gi, g in enumerate(groups) for c in g.completions]
+    parts = split_even(len(flat), n_learners)
+    if min(len(p) for p in parts) == 0:
+        raise ValueError(f"{len(flat)} samples cannot feed {n_learners} learners")
+    num_micro = math.ceil(max(len(p) for p in parts) / micro)
+    num_micro = min(num_micro, min(len(p) for p in parts))
+    batches = []
+    for part in parts:
+        used: dict[int, int] = {}
+        prompts, pidx, comps, adv = [], [], [], []
+        for j in part:
+            gi, c = flat[j]
+            if gi not in used:
+                used[gi] = len(prompts)
+                prompts.append(groups[gi].inputs)
+            pidx.append(used[gi])
+            comps.append(c.token_ids)
+            adv.append(advantages[j])
+        batches.append(TrainBatch(prompts, pidx, comps, adv))
+    return batches, num_micro

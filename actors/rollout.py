@@ -1,0 +1,106 @@
+"""Rollout worker actor: turns records into multimodal prompts and samples G completions per prompt."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from actors.common import device, node_ip, setup_process
+from r1omni_ray.config import RunConfig, config_from_dict
+from r1omni_ray.data.errors import DataError
+from r1omni_ray.engines.base import Completion, SamplingParams
+from r1omni_ray.model.loading import load_policy
+from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
+
+
+@dataclass
+class RolloutGroup:
+    uid: int  # index of the prompt in the driver's step batch
+    record_id: str
+    inputs: Any | None  # OmniInputs (None when the record could not be processed)
+    completions: list[Completion] = field(default_factory=list)
+    weight_version: int = -1
+    worker: int = -1
+    error: str | None = None
+
+
+@ray.remote
+class RolloutWorker:
+    def __init__(self, index: int, ckpt_dir: str, cfg: dict, work_dir: str) -> None:
+        self.cfg: RunConfig = config_from_dict(cfg)
+        rc = self.cfg.rollout
+        setup_process(rc.torch_threads)
+        from r1omni_ray.data.processor import OmniProcessor
+
+        self.index = index
+        self.processor = OmniProcessor.from_pretrained(ckpt_dir)
+        model = load_policy(ckpt_dir, self.cfg.model.dtype).to(device())
+        if rc.engine == "vllm":
+            from r1omni_ray.engines.vllm_engine import VLLMEngine
+
+            self.engine = VLLMEngine(
+                model, self.processor.tokenizer, work_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
+                dtype=str(model.dtype).removeprefix("torch."),
+            )
+        else:
+            from r1omni_ray.engines.hf_engine import HFEngine
+
+            self.engine = HFEngine(model, self.processor.tokenizer)
+        self.version = 0
+        self.sync_group: BroadcastGroup | None = None
+        self.busy_s = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "node_ip": node_ip(), "pid": os.getpid(), "version": self.version}
+
+    def rollout(
+        self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,
+    ) -> list[RolloutGroup]:
+        """items: (uid, OmniRecord). Bad media becomes a group with `error` set, never an exception."""
+        t0 = time.perf_counter()
+        groups: list[RolloutGroup] = []
+        ready = []
+        for uid, rec in items:
+            try:
+                inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
+            except DataError as e:
+                groups.append(RolloutGroup(uid, rec.id, None, error=str(e), worker=self.index))
+                continue
+            g = RolloutGroup(uid, rec.id, inp, weight_version=self.version, worker=self.index)
+            groups.append(g)
+            ready.append(g)
+        if ready:
+            outs = self.engine.generate([g.inputs for g in ready], params)
+            for g, comps in zip(ready, outs, strict=True):
+                g.completions = comps
+        self.busy_s += time.perf_counter() - t0
+        return groups
+
+    # ---- weights ----
+    def init_sync_group(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
+        self.sync_group = None
+        self.sync_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s, name=f"rollout-worker-{self.index}")
+        return True
+
+    def receive_weights(self, version: int, metas: list[ParamMeta], buckets: list[list[int]]) -> int:
+        assert self.sync_group is not None, "init_sync_group first"
+        receive_buckets(self.sync_group, metas, buckets, self.engine.load_weights, device())
+        self.version = version
+        return version
+
+    def load_state(self, named: list[tuple[str, torch.Tensor]], version: int) -> int:
+        """Push weights through the object store (re-sync of a replaced worker without the group)."""
+        self.engine.load_weights(named)
+        self.version = version
+        return version
+
+    def named_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.engine.named_tensors().items()}
+
+    def stats(self) -> dict[str, float]:
+        return {"busy_s": self.busy_s}

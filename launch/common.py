@@ -1,0 +1,98 @@
+"""Shared set-up for the entry points: logging, Ray init, data and model preparation."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from r1omni_ray.config import RunConfig, load_config
+from r1omni_ray.labels import label_set as named_label_set
+
+log = logging.getLogger("r1omni_ray")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("transformers", "deepspeed", "wandb", "filelock", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default=None, help="YAML config (defaults: the tiny CPU demo)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. rollout.num_workers=4")
+    return p
+
+
+def parse_config(args: argparse.Namespace) -> RunConfig:
+    return load_config(args.config, args.overrides)
+
+
+def init_ray(cfg: RunConfig) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    addr = cfg.ray.address
+    if addr in (None, "", "local"):
+        # Inside `ray job submit` RAY_ADDRESS is set and we join that cluster; otherwise start locally.
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(runtime_env=env, log_to_driver=True)
+        else:
+            ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+    else:
+        ray.init(address=addr, runtime_env=env)
+
+
+@dataclass
+class Prepared:
+    ckpt_dir: str
+    train_path: str
+    eval_path: str | None
+    sft_path: str | None
+    labels: list[str]
+
+
+def resolve_labels(cfg: RunConfig) -> list[str]:
+    if cfg.data.labels:
+        return list(cfg.data.labels)
+    if cfg.data.train_path is None:
+        return list(cfg.data.synthetic.labels)
+    return list(named_label_set(cfg.data.label_set))
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """Synthetic data when no dataset is given; a tiny random model when no checkpoint is given."""
+    out = Path(cfg.train.output_dir)
+    labels = resolve_labels(cfg)
+    train, ev, sft = cfg.data.train_path, cfg.data.eval_path, cfg.data.sft_path
+    if train is None:
+        from r1omni_ray.data.synthetic import make_synthetic_dataset
+
+        syn = cfg.data.synthetic
+        d = out / "data"
+        if not (d / "train.json").exists():
+            log.info("writing synthetic omni emotion data to %s", d)
+            make_synthetic_dataset(d, syn.num_train, labels=labels, seed=syn.seed, prefix="train")
+            make_synthetic_dataset(d, syn.num_eval, labels=labels, seed=syn.seed + 1, prefix="eval")
+            make_synthetic_dataset(d, syn.num_sft, labels=labels, seed=syn.seed + 2, prefix="sft", with_reasoning=True)
+        train, ev, sft = str(d / "train.json"), str(d / "eval.json"), str(d / "sft.json")
+    ckpt = cfg.model.path
+    if ckpt is None:
+        from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
+        from r1omni_ray.model.loading import make_tiny_checkpoint
+
+        ckpt_path = out / "init_model"
+        if not (ckpt_path / "model.safetensors").exists():
+            log.info("building a tiny random-init HumanOmni checkpoint in %s", ckpt_path)
+            make_tiny_checkpoint(
+                ckpt_path, corpus=tuple(SYNTHETIC_VOCAB_TEXTS), seed=cfg.train.seed,
+                hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_layers,
+            )
+        ckpt = str(ckpt_path)
+    return Prepared(str(Path(ckpt).resolve()), str(Path(train).resolve()),
+                    str(Path(ev).resolve()) if ev else None, str(Path(sft).resolve()) if sft else None, labels)

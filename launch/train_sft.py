@@ -1,0 +1,79 @@
+"""Cold-start SFT on the DeepSpeed learner actors (R1-Omni: EMER + HumanOmni samples with reasoning),
+producing the HF-format checkpoint that RLVR starts from."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from actors.pools import create_learners, learner_placement_group, split_even
+from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
+from launch.train_rlvr import load_split
+from r1omni_ray.config import RunConfig
+from r1omni_ray.tracking import RunLogger
+
+log = logging.getLogger("r1omni_ray")
+
+
+def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger | None = None) -> str:
+    init_ray(cfg)
+    prep = prepared or prepare(cfg)
+    if not prep.sft_path:
+        raise ValueError("data.sft_path: the SFT stage needs a dataset with reasoning responses")
+    records = load_split(prep.sft_path, prep.labels, cfg)
+    out = Path(cfg.train.output_dir) / "sft_model"
+    # The learners' optimizer takes its lr from learner.lr: use the SFT one for this stage.
+    scfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, lr=cfg.sft.lr), grpo=dataclasses.replace(cfg.grpo, beta=0.0))
+    own_logger = logger is None
+    logger = logger or RunLogger(Path(cfg.train.output_dir), cfg.wandb, cfg.to_dict(), job_type="sft")
+    pg = learner_placement_group(scfg)
+    learners = create_learners(scfg, prep.ckpt_dir, pg)
+    n = scfg.learner.num_learners
+    step = 0
+    try:
+        for epoch in range(cfg.sft.epochs):
+            order = np.random.default_rng([cfg.train.seed, 7919, epoch]).permutation(len(records))
+            losses = []
+            for start in range(0, len(order), cfg.sft.batch_size):
+                batch = [records[i] for i in order[start : start + cfg.sft.batch_size]]
+                if len(batch) < n:
+                    continue
+                parts = split_even(len(batch), n)
+                num_micro = min(math.ceil(len(parts[0]) / scfg.learner.micro_batch_size), min(len(p) for p in parts))
+                outs = ray.get([
+                    lr.sft_batch.remote([batch[j] for j in p], num_micro, cfg.data.use_video, cfg.data.use_audio)
+                    for lr, p in zip(learners, parts, strict=True)
+                ])
+                loss = sum(o["sft_loss"] for o in outs)
+                acc = statistics.fmean(o["sft_token_acc"] for o in outs)
+                losses.append(loss)
+                logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch}, step=step)
+                step += 1
+            log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))
+        ray.get([lr.save_hf.remote(str(out)) for lr in learners])
+    finally:
+        for lr in learners:
+            ray.kill(lr)
+        ray.util.remove_placement_group(pg)
+        if own_logger:
+            logger.finish()
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = base_parser(__doc__ or "").parse_args(argv)
+    cfg = parse_config(args)
+    print(f"SFT model: {run_sft(cfg)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

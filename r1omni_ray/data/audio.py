@@ -1,0 +1,109 @@
+"""Audio loading (librosa for audio files, decord for a video's own track) + Whisper features.
+
+Unlike HumanOmni, a missing / silent-by-absence audio track is an error (MediaError), never a
+zero waveform: silently substituting zeros would teach the model that "no audio" is a cue.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from r1omni_ray.data.errors import MediaError
+
+VIDEO_CONTAINER_EXTS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"})
+
+
+def _short(e: BaseException, limit: int = 300) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[:limit] + "..."
+
+
+def _load_from_container(path: str, sample_rate: int) -> np.ndarray:
+    import decord
+
+    try:
+        reader = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
+    except Exception as e:
+        msg = _short(e)
+        if "find audio stream" in msg.lower():
+            raise MediaError("video container has no audio track", file=path) from None
+        raise MediaError(f"cannot open audio track: {msg}", file=path) from None
+    try:
+        if reader.shape[1] == 0:
+            raise MediaError("audio track is empty (0 samples)", file=path)
+        wave = reader[:].asnumpy()
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"cannot decode audio track: {_short(e)}", file=path) from None
+    wave = np.asarray(wave, dtype=np.float32)
+    return wave.reshape(-1) if wave.ndim == 1 or wave.shape[0] == 1 else wave.mean(axis=0)
+
+
+def _load_audio_file(path: str, sample_rate: int) -> np.ndarray:
+    import librosa
+
+    try:
+        with warnings.catch_warnings():
+            # librosa warns "PySoundFile failed. Trying audioread instead." before its fallback
+            warnings.simplefilter("ignore")
+            wave, _ = librosa.load(path, sr=sample_rate, mono=True)
+    except Exception as e:
+        raise MediaError(f"cannot decode audio file ({type(e).__name__}: {_short(e)})", file=path) from None
+    return np.asarray(wave, dtype=np.float32)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
+    """Load a mono float32 waveform at ``sample_rate``.
+
+    Audio files (.wav/.flac/...) go through ``librosa.load``; video containers (.mp4/.mkv/.avi/
+    .webm/...) have their own audio track read with ``decord.AudioReader``.  ``max_seconds``
+    truncates.  Missing, corrupt, zero-length or track-less inputs raise :class:`MediaError`.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MediaError("audio file not found", file=path)
+    if os.path.getsize(path) == 0:
+        raise MediaError("audio file is empty (0 bytes)", file=path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in VIDEO_CONTAINER_EXTS:
+        wave = _load_from_container(path, sample_rate)
+    else:
+        wave = _load_audio_file(path, sample_rate)
+    if wave.size == 0:
+        raise MediaError("audio is zero-length (0 samples)", file=path)
+    if not np.all(np.isfinite(wave)):
+        raise MediaError("audio contains NaN/inf samples", file=path)
+    if max_seconds is not None:
+        if max_seconds <= 0:
+            raise ValueError(f"max_seconds must be positive, got {max_seconds}")
+        wave = wave[: int(round(max_seconds * sample_rate))]
+    return np.ascontiguousarray(wave, dtype=np.float32)
+
+
+def audio_features(wave: np.ndarray, feature_extractor) -> torch.Tensor:
+    """Whisper log-mel features ``[n_mels, n_frames]`` (padded / truncated to the extractor's
+    ``chunk_length``; e.g. ``[128, 3000]`` for Whisper-large-v3).  ``wave`` must already be at the
+    extractor's ``sampling_rate``."""
+    wave = np.asarray(wave, dtype=np.float32).reshape(-1)
+    if wave.size == 0:
+        raise ValueError("cannot compute features of an empty waveform")
+    out = feature_extractor(
+        wave, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt", return_attention_mask=False
+    )
+    feats = out["input_features"]
+    if not isinstance(feats, torch.Tensor):
+        feats = torch.as_tensor(np.asarray(feats))
+    return feats[0].to(torch.float32)
+
+
+def load_audio_features(
+    path: str | os.PathLike, feature_extractor, max_seconds: float | None = None
+) -> torch.Tensor:
+    """``audio_features(load_audio(path, feature_extractor.sampling_rate, max_seconds))``."""
+    wave = load_audio(path, sample_rate=feature_extractor.sampling_rate, max_seconds=max_seconds)
+    return audio_features(wave, feature_extractor)

@@ -1,0 +1,295 @@
+"""Prompt building, placeholder tokenisation and the omni (video + audio + text) processor.
+
+Checkpoint layout (what :meth:`OmniProcessor.save_pretrained` writes and
+:meth:`OmniProcessor.from_pretrained` reads)::
+
+    ckpt_dir/                   chat tokenizer (tokenizer.json, tokenizer_config.json, ...)
+    ckpt_dir/config.json        model config (written by the model code); keys read here:
+                                "mm_vision_tower", "mm_audio_tower", "text_model_path", "num_frames"
+    ckpt_dir/vision_tower/      SiglipImageProcessor (preprocessor_config.json)
+    ckpt_dir/audio_tower/       WhisperFeatureExtractor (preprocessor_config.json)
+    ckpt_dir/bert/              BERT tokenizer for the question gate
+    ckpt_dir/omni_processor.json  num_frames / max_audio_seconds / bert_max_length (ours)
+
+Paths in config.json are resolved relative to ckpt_dir when not absolute; a missing config.json
+or key falls back to the default sub-folder above.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r1omni_ray.data.audio import load_audio_features
+from r1omni_ray.data.records import OmniRecord
+from r1omni_ray.data.video import load_video_frames
+from r1omni_ray.labels import (
+    AU_END,
+    AU_START,
+    AUDIO_TOKEN,
+    AUDIO_TOKEN_INDEX,
+    SYSTEM_PROMPT,
+    THINK_ANSWER_SUFFIX,
+    VI_END,
+    VI_START,
+    VIDEO_TOKEN,
+    VIDEO_TOKEN_INDEX,
+)
+
+VISION_SUBDIR = "vision_tower"
+AUDIO_SUBDIR = "audio_tower"
+BERT_SUBDIR = "bert"
+PROCESSOR_CONFIG = "omni_processor.json"
+DEFAULT_NUM_FRAMES = 8
+BERT_MAX_LENGTH = 64
+
+_PLACEHOLDER_SPLIT = re.compile(f"({re.escape(VIDEO_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
+_PLACEHOLDER_IDS = {VIDEO_TOKEN: VIDEO_TOKEN_INDEX, AUDIO_TOKEN: AUDIO_TOKEN_INDEX}
+
+
+def siglip_image_processor_class():
+    """SiglipImageProcessor, or its PIL backend on transformers>=5 without torchvision (same
+    outputs, avoids the fallback warning)."""
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "SiglipImageProcessorPil"):
+        return transformers.SiglipImageProcessorPil
+    return transformers.SiglipImageProcessor
+
+
+def build_prompt(
+    question: str,
+    tokenizer,
+    use_video: bool = True,
+    use_audio: bool = True,
+    think_suffix: bool = True,
+) -> str:
+    """Render the system + user turns with the tokenizer's chat template (generation prompt on).
+
+    User content: ``"<vi_start><video><vi_end>\\n"`` (video) + ``"<au_start><audio><au_end>\\n"``
+    (audio) + question + ``"\\n" + THINK_ANSWER_SUFFIX`` (think_suffix).
+    """
+    content = ""
+    if use_video:
+        content += f"{VI_START}{VIDEO_TOKEN}{VI_END}\n"
+    if use_audio:
+        content += f"{AU_START}{AUDIO_TOKEN}{AU_END}\n"
+    content += question
+    if think_suffix:
+        content += "\n" + THINK_ANSWER_SUFFIX
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def _encode(text: str, tokenizer) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return list(ids)
+
+
+def tokenize_with_placeholders(text: str, tokenizer) -> list[int]:
+    """Tokenise ``text`` piecewise around ``<video>``/``<audio>`` and put VIDEO_TOKEN_INDEX (-201)
+    / AUDIO_TOKEN_INDEX (-202) at the placeholder positions (HumanOmni's scheme)."""
+    ids: list[int] = []
+    for piece in _PLACEHOLDER_SPLIT.split(text):
+        if piece in _PLACEHOLDER_IDS:
+            ids.append(_PLACEHOLDER_IDS[piece])
+        elif piece:
+            ids.extend(_encode(piece, tokenizer))
+    return ids
+
+
+@dataclass
+class OmniInputs:
+    record_id: str
+    prompt_ids: list[int]
+    pixel_values: torch.Tensor | None  # [T, 3, H, W] float32
+    audio_features: torch.Tensor | None  # [n_mels, frames] float32
+    bert_input_ids: list[int]
+    label: str
+    solution: str
+    response: str | None = None
+    prompt: str = ""  # the rendered prompt text (with the <video>/<audio> placeholders)
+
+
+def _resolve_dir(ckpt_dir: Path, value: Any, default_subdir: str, key: str) -> Path:
+    if value is None or value == "":
+        path = ckpt_dir / default_subdir
+    else:
+        p = Path(str(value))
+        path = p if p.is_absolute() else ckpt_dir / p
+    if not path.is_dir():
+        raise FileNotFoundError(
+            f"{ckpt_dir}: {key} -> {path} is not a local directory (hub ids are not supported offline)"
+        )
+    return path
+
+
+class OmniProcessor:
+    """Turns an :class:`OmniRecord` into model inputs (prompt ids with placeholders, frames,
+    Whisper features, BERT question ids)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        image_processor,
+        feature_extractor,
+        bert_tokenizer,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        max_audio_seconds: float | None = None,
+        bert_max_length: int = BERT_MAX_LENGTH,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.feature_extractor = feature_extractor
+        self.bert_tokenizer = bert_tokenizer
+        self.num_frames = int(num_frames)
+        self.max_audio_seconds = max_audio_seconds
+        self.bert_max_length = int(bert_max_length)
+
+    # ------------------------------------------------------------------------------------------
+    def build_prompt(self, question: str, use_video: bool = True, use_audio: bool = True,
+                     think_suffix: bool = True) -> str:
+        return build_prompt(question, self.tokenizer, use_video, use_audio, think_suffix)
+
+    def process(self, record: OmniRecord, use_video: bool = True, use_audio: bool = True) -> OmniInputs:
+        """Load and preprocess one record.  Media problems raise MediaError (naming the file)."""
+        use_video = use_video and record.video is not None
+        use_audio = use_audio and record.audio is not None
+        prompt = build_prompt(record.question, self.tokenizer, use_video, use_audio)
+        prompt_ids = tokenize_with_placeholders(prompt, self.tokenizer)
+        pixel_values = (
+            load_video_frames(record.video, self.num_frames, self.image_processor) if use_video else None
+        )
+        feats = (
+            load_audio_features(record.audio, self.feature_extractor, self.max_audio_seconds)
+            if use_audio
+            else None
+        )
+        bert_ids = self.bert_tokenizer(record.question, truncation=True, max_length=self.bert_max_length)["input_ids"]
+        return OmniInputs(
+            record_id=record.id,
+            prompt_ids=prompt_ids,
+            pixel_values=pixel_values,
+            audio_features=feats,
+            bert_input_ids=list(bert_ids),
+            label=record.label,
+            solution=record.solution,
+            response=record.response,
+            prompt=prompt,
+        )
+
+    def response_ids(self, text: str) -> list[int]:
+        """Completion token ids + eos (SFT target for the assistant turn)."""
+        eos = self.tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("tokenizer has no eos token")
+        return _encode(text, self.tokenizer) + [int(eos)]
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        ckpt_dir: str | os.PathLike,
+        num_frames: int | None = None,
+        max_audio_seconds: float | None = None,
+    ) -> OmniProcessor:
+        """Load everything from local paths (see the module docstring for the layout)."""
+        from transformers import AutoTokenizer, BertTokenizerFast, WhisperFeatureExtractor
+
+        ckpt = Path(ckpt_dir)
+        if not ckpt.is_dir():
+            raise FileNotFoundError(f"checkpoint directory not found: {ckpt}")
+        config: dict[str, Any] = {}
+        if (ckpt / "config.json").is_file():
+            config = json.loads((ckpt / "config.json").read_text(encoding="utf-8"))
+        extra: dict[str, Any] = {}
+        if (ckpt / PROCESSOR_CONFIG).is_file():
+            extra = json.loads((ckpt / PROCESSOR_CONFIG).read_text(encoding="utf-8"))
+
+        vision_dir = _resolve_dir(ckpt, config.get("mm_vision_tower"), VISION_SUBDIR, "mm_vision_tower")
+        audio_dir = _resolve_dir(ckpt, config.get("mm_audio_tower"), AUDIO_SUBDIR, "mm_audio_tower")
+        bert_dir = _resolve_dir(ckpt, config.get("text_model_path"), BERT_SUBDIR, "text_model_path")
+
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+        image_processor = siglip_image_processor_class().from_pretrained(str(vision_dir))
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(audio_dir))
+        bert_tokenizer = BertTokenizerFast.from_pretrained(str(bert_dir))
+
+        if num_frames is None:
+            num_frames = config.get("num_frames") or extra.get("num_frames") or DEFAULT_NUM_FRAMES
+        if max_audio_seconds is None:
+            max_audio_seconds = extra.get("max_audio_seconds")
+        return cls(
+            tokenizer,
+            image_processor,
+            feature_extractor,
+            bert_tokenizer,
+            num_frames=int(num_frames),
+            max_audio_seconds=max_audio_seconds,
+            bert_max_length=int(extra.get("bert_max_length", BERT_MAX_LENGTH)),
+        )
+
+    def save_pretrained(self, ckpt_dir: str | os.PathLike) -> Path:
+        """Write tokenizer (ckpt_dir), image processor (vision_tower/), feature extractor
+        (audio_tower/), BERT tokenizer (bert/) and omni_processor.json.  config.json is left to
+        the model code."""
+        ckpt = Path(ckpt_dir)
+        ckpt.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(ckpt))
+        self.image_processor.save_pretrained(str(ckpt / VISION_SUBDIR))
+        self.feature_extractor.save_pretrained(str(ckpt / AUDIO_SUBDIR))
+        self.bert_tokenizer.save_pretrained(str(ckpt / BERT_SUBDIR))
+        extra = {
+            "num_frames": self.num_frames,
+            "max_audio_seconds": self.max_audio_seconds,
+            "bert_max_length": self.bert_max_length,
+        }
+        (ckpt / PROCESSOR_CONFIG).write_text(json.dumps(extra, indent=1) + "\n", encoding="utf-8")
+        return ckpt
+
+
+def make_tiny_processor(
+    out_dir: str | os.PathLike,
+    corpus: Iterable[str] = (),
+    image_size: int = 32,
+    num_mel_bins: int = 16,
+    audio_seconds: float = 2.0,
+    num_frames: int = 4,
+) -> OmniProcessor:
+    """Build tiny tokenizers + SiglipImageProcessor(size=image_size, mean/std 0.5) +
+    WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=audio_seconds, 16 kHz), save
+    them in the checkpoint layout under ``out_dir`` and return the processor.  The synthetic
+    reasoning vocabulary is always included.  ``audio_seconds`` must be a whole number (Whisper's
+    chunk_length); features are then ``[num_mel_bins, audio_seconds * 100]``."""
+    from transformers import WhisperFeatureExtractor
+
+    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
+    from r1omni_ray.data.tokenizer import build_tiny_bert_tokenizer, build_tiny_tokenizer
+
+    if float(audio_seconds) != int(audio_seconds) or int(audio_seconds) <= 0:
+        raise ValueError(f"audio_seconds must be a positive whole number of seconds, got {audio_seconds}")
+    chunk = int(audio_seconds)
+    out = Path(out_dir)
+    texts = list(SYNTHETIC_VOCAB_TEXTS) + [str(c) for c in corpus]
+    tokenizer = build_tiny_tokenizer(out, texts)
+    bert = build_tiny_bert_tokenizer(out / BERT_SUBDIR, texts)
+    image_processor = siglip_image_processor_class()(
+        size={"height": image_size, "width": image_size},
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, chunk_length=chunk, sampling_rate=16000)
+    proc = OmniProcessor(
+        tokenizer, image_processor, feature_extractor, bert,
+        num_frames=num_frames, max_audio_seconds=float(chunk),
+    )
+    proc.save_pretrained(out)
+    return proc

@@ -1,0 +1,21 @@
+"""Deterministic, resumable data order: step s always gets the same prompts for a given seed."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """Indices of the step's batch: epochs are concatenated reshuffles, so the order depends only on
+    (n, batch_size, step, seed) and a resumed run sees exactly the same batches."""
+    if n <= 0:
+        raise ValueError("empty dataset")
+    out = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n)
+        out.append(int(epoch_permutation(n, seed, epoch)[pos]))
+    return out

@@ -1,0 +1,31 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    """A tiny random-init HumanOmni checkpoint in the real directory layout (built once per session)."""
+    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
+    from r1omni_ray.model.loading import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", corpus=tuple(SYNTHETIC_VOCAB_TEXTS))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    from r1omni_ray.data.synthetic import make_synthetic_dataset
+
+    d = tmp_path_factory.mktemp("synth")
+    make_synthetic_dataset(d, 16, seed=0, prefix="train")
+    make_synthetic_dataset(d, 8, seed=1, prefix="sft", with_reasoning=True)
+    return d

@@ -1,0 +1,120 @@
+"""The HumanOmni-style policy: checkpoint layout, save/load round trip, multimodal splice."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+from r1omni_ray.model.tiny import tiny_config
+
+
+def _prompt(seed=0, ids=None):
+    g = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        prompt_ids=ids or [1, 2, VIDEO_TOKEN_INDEX, 3, AUDIO_TOKEN_INDEX, 4, 5],
+        pixel_values=torch.randn(4, 3, 32, 32, generator=g),
+        audio_features=torch.randn(16, 200, generator=g),
+        bert_input_ids=[1, 5, 6, 2],
+    )
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return HumanOmniQwen2ForCausalLM(tiny_config(120)).eval()
+
+
+def test_parameter_names_follow_humanomni_layout(model):
+    names = set(model.state_dict())
+    for prefix in ("model.vision_tower.vision_tower.embeddings.", "model.audio_tower.audio_tower.conv1.",
+                   "model.mm_projector.", "model.audio_projector.0.", "model.bert_model.embeddings.",
+                   "model.bert_gate.0.", "model.layers.0.self_attn.q_proj.", "model.embed_tokens."):
+        assert any(n.startswith(prefix) for n in names), prefix
+
+
+def test_splice_lengths(model):
+    e = model.embed_prompts([_prompt()])[0]
+    v = model.encode_video(_prompt().pixel_values[None], [[1, 2]])
+    a = model.encode_audio(_prompt().audio_features[None])
+    assert v.shape[1] == 4 * 2 * 2  # 4 frames x (4x4 patches pooled to 2x2)
+    assert a.shape[1] == 100 // 3
+    assert e.shape == (5 + v.shape[1] + a.shape[1], 64)
+
+
+@torch.no_grad()
+def test_video_changes_logits_and_causality(model):
+    p, q = _prompt(0), _prompt(0)
+    q.pixel_values = q.pixel_values + 1.0
+    lp1, _, _ = model.completion_logprobs([p], [0], [[7, 8, 9]])
+    lp2, _, _ = model.completion_logprobs([q], [0], [[7, 8, 9]])
+    assert not torch.allclose(lp1, lp2)
+    # changing a later completion token leaves earlier positions unchanged
+    lp3, _, _ = model.completion_logprobs([p], [0], [[7, 8, 10]])
+    assert torch.allclose(lp1[0, :2], lp3[0, :2], atol=1e-6)
+    assert not torch.allclose(lp1[0, 2], lp3[0, 2])
+
+
+@torch.no_grad()
+def test_padding_does_not_change_logprobs(model):
+    p = _prompt(1)
+    single, _, _ = model.completion_logprobs([p], [0], [[7, 8]])
+    batch, mask, _ = model.completion_logprobs([p, _prompt(2)], [0, 1], [[7, 8], [9, 10, 11, 12]])
+    assert torch.allclose(single[0], batch[0, :2], atol=1e-5)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_missing_media_for_placeholder_is_a_clear_error(model):
+    p = _prompt()
+    p.pixel_values = None
+    with pytest.raises(ValueError, match="video"):
+        model.embed_prompts([p])
+
+
+@torch.no_grad()
+def test_save_load_round_trip(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["model_type"] == "HumanOmni_qwen2"
+    assert cfg["architectures"] == ["HumanOmniQwen2ForCausalLM"]
+    for key in ("mm_vision_tower", "mm_audio_tower", "mm_projector_type", "mm_audio_projector_type",
+                "mm_vision_select_layer", "num_frames", "mm_hidden_size", "audio_hidden_size"):
+        assert key in cfg
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    assert isinstance(loaded, HumanOmniQwen2ForCausalLM)
+    a, _, _ = model.completion_logprobs([_prompt()], [0], [[7, 8, 9]])
+    b, _, _ = loaded.completion_logprobs([_prompt()], [0], [[7, 8, 9]])
+    assert torch.equal(a, b)
+
+
+def test_grad_flows_to_projectors_not_frozen_towers(model):
+    from r1omni_ray.model.loading import freeze_modules
+
+    m = HumanOmniQwen2ForCausalLM(model.config).train()
+    freeze_modules(m, vision=True, audio=True, bert=True)
+    lp, mask, _ = m.completion_logprobs([_prompt()], [0], [[7, 8, 9]])
+    (lp * mask).sum().backward()
+    assert m.model.audio_projector[0].weight.grad.abs().sum() > 0
+    assert m.model.mm_projector.readout_video[0].weight.grad.abs().sum() > 0
+    assert m.model.bert_gate[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.model.vision_tower.parameters())
+
+
+@torch.no_grad()
+def test_loads_checkpoint_saved_with_legacy_siglip_names(model, tmp_path):
+    """The public R1-Omni checkpoint (transformers 4.x) nests SigLIP under `vision_model.`."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    old = "model.vision_tower.vision_tower."
+    legacy = {k.replace(old, old + "vision_model."): v for k, v in sd.items()}
+    assert any(".vision_model." in k for k in legacy)
+    save_file(legacy, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = HumanOmniQwen2ForCausalLM.from_pretrained(tmp_path, local_files_only=True)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
