@@ -20,6 +20,10 @@ from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
 from r1omni_ray.model.loading import freeze_modules, load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets
 
+# Loss terms normalised by global token/sequence counts: summing over micro-batches and ranks gives the
+# batch value. Everything else is a local token mean.
+GLOBALLY_NORMALISED = frozenset({"loss", "policy_loss", "kl_loss"})
+
 
 @dataclass
 class TrainBatch:
@@ -171,6 +175,7 @@ class LearnerActor:
         self.engine.module.train()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
+        summed: dict[str, float] = {}
         total_loss = 0.0
         nonfinite = 0
         for sl in slices:
@@ -193,11 +198,15 @@ class LearnerActor:
             total_loss += float(loss.detach())
             w = float(mask.sum())
             for k, v in metrics.items():
-                if isinstance(v, float) and math.isfinite(v):
+                if not (isinstance(v, float) and math.isfinite(v)):
+                    continue
+                if k in GLOBALLY_NORMALISED:  # already divided by global counts: they add up
+                    summed[k] = summed.get(k, 0.0) + v
+                else:
                     sums[k] = sums.get(k, 0.0) + v * w
             sums["_tokens"] = sums.get("_tokens", 0.0) + w
         tokens = max(sums.pop("_tokens", 1.0), 1.0)
-        out = {k: v / tokens for k, v in sums.items()}
+        out = {k: v / tokens for k, v in sums.items()} | summed
         out["loss"] = total_loss
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])

@@ -67,7 +67,7 @@ class ActorPools:
         self.rollout_pg = placement_group(
             _bundles(rc.num_workers, rc.num_cpus_per_worker, gpus_per_worker), strategy=strategy
         )
-        ray.get([self.learner_pg.ready(), self.rollout_pg.ready()], timeout=600)
+        _wait_placement([self.learner_pg, self.rollout_pg], cfg)
         self._worker_gpus = gpus_per_worker
         self.learners = self._make_learners()
         self.workers = [self._make_worker(i) for i in range(rc.num_workers)]
@@ -93,7 +93,7 @@ class ActorPools:
 
     def _make_reward_actor(self) -> Any:
         specs = [(r.name, r.weight) for r in self.cfg.reward.rewards]
-        return RewardActor.remote(specs, self.label_set)
+        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor).remote(specs, self.label_set)
 
     # ---- weight broadcast ----
     def init_sync_group(self) -> None:
@@ -209,8 +209,25 @@ def learner_placement_group(cfg: RunConfig) -> Any:
     lc = cfg.learner
     pg = placement_group(_bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner),
                          strategy=cfg.ray.placement_strategy)
-    ray.get(pg.ready(), timeout=600)
+    _wait_placement([pg], cfg)
     return pg
+
+
+def required_cpus(cfg: RunConfig) -> float:
+    return (cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
+            + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+            + cfg.reward.num_actors * cfg.reward.num_cpus_per_actor)
+
+
+def _wait_placement(pgs: list[Any], cfg: RunConfig) -> None:
+    try:
+        ray.get([pg.ready() for pg in pgs], timeout=cfg.ray.placement_timeout_s)
+    except GetTimeoutError:
+        raise RuntimeError(
+            f"placement groups not schedulable within {cfg.ray.placement_timeout_s:.0f}s: the run needs "
+            f"{required_cpus(cfg):g} CPUs (learner.num_learners x num_cpus_per_learner + rollout.num_workers x "
+            f"num_cpus_per_worker + reward actors) and GPUs as configured; cluster has {ray.cluster_resources()}"
+        ) from None
 
 
 def create_learners(cfg: RunConfig, ckpt_dir: str, pg: Any) -> list[Any]:

@@ -9,7 +9,7 @@ import ray
 from r1omni_ray.rewards import RewardBatch, RewardSpec, score_completions
 
 
-@ray.remote(num_cpus=0.25)
+@ray.remote
 class RewardActor:
     def __init__(self, specs: list[tuple[str, float]], label_set: Sequence[str] | None = None) -> None:
         self.specs = [RewardSpec(n, w) for n, w in specs]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,11 @@ def init_ray(cfg: RunConfig) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env=env, log_to_driver=True)
         else:
-            ray.init(num_cpus=cfg.ray.num_cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+            from actors.pools import required_cpus
+
+            # Logical CPUs are scheduling tokens: a small machine still runs the full actor layout.
+            cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1)
+            ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=addr, runtime_env=env)
 

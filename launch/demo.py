@@ -3,7 +3,6 @@ Ray with a tiny model. Prints how the accuracy reward and eval WAR/UAR moved."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import sys

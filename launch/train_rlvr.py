@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from actors.learner import GLOBALLY_NORMALISED
 from actors.pools import ActorPools, shard_for_learners
 from actors.rollout import RolloutGroup
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
@@ -121,7 +122,7 @@ class RLVRTrainer:
         m["adv/min"], m["adv/max"] = float(adv.min()), float(adv.max())
         for k in outs[0]:
             vals = [o[k] for o in outs]
-            m[f"learner/{k}"] = statistics.fmean(vals)
+            m[f"learner/{k}"] = sum(vals) if k in GLOBALLY_NORMALISED else statistics.fmean(vals)
         m["response/length_mean"] = statistics.fmean(lens)
         m["response/length_max"] = float(max(lens))
         m["response/clipped_frac"] = sum(c.finish_reason == "length" for g in groups for c in g.completions) / len(lens)

@@ -54,7 +54,7 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 loss = sum(o["sft_loss"] for o in outs)
                 acc = statistics.fmean(o["sft_token_acc"] for o in outs)
                 losses.append(loss)
-                logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch}, step=step)
+                logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch, "sft/step": step}, step=step)
                 step += 1
             log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))
         ray.get([lr.save_hf.remote(str(out)) for lr in learners])

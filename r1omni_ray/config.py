@@ -75,6 +75,7 @@ class RewardItem:
 @dataclass
 class RewardConfig:
     num_actors: int = 1
+    num_cpus_per_actor: float = 0.25
     rewards: list[RewardItem] = field(
         default_factory=lambda: [RewardItem("accuracy", 1.0), RewardItem("format", 1.0)]
     )
@@ -147,6 +148,7 @@ class RayConfig:
     address: str | None = None  # None/"local": start or join a local Ray; "auto" or ray://... otherwise
     num_cpus: int | None = None
     placement_strategy: str = "SPREAD"
+    placement_timeout_s: float = 300.0
 
 
 @dataclass

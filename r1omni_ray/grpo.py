@@ -135,8 +135,9 @@ class LossConfig:
                     f"loss_agg='seq_mean_token_sum_norm' (Dr. GRPO) needs a positive int max_len, "
                     f"got {self.max_len!r}"
                 )
-        elif self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 1):
-            raise ValueError(f"max_len must be a positive int or None, got {self.max_len!r}")
+        elif self.max_len is not None and (not isinstance(self.max_len, int) or self.max_len < 0):
+            # Unused outside Dr. GRPO; callers may pass the batch width, 0 for an empty batch.
+            raise ValueError(f"max_len must be a non-negative int or None, got {self.max_len!r}")
         if self.kl_clamp is not None and not self.kl_clamp > 0.0:
             raise ValueError(f"kl_clamp must be > 0 (or None), got {self.kl_clamp}")
 

@@ -24,6 +24,9 @@ class RunLogger:
         self.out.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
         self.run = None
+        # W&B needs a monotonically increasing step; SFT, RLVR and eval share one run, so W&B gets a
+        # running counter and each record carries its own logical step ("step", "sft/step").
+        self._wandb_step = 0
         mode = resolve_wandb_mode(wandb_cfg.mode)
         if mode != "disabled":
             import wandb
@@ -43,10 +46,12 @@ class RunLogger:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
+        record = {"step": step, **clean}
         with self.metrics_path.open("a") as f:
-            f.write(json.dumps({"step": step, **clean}) + "\n")
+            f.write(json.dumps(record) + "\n")
         if self.run is not None:
-            self.run.log(metrics, step=step)
+            self.run.log({**metrics, "step": step}, step=self._wandb_step)
+            self._wandb_step += 1
 
     def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
         with (self.out / f"{key.replace('/', '_')}.jsonl").open("a") as f:
@@ -55,7 +60,8 @@ class RunLogger:
         if self.run is not None:
             import wandb
 
-            self.run.log({key: wandb.Table(columns=columns, data=rows)}, step=step)
+            self.run.log({key: wandb.Table(columns=columns, data=rows), "step": step}, step=self._wandb_step)
+            self._wandb_step += 1
 
     def finish(self) -> None:
         if self.run is not None:

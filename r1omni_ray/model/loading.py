@@ -58,7 +58,7 @@ def make_tiny_checkpoint(
     tok = proc.tokenizer
     torch.manual_seed(seed)
     cfg = tiny_config(
-        len(tok), s, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        len(tok), s, bert_vocab_size=len(proc.bert_tokenizer), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )
     model = HumanOmniQwen2ForCausalLM(cfg)

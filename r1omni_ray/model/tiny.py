@@ -24,7 +24,9 @@ class TinySizes:
     num_frames: int = 4
 
 
-def tiny_config(vocab_size: int, sizes: TinySizes | None = None, **overrides) -> HumanOmniQwen2Config:
+def tiny_config(
+    vocab_size: int, sizes: TinySizes | None = None, bert_vocab_size: int | None = None, **overrides
+) -> HumanOmniQwen2Config:
     s = sizes or TinySizes()
     vision = dict(
         hidden_size=s.vision_hidden, intermediate_size=2 * s.vision_hidden, num_hidden_layers=2,
@@ -38,7 +40,7 @@ def tiny_config(vocab_size: int, sizes: TinySizes | None = None, **overrides) ->
         pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
     )
     bert = dict(
-        vocab_size=max(vocab_size, 64) + 8, hidden_size=s.bert_hidden, num_hidden_layers=1,
+        vocab_size=bert_vocab_size or max(vocab_size, 64) + 8, hidden_size=s.bert_hidden, num_hidden_layers=1,
         num_attention_heads=2, intermediate_size=2 * s.bert_hidden, max_position_embeddings=128,
     )
     kw = dict(

@@ -1,0 +1,162 @@
+"""Video / audio loading on real (tiny) media files and corrupt inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from r1omni_ray.data.audio import audio_features, load_audio, load_audio_features
+from r1omni_ray.data.errors import DataError, MediaError
+from r1omni_ray.data.processor import siglip_image_processor_class
+from r1omni_ray.data.synthetic import (
+    PITCHES,
+    SAMPLE_RATE,
+    classify_pitch,
+    dominant_frequency,
+    make_corrupt_media,
+    make_synthetic_dataset,
+    write_mp4,
+    write_wav,
+)
+from r1omni_ray.data.video import load_video_frames, pad_to_square, sample_frame_indices
+
+
+@pytest.fixture(scope="module")
+def image_processor():
+    return siglip_image_processor_class()(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+
+
+@pytest.fixture(scope="module")
+def feature_extractor():
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(feature_size=16, chunk_length=2, sampling_rate=16000)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> tuple[Path, list[dict]]:
+    out = tmp_path_factory.mktemp("media")
+    path = make_synthetic_dataset(out, 2, separate_audio=True, num_video_frames=8, size=32, audio_seconds=1.0)
+    return out, json.loads(path.read_text())
+
+
+@pytest.fixture(scope="module")
+def corrupt(tmp_path_factory) -> dict[str, Path]:
+    return make_corrupt_media(tmp_path_factory.mktemp("corrupt"))
+
+
+def test_sample_frame_indices():
+    assert sample_frame_indices(100, 4) == [12, 37, 62, 87]
+    assert sample_frame_indices(8, 8) == list(range(8))
+    assert sample_frame_indices(3, 8) == [0, 1, 2]
+    assert sample_frame_indices(17, 4) == [2, 6, 10, 14]
+    assert sample_frame_indices(0, 4) == []
+
+
+def test_load_video_frames_shape_and_content(dataset, image_processor):
+    root, recs = dataset
+    video = root / recs[0]["video"]
+    px = load_video_frames(video, 4, image_processor)
+    assert px.shape == (4, 3, 32, 32) and px.dtype == torch.float32
+    assert px.min() >= -1.0 and px.max() <= 1.0
+    assert not torch.equal(px[0], px[1])  # noise + motion: frames differ
+    full = load_video_frames(str(video), 8, image_processor)
+    assert full.shape == (8, 3, 32, 32)
+    assert torch.allclose(full[[1, 3, 5, 7]], px)  # 4 of 8 = segment midpoints 1, 3, 5, 7
+
+
+def test_short_video_padded_with_zero_frames(tmp_path, image_processor):
+    frames = np.full((2, 32, 32, 3), 200, dtype=np.uint8)
+    path = write_mp4(tmp_path / "short.mp4", frames, None, fps=4)
+    px = load_video_frames(path, 5, image_processor)
+    assert px.shape == (5, 3, 32, 32)
+    assert torch.all(px[2:] == 0)
+    assert torch.all(px[:2].abs() > 0.3)  # 200/255 -> ~0.57 after SigLIP normalisation
+
+
+def test_non_square_frames_padded_with_mean_colour(tmp_path, image_processor):
+    frames = np.zeros((1, 16, 32, 3), dtype=np.uint8)  # black, wide
+    frames[..., 0] = 250
+    px = load_video_frames(write_mp4(tmp_path / "wide.mp4", frames), 1, image_processor)[0]
+    # rows 0..7 / 24..31 are the padding (mean colour 0.5 -> ~0 after normalisation)
+    assert px[:, :6].abs().max() < 0.05 and px[:, -6:].abs().max() < 0.05
+    assert px[0, 12:20].mean() > 0.8 and px[1, 12:20].mean() < -0.8
+    assert pad_to_square(np.zeros((2, 4, 3), np.uint8), (1, 2, 3)).shape == (4, 4, 3)
+
+
+def test_load_audio_wav_and_video_track(dataset):
+    root, recs = dataset
+    rec = recs[0]
+    wav = load_audio(root / rec["audio"])
+    assert wav.dtype == np.float32 and wav.ndim == 1 and wav.shape[0] == SAMPLE_RATE
+    track = load_audio(root / rec["video"])  # the mp4's own AAC track (decord)
+    assert track.dtype == np.float32 and track.ndim == 1 and abs(track.shape[0] - SAMPLE_RATE) < 2048
+    for w in (wav, track):
+        f = dominant_frequency(w)
+        assert abs(f - rec["cues"]["frequency"]) < 0.05 * PITCHES[rec["cues"]["pitch"]]
+        assert classify_pitch(f) == rec["cues"]["pitch"]
+    assert load_audio(root / rec["audio"], max_seconds=0.25).shape == (4000,)
+    assert load_audio(root / rec["audio"], sample_rate=8000).shape == (8000,)
+
+
+def test_audio_features_shape(dataset, feature_extractor):
+    root, recs = dataset
+    feats = load_audio_features(root / recs[1]["video"], feature_extractor)
+    assert feats.shape == (16, 200) and feats.dtype == torch.float32
+    assert torch.isfinite(feats).all()
+    # longer than chunk_length -> truncated to the same shape
+    assert audio_features(np.zeros(3 * 16000, np.float32) + 0.1, feature_extractor).shape == (16, 200)
+
+
+def test_whisper_large_shape():
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor(feature_size=128)  # whisper-large-v3: 128 mels, 30 s
+    assert audio_features(np.zeros(1600, np.float32), fe).shape == (128, 3000)
+
+
+@pytest.mark.parametrize("case", ["truncated_mp4", "garbage_mp4", "no_video_mp4"])
+def test_corrupt_video_raises_media_error(corrupt, image_processor, case):
+    path = corrupt[case]
+    with pytest.raises(MediaError) as ei:
+        load_video_frames(path, 4, image_processor)
+    assert str(path) in str(ei.value) and ei.value.file == str(path)
+
+
+@pytest.mark.parametrize(
+    ("case", "what"),
+    [
+        ("truncated_mp4", "cannot open"),
+        ("garbage_mp4", "cannot open"),
+        ("no_audio_mp4", "no audio track"),
+        ("zero_length_wav", "zero-length"),
+        ("empty_file_wav", "empty"),
+    ],
+)
+def test_corrupt_audio_raises_media_error(corrupt, case, what):
+    path = corrupt[case]
+    with pytest.raises(MediaError) as ei:
+        load_audio(path)
+    assert str(path) in str(ei.value) and what in str(ei.value)
+
+
+def test_missing_and_garbage_files(tmp_path, image_processor):
+    with pytest.raises(MediaError, match="not found"):
+        load_video_frames(tmp_path / "nope.mp4", 4, image_processor)
+    with pytest.raises(MediaError, match="nope.wav.*not found"):
+        load_audio(tmp_path / "nope.wav")
+    bad = tmp_path / "noise.wav"
+    bad.write_bytes(b"RIFF" + bytes(range(200)))
+    with pytest.raises(MediaError, match="noise.wav"):
+        load_audio(bad)
+    nan = write_wav(tmp_path / "ok.wav", np.zeros(100, np.float32))
+    assert load_audio(nan).shape == (100,)
+    assert issubclass(MediaError, DataError)
+
+
+def test_no_audio_video_still_loads_frames(corrupt, image_processor):
+    assert load_video_frames(corrupt["no_audio_mp4"], 4, image_processor).shape == (4, 3, 32, 32)
