@@ -108,7 +108,7 @@ class LearnerActor:
 
     # ---- info ----
     def info(self) -> dict[str, Any]:
-        return {"rank": self.rank, "node_ip": node_ip(), "pid": os.getpid(), "version": self.version}
+        return {"rank": self.rank, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "version": self.version}
 
     def sync_metas(self) -> list[ParamMeta]:
         """Layout of the tensors broadcast to rollout workers: every trainable parameter."""
@@ -330,3 +330,35 @@ class LearnerActor:
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
         return str(out)
+
+    # ---- DeepSpeed checkpoints (collective: every learner rank must call these together) ----
+    def save_checkpoint(self, ckpt_dir: str, tag: str) -> str:
+        """Module, optimizer (each rank its ZeRO shard) and the weight version under ckpt_dir/tag.
+        The driver keeps its own atomic `latest` pointer, so DeepSpeed's is not written."""
+        self.engine.save_checkpoint(ckpt_dir, tag=tag, client_state={"weight_version": self.version},
+                                    save_latest=False)
+        return os.path.join(ckpt_dir, tag)
+
+    def load_checkpoint(self, ckpt_dir: str, tag: str) -> int:
+        """Restore module + optimizer state saved by save_checkpoint; returns the restored weight version."""
+        path, client = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"rank {self.rank}: no DeepSpeed checkpoint {tag!r} under {ckpt_dir}")
+        self.version = int((client or {}).get("weight_version", self.version))
+        return self.version
+
+    @torch.no_grad()
+    def weights_checksum(self) -> list[float]:
+        """[sum, sum of squares, numel] over this rank's trainable weights (its ZeRO-3 partition under
+        stage 3): a cheap on-device fingerprint to verify that a resumed run loaded what was saved."""
+        s = sq = n = 0.0
+        for p in self.engine.module.parameters():
+            if not p.requires_grad:
+                continue
+            t = p.ds_tensor if hasattr(p, "ds_tensor") else p.data
+            t = t.detach().double()
+            s += float(t.sum())
+            sq += float(t.square().sum())
+            n += float(t.numel())
+        return [s, sq, n]

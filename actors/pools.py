@@ -26,10 +26,12 @@ from r1omni_ray.rewards import RewardBatch, RewardSpec, score_completions
 log = logging.getLogger("r1omni_ray")
 
 
-def _bundles(n: int, cpus: float, gpus: float) -> list[dict[str, float]]:
+def _bundles(n: int, cpus: float, gpus: float, node_resource: str | None = None) -> list[dict[str, float]]:
     b: dict[str, float] = {"CPU": cpus}
     if gpus > 0:
         b["GPU"] = gpus
+    if node_resource:
+        b[node_resource] = 0.001
     return [dict(b) for _ in range(n)]
 
 
@@ -61,11 +63,12 @@ class ActorPools:
         lc, rc = cfg.learner, cfg.rollout
         strategy = cfg.ray.placement_strategy
         self.learner_pg = placement_group(
-            _bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner), strategy=strategy
+            _bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource),
+            strategy=strategy
         )
         gpus_per_worker = rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
         self.rollout_pg = placement_group(
-            _bundles(rc.num_workers, rc.num_cpus_per_worker, gpus_per_worker), strategy=strategy
+            _bundles(rc.num_workers, rc.num_cpus_per_worker, gpus_per_worker, rc.node_resource), strategy=strategy
         )
         _wait_placement([self.learner_pg, self.rollout_pg], cfg)
         self._worker_gpus = gpus_per_worker
@@ -207,7 +210,7 @@ class ActorPools:
 
 def learner_placement_group(cfg: RunConfig) -> Any:
     lc = cfg.learner
-    pg = placement_group(_bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner),
+    pg = placement_group(_bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource),
                          strategy=cfg.ray.placement_strategy)
     _wait_placement([pg], cfg)
     return pg
@@ -294,3 +297,34 @@ def shard_for_learners(groups: list[RolloutGroup], advantages: list[float], n_le
             adv.append(advantages[j])
         batches.append(TrainBatch(prompts, pidx, comps, adv))
     return batches, num_micro
+
+
+class RolloutPool(ActorPools):
+    """Rollout workers only (evaluation): no learners, no reward actors, no broadcast group. The workers
+    load the evaluated checkpoint themselves; submit_rollout / collect_rollout (and worker replacement,
+    which reloads that checkpoint) are inherited from ActorPools."""
+
+    def __init__(self, cfg: RunConfig, ckpt_dir: str, work_dir: str, label_set: Sequence[str] | None) -> None:
+        self.cfg, self.ckpt_dir, self.work_dir = cfg, ckpt_dir, work_dir
+        self.label_set = list(label_set) if label_set else None
+        self.stats = PoolStats()
+        rc = cfg.rollout
+        gpus_per_worker = rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
+        self.learner_pg = None
+        self.rollout_pg = placement_group(
+            _bundles(rc.num_workers, rc.num_cpus_per_worker, gpus_per_worker, rc.node_resource),
+            strategy=cfg.ray.placement_strategy,
+        )
+        _wait_placement([self.rollout_pg], cfg)
+        self._worker_gpus = gpus_per_worker
+        self.learners: list[Any] = []
+        self.reward_actors: list[Any] = []
+        self.workers = [self._make_worker(i) for i in range(rc.num_workers)]
+        self.metas, self.buckets, self.bucket_bytes = [], [], 0
+        self.version = 0
+
+    def init_sync_group(self) -> None:
+        """Nothing to sync: every worker holds the checkpoint it was built from."""
+
+    def broadcast(self, version: int) -> dict[str, float]:
+        raise RuntimeError("a RolloutPool has no learners to broadcast from")

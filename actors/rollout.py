@@ -56,7 +56,7 @@ class RolloutWorker:
         self.busy_s = 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"index": self.index, "node_ip": node_ip(), "pid": os.getpid(), "version": self.version}
+        return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "version": self.version}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,

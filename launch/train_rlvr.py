@@ -16,13 +16,14 @@ from actors.learner import GLOBALLY_NORMALISED
 from actors.pools import ActorPools, shard_for_learners
 from actors.rollout import RolloutGroup
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
-from launch.evaluation import evaluate_records
+from launch.evaluation import evaluate_records, wait_with_progress
+from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.grpo import group_advantages
-from r1omni_ray.tracking import RunLogger
+from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")
 
@@ -34,6 +35,8 @@ class RLVRTrainer:
         self.labels, self.logger = labels, logger
         self.step = start_step
         self.history: list[dict[str, float]] = []
+        self.batches: dict[int, list[str]] = {}  # step index -> record ids of its prompts
+        self.checkpointer: Checkpointer | None = None
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
                                      max_new_tokens=rc.max_new_tokens)
@@ -53,11 +56,15 @@ class RLVRTrainer:
     def fit(self) -> list[dict[str, float]]:
         total = self.cfg.train.steps
         pending = self.submit(self.step) if self.step < total else None
+        bar = progress(total=total, initial=min(self.step, total), desc="RLVR", unit="step", leave=True)
         while self.step < total:
             t0 = time.perf_counter()
             d = self.cfg.data
+            wait_with_progress(pending, f"rollout {self.step + 1}")
             groups = self.pools.collect_rollout(pending, self._params_for(self.step), d.use_video, d.use_audio)
             t_roll = time.perf_counter() - t0
+            # The records of each step, in order: what a resumed run must reproduce.
+            self.batches[self.step] = [g.record_id for g in groups]
             # One-step off-policy: the next rollout runs on the workers while the learners update.
             overlap = self.cfg.train.overlap and self.step + 1 < total
             pending = self.submit(self.step + 1) if overlap else None
@@ -69,13 +76,19 @@ class RLVRTrainer:
             metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
             self.step += 1
             self.log(metrics)
+            bar.update(1)
+            bar.set_postfix(reward=f"{metrics['reward/total_mean']:.3f}", acc=f"{metrics['accuracy']:.3f}")
             if not overlap and self.step < total:
                 pending = self.submit(self.step)
             self.after_step()
+        bar.close()
         return self.history
 
     def after_step(self) -> None:
-        """Hook for checkpointing / evaluation (subclasses and the launcher add these)."""
+        """Periodic checkpoints (the end-of-run one is written by run_rlvr, with an HF export)."""
+        every = self.cfg.checkpoint.every
+        if self.checkpointer is not None and every > 0 and self.step % every == 0 and self.step < self.cfg.train.steps:
+            self.checkpointer.save(self)
 
     def train_on(self, groups: list[RolloutGroup]) -> dict[str, float]:
         cfg = self.cfg
@@ -150,9 +163,12 @@ class RLVRTrainer:
         for g in groups:
             for c in g.completions:
                 if len(rows) < n and c is g.completions[0]:
-                    rows.append([g.record_id, g.inputs.label, c.text, rb.total[k]] + [rb.per_reward[x][k] for x in names])
+                    parsed = split_reasoning(c.text)
+                    rows.append([g.record_id, g.inputs.label, parsed.answer, parsed.reasoning, c.text, rb.total[k]]
+                                + [rb.per_reward[x][k] for x in names])
                 k += 1
-        self.logger.log_table("samples", ["id", "label", "completion", "reward"] + names, rows, self.step + 1)
+        cols = ["id", "label", "prediction", "reasoning", "completion", "reward"] + names
+        self.logger.log_table("samples", cols, rows, self.step + 1)
 
     def log(self, m: dict[str, float]) -> None:
         m = dict(m, step=float(self.step))

@@ -64,6 +64,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     torch_threads: int = 1
     max_restarts: int = 3
+    node_resource: str | None = None  # custom Ray resource that pins workers to nodes advertising it
 
 
 @dataclass
@@ -108,6 +109,7 @@ class LearnerConfig:
     use_reference: bool = True
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
+    node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
 
 
 @dataclass

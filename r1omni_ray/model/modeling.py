@@ -111,6 +111,9 @@ class HumanOmniQwen2Model(Qwen2Model):
     def __init__(self, config: HumanOmniQwen2Config) -> None:
         super().__init__(config)
         vcfg = _sub_config(SiglipVisionConfig, config.vision_config, config.mm_vision_tower, "vision")
+        # Only hidden states are used; the attention-pooling head would be dead weight (and its
+        # nn.MultiheadAttention reads weights outside submodule forwards, which ZeRO-3 cannot gather).
+        vcfg.vision_use_head = False
         acfg = _sub_config(WhisperConfig, config.audio_config, config.mm_audio_tower, "audio")
         self.vision_tower = SiglipVisionTower(vcfg, config.mm_vision_select_layer)
         self.audio_tower = WhisperAudioTower(acfg)

@@ -1,0 +1,413 @@
+"""End-to-end GRPO step throughput on a text-only workload, through the real system path.
+
+A random-init HumanOmni checkpoint with a tiny Qwen2 (hidden 256, 4 layers by default) is trained by the
+real actors (RolloutWorker on the transformers engine, DeepSpeed LearnerActor with a frozen reference,
+RewardActor, the gloo weight-broadcast group) driven by launch.train_rlvr.RLVRTrainer. Prompts have no
+video and no audio, so the policy only embeds text; every completion is exactly --new-tokens long.
+
+For each layout (`{W}w{L}l-{sync|overlap}[-t{R}x{T}]`: W rollout workers, L learners, synchronous or
+one-step-overlapped, R torch threads per worker and T per learner) it prints one JSON line: the median
+step seconds over the measured steps, completions/s and generated tokens/s at that median, the median
+split by phase, and the fraction of wall time each actor pool sat idle. A last line names the fastest
+layout. Layouts with the same workers/learners/threads share one set of actors.
+
+Phases (driver wall clock): rollout = waiting for this step's rollout (near 0 once overlapped), reward,
+logprob (old + reference log-probs), update (the optimizer step), broadcast (the weight transfer itself),
+rollout_wait (overlap only: the learner waiting for the in-flight next rollout before it can broadcast,
+since a worker receives weights only between rollouts).
+
+Idle fraction of a pool over the measured window = 1 - mean over its actors of busy / wall, where a
+rollout worker is busy generating (RolloutWorker.stats busy_s) or receiving weights, and a learner is
+busy in compute_logprobs, train_step or the broadcast transfer (timed around the remote calls, all
+learners take part in each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from actors.pools import ActorPools
+from bench.common import (
+    BENCH_LABELS,
+    TinyLMArgs,
+    add_tiny_lm_flags,
+    build_bench_checkpoint,
+    emit,
+    machine_info,
+    median,
+    prompt_lengths,
+    rounded,
+    text_only_records,
+    tiny_lm_from_flags,
+)
+from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.config import RunConfig, WandbConfig, config_from_dict
+from r1omni_ray.tracking import RunLogger
+
+PHASES = ("rollout", "reward", "logprob", "update", "broadcast", "rollout_wait")
+DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,1w1l-sync-t2x2,2w1l-overlap,1w2l-overlap"
+_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(?:-t(\d+)x(\d+))?$")
+
+
+# ----------------------------------------------------------------------------- layouts and workload
+
+
+@dataclass(frozen=True)
+class Layout:
+    workers: int
+    learners: int
+    overlap: bool
+    rollout_threads: int
+    learner_threads: int
+
+    @property
+    def name(self) -> str:
+        mode = "overlap" if self.overlap else "sync"
+        return f"{self.workers}w{self.learners}l-{mode}-t{self.rollout_threads}x{self.learner_threads}"
+
+    @property
+    def pool_key(self) -> tuple[int, int, int, int]:
+        """Layouts that can share one set of actors (the mode is the driver's business only)."""
+        return (self.workers, self.learners, self.rollout_threads, self.learner_threads)
+
+
+def parse_layout(spec: str, rollout_threads: int, learner_threads: int) -> Layout:
+    m = _LAYOUT_RE.match(spec.strip())
+    if not m:
+        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-t{{R}}x{{T}}], e.g. 2w1l-overlap")
+    w, learners, mode, rt, lt = m.groups()
+    if int(w) < 1 or int(learners) < 1:
+        raise ValueError(f"layout {spec!r}: needs at least one worker and one learner")
+    return Layout(int(w), int(learners), mode == "overlap", int(rt or rollout_threads), int(lt or learner_threads))
+
+
+@dataclass
+class Workload:
+    lm: TinyLMArgs = field(default_factory=TinyLMArgs)
+    prompts: int = 16
+    prompt_tokens: int = 32
+    group_size: int = 8
+    new_tokens: int = 48
+    beta: float = 0.04
+    lr: float = 1e-5
+    micro_batch_size: int = 32
+    zero_stage: int = 2
+    bucket_mb: float = 64.0
+    warmup_steps: int = 1
+    steps: int = 5
+    seed: int = 0
+
+    @property
+    def completions_per_step(self) -> int:
+        return self.prompts * self.group_size
+
+
+def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> RunConfig:
+    return config_from_dict({
+        "model": {"path": ckpt_dir},
+        "rollout": {
+            "engine": "hf", "num_workers": layout.workers, "group_size": wl.group_size, "temperature": 1.0,
+            "top_p": 1.0, "max_new_tokens": wl.new_tokens, "num_cpus_per_worker": 1.0,
+            "torch_threads": layout.rollout_threads, "max_restarts": 0,
+        },
+        "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
+        "grpo": {"beta": wl.beta, "updates_per_rollout": 1},
+        "learner": {
+            "num_learners": layout.learners, "zero_stage": wl.zero_stage, "lr": wl.lr,
+            "micro_batch_size": wl.micro_batch_size, "num_cpus_per_learner": 1.0,
+            "torch_threads": layout.learner_threads, "use_reference": True, "broadcast_bucket_mb": wl.bucket_mb,
+        },
+        "train": {
+            "steps": wl.warmup_steps + wl.steps, "prompts_per_step": wl.prompts, "seed": wl.seed,
+            "overlap": layout.overlap, "output_dir": out_dir, "log_samples": 0, "eval_every": 0,
+        },
+        "wandb": {"mode": "disabled"},
+    })
+
+
+# ----------------------------------------------------------------------------- instrumented pools/driver
+
+
+class TimedPools(ActorPools):
+    """ActorPools that account learner busy time and split the broadcast into waiting and transfer.
+
+    A rollout worker takes weights only between rollouts (an actor runs one call at a time), so with
+    overlap the learner's broadcast cannot start before the in-flight rollout ends. Waiting for those
+    rollouts first (ray.wait, nothing fetched) ends at the same moment the plain broadcast would have
+    started moving bytes, and lets the benchmark report the wait and the transfer apart.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.learner_busy_s = 0.0
+        self.transfer_s = 0.0
+        self.last_wait_s = 0.0
+        self._inflight: list[Any] = []
+        super().__init__(*args, **kwargs)
+
+    def submit_rollout(self, *args: Any, **kwargs: Any) -> list[tuple[int, Any, Any]]:
+        pending = super().submit_rollout(*args, **kwargs)
+        self._inflight.extend(ref for _, _, ref in pending)
+        return pending
+
+    def learner_call(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
+        t0 = time.perf_counter()
+        try:
+            return super().learner_call(method, shards, *args)
+        finally:
+            self.learner_busy_s += time.perf_counter() - t0
+
+    def broadcast(self, version: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        if self._inflight:
+            ray.wait(self._inflight, num_returns=len(self._inflight), fetch_local=False)
+        self._inflight = []
+        t1 = time.perf_counter()
+        out = super().broadcast(version)
+        dt = time.perf_counter() - t1
+        self.learner_busy_s += dt
+        self.transfer_s += dt
+        self.last_wait_s += t1 - t0
+        return out
+
+
+@dataclass
+class Snapshot:
+    t: float
+    worker_busy_s: list[float]
+    learner_busy_s: float
+    transfer_s: float
+
+
+def snapshot(pools: TimedPools) -> Snapshot:
+    """Only taken between steps, when no rollout is running (a worker answers stats() after its rollout)."""
+    busy = [s["busy_s"] for s in ray.get([w.stats.remote() for w in pools.workers])]
+    return Snapshot(time.perf_counter(), busy, pools.learner_busy_s, pools.transfer_s)
+
+
+class BenchTrainer(RLVRTrainer):
+    """RLVRTrainer that records the broadcast wait and snapshots busy counters after every step.
+
+    log() runs after the step's broadcast (so an overlapped next rollout has finished) and before a
+    synchronous run submits the next rollout: the workers are idle there in both modes.
+    """
+
+    def __init__(self, *args: Any, on_step: Callable[[], None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_step = on_step
+
+    def log(self, m: dict[str, float]) -> None:
+        pools: TimedPools = self.pools  # type: ignore[assignment]
+        m["time/rollout_wait"] = pools.last_wait_s
+        pools.last_wait_s = 0.0
+        super().log(m)
+        self.on_step()
+
+
+# ----------------------------------------------------------------------------- one layout
+
+
+def run_layout(pools: TimedPools, layout: Layout, wl: Workload, ckpt_dir: str, records: Sequence[Any],
+               work_dir: Path) -> dict[str, Any]:
+    out = work_dir / layout.name
+    cfg = make_config(layout, wl, ckpt_dir, str(out))
+    logger = RunLogger(out, WandbConfig(mode="disabled"), {})
+    snaps: list[Snapshot] = [snapshot(pools)]
+    trainer = BenchTrainer(cfg, pools, list(records), None, BENCH_LABELS, logger,
+                           on_step=lambda: snaps.append(snapshot(pools)))
+    try:
+        history = trainer.fit()
+    finally:
+        finish = getattr(logger, "finish", None)
+        if callable(finish):
+            finish()
+    measured = history[wl.warmup_steps:]
+    a, b = snaps[wl.warmup_steps], snaps[-1]
+    wall = b.t - a.t
+    transfer = b.transfer_s - a.transfer_s
+    worker_busy = [(y - x) + transfer for x, y in zip(a.worker_busy_s, b.worker_busy_s, strict=True)]
+    learner_busy = b.learner_busy_s - a.learner_busy_s
+    step_s = median([h["time/step"] for h in measured])
+    per_step = wl.completions_per_step
+    lengths = [h["response/length_mean"] for h in measured]
+    samples = {int(h["samples"]) for h in measured}
+    return {
+        "bench": "grpo_step",
+        "layout": layout.name,
+        "workers": layout.workers,
+        "learners": layout.learners,
+        "mode": "overlap" if layout.overlap else "sync",
+        "rollout_threads": layout.rollout_threads,
+        "learner_threads": layout.learner_threads,
+        "measured_steps": len(measured),
+        "step_s_median": rounded(step_s),
+        "completions_per_s": rounded(per_step / step_s),
+        "gen_tokens_per_s": rounded(per_step * wl.new_tokens / step_s),
+        "phase_s_median": {p: rounded(median([h.get(f"time/{p}", 0.0) for h in measured])) for p in PHASES},
+        "idle_frac": {
+            "rollout": rounded(1.0 - sum(worker_busy) / len(worker_busy) / wall, 3),
+            "learner": rounded(1.0 - learner_busy / wall, 3),
+        },
+        "wall_s": rounded(wall),
+        "completions_per_s_wall": rounded(per_step * len(measured) / wall),
+        "step_s_all": [rounded(h["time/step"], 3) for h in measured],
+        "completion_tokens_mean": rounded(median(lengths)),
+        "samples_per_step": sorted(samples),
+        "weight_version_lag_max": max((h.get("weight_version_lag", 0.0) for h in measured), default=0.0),
+    }
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def add_workload_flags(p: argparse.ArgumentParser) -> None:
+    d = Workload()
+    add_tiny_lm_flags(p)
+    p.add_argument("--prompts", type=int, default=d.prompts, help="prompts per step")
+    p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="rendered prompt length")
+    p.add_argument("--group-size", type=int, default=d.group_size, help="completions per prompt (G)")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="exact completion length")
+    p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (reference model kept when > 0)")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per fwd/bwd")
+    p.add_argument("--zero-stage", type=int, default=d.zero_stage, choices=(0, 1, 2, 3))
+    p.add_argument("--bucket-mb", type=float, default=d.bucket_mb, help="weight-broadcast bucket size")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="measured steps")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--rollout-threads", type=int, default=1, help="torch threads per rollout worker")
+    p.add_argument("--learner-threads", type=int, default=1, help="torch threads per learner")
+    p.add_argument("--driver-threads", type=int, default=1, help="torch threads of this driver process")
+    p.add_argument("--work-dir", default=None, help="where the checkpoint and run files go (default: a temp dir)")
+
+
+def workload_from_flags(args: argparse.Namespace) -> Workload:
+    wl = Workload(
+        lm=tiny_lm_from_flags(args), prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+        group_size=args.group_size, new_tokens=args.new_tokens, beta=args.beta, lr=args.lr,
+        micro_batch_size=args.micro_batch_size, zero_stage=args.zero_stage, bucket_mb=args.bucket_mb,
+        warmup_steps=args.warmup_steps, steps=args.steps, seed=args.seed,
+    )
+    if wl.warmup_steps < 1 or wl.steps < 1:
+        raise SystemExit("--warmup-steps and --steps must be >= 1 (the window starts after a warm-up step)")
+    return wl
+
+
+def _init_ray(layouts: Sequence[Layout]) -> bool:
+    """Start a local Ray sized for the largest layout (logical CPUs); reuse one that is already up."""
+    if ray.is_initialized():
+        return False
+    need = max(lay.workers + lay.learners for lay in layouts) + 1
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
+             log_to_driver=False, runtime_env=env)
+    return True
+
+
+def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> list[dict[str, Any]]:
+    """Build the checkpoint and prompts, run every layout (one actor set per pool key), emit a line per
+    layout; returns those records."""
+    torch.set_num_threads(max(1, args.driver_threads))
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    wl = workload_from_flags(args)
+    tmp = None
+    if args.work_dir:
+        work = Path(args.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+    else:
+        tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
+        work = Path(tmp.name)
+    started = False
+    try:
+        ckpt = str(build_bench_checkpoint(work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
+        records = text_only_records(ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
+        plens = prompt_lengths(ckpt, records)
+        started = _init_ray(layouts)
+        header = {
+            "bench": bench, "kind": "config", "machine": machine_info(),
+            "workload": asdict(wl) | {"prompt_tokens_actual": [min(plens), max(plens)],
+                                      "completions_per_step": wl.completions_per_step},
+            "layouts": [lay.name for lay in layouts],
+        }
+        results: list[dict[str, Any]] = []
+        groups: dict[tuple[int, int, int, int], list[Layout]] = {}
+        for lay in layouts:
+            groups.setdefault(lay.pool_key, []).append(lay)
+        first = True
+        for lays in groups.values():
+            cfg = make_config(lays[0], wl, ckpt, str(work / "pools"))
+            t0 = time.perf_counter()
+            pools = TimedPools(cfg, ckpt, str(work / "pools"), BENCH_LABELS)
+            startup = time.perf_counter() - t0
+            try:
+                if first:
+                    nbytes = sum(m.nbytes for m in pools.metas)
+                    header["model"] = {
+                        "trainable_params": sum(m.numel for m in pools.metas), "broadcast_bytes": nbytes,
+                        "broadcast_buckets": len(pools.buckets),
+                    }
+                    emit(header)
+                    first = False
+                for lay in lays:
+                    res = run_layout(pools, lay, wl, ckpt, records, work)
+                    res["bench"] = bench
+                    res["actor_startup_s"] = rounded(startup)
+                    emit(res)
+                    results.append(res)
+            finally:
+                pools.shutdown()
+        return results
+    finally:
+        if started:
+            ray.shutdown()
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def summarize(results: Sequence[dict[str, Any]], bench: str = "grpo_step") -> dict[str, Any]:
+    best = max(results, key=lambda r: r["completions_per_s"])
+    out: dict[str, Any] = {
+        "bench": bench, "kind": "summary", "best_layout": best["layout"],
+        "best_completions_per_s": best["completions_per_s"],
+        "ranking": [r["layout"] for r in sorted(results, key=lambda r: -r["completions_per_s"])],
+    }
+    by_name = {r["layout"]: r for r in results}
+    speedups = {}
+    for r in results:
+        if r["mode"] == "overlap":
+            sync_name = r["layout"].replace("-overlap-", "-sync-")
+            if sync_name in by_name:
+                speedups[r["layout"]] = rounded(by_name[sync_name]["step_s_median"] / r["step_s_median"], 3)
+    if speedups:
+        out["overlap_speedup_vs_sync"] = speedups
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_flags(p)
+    p.add_argument("--layouts", default=DEFAULT_LAYOUTS,
+                   help="comma-separated {W}w{L}l-{sync|overlap}[-t{R}x{T}] (default: %(default)s)")
+    args = p.parse_args(argv)
+    layouts = [parse_layout(s, args.rollout_threads, args.learner_threads) for s in args.layouts.split(",") if s.strip()]
+    if not layouts:
+        p.error("no layouts given")
+    results = run_benchmark(args, layouts)
+    emit(summarize(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
