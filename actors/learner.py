@@ -18,7 +18,7 @@ from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
 from r1omni_ray.model.loading import freeze_modules, load_policy
-from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets
+from r1omni_ray.weight_sync import BroadcastGroup, CollectiveError, ParamMeta, plan_buckets, send_buckets
 
 # Loss terms normalised by global token/sequence counts: summing over micro-batches and ranks gives the
 # batch value. Everything else is a local token mean.
@@ -98,6 +98,15 @@ class LearnerActor:
         }
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=lc.lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99))
+        # Every ZeRO stage ends its step in this optimizer's step(): gating it skips an update with
+        # weights and Adam state untouched, while DeepSpeed still clears grads and counters.
+        self._skip_step = False
+        base_step = optim.step
+
+        def gated_step(*args: Any, **kwargs: Any) -> Any:
+            return None if self._skip_step else base_step(*args, **kwargs)
+
+        optim.step = gated_step  # type: ignore[method-assign]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optim, config=ds_config, model_parameters=params
         )
@@ -105,6 +114,54 @@ class LearnerActor:
         self.sync_group: BroadcastGroup | None = None
         self.version = 0
         self.skipped_updates = 0
+        # Local gradients are checked as autograd produces them, before ZeRO reduces/partitions them.
+        self._grad_bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        self._inject_grad: float | None = None  # fault injection for tests (debug_inject_nonfinite_grad)
+        for p in self.engine.module.parameters():
+            if p.requires_grad:
+                p.register_hook(self._check_grad)
+
+    def _check_grad(self, g: torch.Tensor) -> torch.Tensor:
+        if self._inject_grad is not None:
+            g = g + self._inject_grad
+        self._grad_bad.logical_or_(~torch.isfinite(g).all())
+        return g
+
+    def debug_inject_nonfinite_grad(self, value: float = float("nan")) -> bool:
+        """Test-only fault injection: the next update's gradients on this rank get `value` added."""
+        self._inject_grad = value
+        return True
+
+    def _dp_any(self, flag: bool) -> bool:
+        """True if any data-parallel rank raised `flag` (every rank takes the same skip decision)."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        timeout = datetime.timedelta(seconds=self.cfg.learner.dist_timeout_s)
+        try:
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, async_op=True).wait(timeout)
+        except Exception as e:
+            raise CollectiveError(
+                f"learner-{self.rank}: data-parallel all-reduce (rank {self.rank}/{self.world_size}) failed or "
+                f"timed out after {timeout.total_seconds():.0f}s: {e}"
+            ) from e
+        return bool(t.item() > 0)
+
+    def _optimizer_step(self, local_bad: bool) -> bool | None:
+        """engine.step() after a micro-batch's backward. At the accumulation boundary a non-finite loss or
+        gradient on any rank skips the update on all ranks; returns whether it did (None off-boundary)."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+            return None
+        skip = self._dp_any(local_bad or bool(self._grad_bad))
+        self._skip_step = skip
+        try:
+            self.engine.step()
+        finally:
+            self._skip_step = False
+            self._grad_bad.zero_()
+            self._inject_grad = None
+        if skip:
+            self.skipped_updates += 1
+        return skip
 
     # ---- info ----
     def info(self) -> dict[str, Any]:
@@ -178,6 +235,7 @@ class LearnerActor:
         summed: dict[str, float] = {}
         total_loss = 0.0
         nonfinite = 0
+        skipped = False
         for sl in slices:
             sub = self._sub(batch, sl)
             lp, mask, ent = self._logprobs(self.engine.module, sub, with_entropy=True)
@@ -190,11 +248,11 @@ class LearnerActor:
                 num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
             )
             if not torch.isfinite(loss):
-                # Keep the collectives in step across ranks but contribute no gradient.
+                # Keep the collectives in step across ranks; the update is skipped at the boundary.
                 nonfinite += 1
                 loss = (lp * 0.0).nan_to_num(0.0).sum()
             self.engine.backward(loss * scale)
-            self.engine.step()
+            skipped = bool(self._optimizer_step(nonfinite > 0)) or skipped
             total_loss += float(loss.detach())
             w = float(mask.sum())
             for k, v in metrics.items():
@@ -211,6 +269,8 @@ class LearnerActor:
         out["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         out["nonfinite_microbatches"] = float(nonfinite)
+        out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
+        out["skipped_updates"] = float(self.skipped_updates)  # cumulative
         out["update_s"] = time.perf_counter() - t0
         self.version += 1
         return out
@@ -245,16 +305,21 @@ class LearnerActor:
         scale = grad_scale_for_framework(self.world_size, self.grad_accum)
         self.engine.module.train()
         total, correct = 0.0, 0.0
+        nonfinite, skipped = 0, False
         for sl in slices:
             idx = list(range(sl.start, sl.stop))
             lp, mask, _ = self.engine.module.completion_logprobs(prompts, idx, targets[sl])
             loss = -(lp * mask).sum() / t.item()
+            if not torch.isfinite(loss):
+                nonfinite += 1
+                loss = (lp * 0.0).nan_to_num(0.0).sum()
             self.engine.backward(loss * scale)
-            self.engine.step()
+            skipped = bool(self._optimizer_step(nonfinite > 0)) or skipped
             total += float(loss.detach())
             correct += float(((lp > math.log(0.5)) * mask).sum())
         self.version += 1
-        return {"sft_loss": total, "sft_token_acc": correct / max(tokens_local, 1), "tokens": float(tokens_local)}
+        return {"sft_loss": total, "sft_token_acc": correct / max(tokens_local, 1), "tokens": float(tokens_local),
+                "skipped_update": float(skipped)}
 
     # ---- weight broadcast ----
     def init_sync_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> bool:

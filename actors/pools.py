@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -21,7 +21,7 @@ from actors.reward import RewardActor
 from actors.rollout import RolloutGroup, RolloutWorker
 from r1omni_ray.config import RunConfig
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.rewards import RewardBatch, RewardSpec, score_completions
+from r1omni_ray.rewards import RewardBatch, RewardSpec, check_reward_specs, score_completions
 
 log = logging.getLogger("r1omni_ray")
 
@@ -46,6 +46,57 @@ def split_even(n_items: int, n_parts: int) -> list[range]:
     return out
 
 
+class ActorCallError(RuntimeError):
+    """A call on a pool actor failed (the actor died, raised, or timed out in a collective); names it."""
+
+    def __init__(self, actor: str, method: str, cause: BaseException) -> None:
+        self.actor, self.method = actor, method
+        inner = getattr(cause, "cause", None) or cause  # RayTaskError wraps the actor-side exception
+        self.cause = inner
+        super().__init__(f"{actor}.{method} failed: {type(inner).__name__}: {inner}")
+
+
+class PendingRollout(NamedTuple):
+    """One in-flight rollout call (unpacks as (worker_index, items, ref))."""
+
+    worker_index: int
+    items: list[tuple[int, Any]]
+    ref: Any
+
+
+def _settle(calls: Sequence[tuple[str, str, Any]]) -> list[Any]:
+    """Wait for every call; results in order, with exceptions as values."""
+    out: list[Any] = []
+    for _name, _method, ref in calls:
+        try:
+            out.append(ray.get(ref))
+        except Exception as e:  # noqa: BLE001 - classified by the caller
+            out.append(e)
+    return out
+
+
+def _raise_first_error(calls: Sequence[tuple[str, str, Any]], results: Sequence[Any]) -> None:
+    for (name, method, _ref), r in zip(calls, results, strict=True):
+        if isinstance(r, Exception):
+            raise ActorCallError(name, method, r) from r
+
+
+def wait_named(calls: Sequence[tuple[str, str, Any]]) -> list[Any]:
+    """Results of (actor name, method, ref) calls; the first failure to arrive is raised at once as an
+    ActorCallError naming its actor (its peers may be stuck in a collective until their timeout)."""
+    by_ref = {ref: (name, method) for name, method, ref in calls}
+    remaining = list(by_ref)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except Exception as e:
+                name, method = by_ref[ref]
+                raise ActorCallError(name, method, e) from e
+    return ray.get([ref for _n, _m, ref in calls])
+
+
 @dataclass
 class PoolStats:
     worker_restarts: int = 0
@@ -60,6 +111,9 @@ class ActorPools:
         self.cfg, self.ckpt_dir, self.work_dir = cfg, ckpt_dir, work_dir
         self.label_set = list(label_set) if label_set else None
         self.stats = PoolStats()
+        self._sent_to: dict[str, Any] = {}  # rollout ref (hex) -> worker handle it went to
+        # Before any actor exists: an unknown reward name is a config error, not a mid-run actor crash.
+        check_reward_specs([RewardSpec(r.name, r.weight) for r in cfg.reward.rewards], cfg.reward.modules)
         lc, rc = cfg.learner, cfg.rollout
         strategy = cfg.ray.placement_strategy
         self.learner_pg = placement_group(
@@ -96,74 +150,144 @@ class ActorPools:
 
     def _make_reward_actor(self) -> Any:
         specs = [(r.name, r.weight) for r in self.cfg.reward.rewards]
-        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor).remote(specs, self.label_set)
+        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor).remote(
+            specs, self.label_set, list(self.cfg.reward.modules))
 
     # ---- weight broadcast ----
     def init_sync_group(self) -> None:
-        """(Re)build the broadcast group: learner rank 0 is rank 0, worker i is rank i + 1."""
+        """(Re)build the broadcast group: learner rank 0 is rank 0, worker i is rank i + 1. Workers are
+        pinged first (a new one is still loading its model; a dead one would stall the rendezvous until
+        the timeout): dead ones are replaced before anyone joins."""
         backend = "nccl" if self.cfg.learner.num_gpus_per_learner > 0 and self._worker_gpus > 0 else "gloo"
         host = ray.get(self.learners[0].info.remote())["node_ip"]
-        port = free_port()
-        world = len(self.workers) + 1
         t = self.cfg.learner.dist_timeout_s
-        refs = [self.learners[0].init_sync_group.remote(backend, host, port, world, t)]
-        refs += [w.init_sync_group.remote(backend, host, port, i + 1, world, t) for i, w in enumerate(self.workers)]
-        ray.get(refs, timeout=t + 60)
+        last: BaseException | None = None
+        for attempt in range(self.cfg.rollout.max_restarts + 1):
+            pings = [(f"rollout-worker-{i}", "info", w.info.remote()) for i, w in enumerate(self.workers)]
+            results = _settle(pings)
+            dead = [i for i, r in enumerate(results) if isinstance(r, RayActorError)]
+            if not dead:
+                _raise_first_error(pings, results)
+                port = free_port()
+                world = len(self.workers) + 1
+                calls = [("learner-0", "init_sync_group",
+                          self.learners[0].init_sync_group.remote(backend, host, port, world, t))]
+                calls += [(f"rollout-worker-{i}", "init_sync_group",
+                           w.init_sync_group.remote(backend, host, port, i + 1, world, t))
+                          for i, w in enumerate(self.workers)]
+                results = _settle(calls)
+                dead = [i for i, r in enumerate(results[1:]) if isinstance(r, RayActorError)]
+                if not dead:
+                    _raise_first_error(calls, results)
+                    return
+            last = next(r for r in results if isinstance(r, RayActorError))
+            if attempt == self.cfg.rollout.max_restarts:
+                break
+            log.warning("rollout workers %s are dead; replacing them before building the broadcast group", dead)
+            self._replace(dead)
+        raise ActorCallError("rollout-workers", "init_sync_group", RuntimeError(
+            f"workers kept dying after rollout.max_restarts={self.cfg.rollout.max_restarts} replacements; "
+            f"last: {last}"))
 
     def broadcast(self, version: int) -> dict[str, float]:
+        """Send the learners' weights to every worker. A worker that dies meanwhile is replaced and the
+        broadcast redone for the new group; any other failure (a hung collective) is raised, naming the actor."""
         t0 = time.perf_counter()
-        lrefs = [lr.broadcast_weights.remote(version, self.bucket_bytes) for lr in self.learners]
-        wrefs = [w.receive_weights.remote(version, self.metas, self.buckets) for w in self.workers]
-        out = ray.get(lrefs)[0]
-        got = ray.get(wrefs)
-        if any(v != version for v in got):
-            raise RuntimeError(f"weight version mismatch after broadcast: {got} != {version}")
-        self.version = version
-        out["broadcast_wall_s"] = time.perf_counter() - t0
-        return out
+        for attempt in range(self.cfg.rollout.max_restarts + 1):
+            calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.bucket_bytes))
+                     for r, lr in enumerate(self.learners)]
+            calls += [(f"rollout-worker-{i}", "receive_weights", w.receive_weights.remote(version, self.metas, self.buckets))
+                      for i, w in enumerate(self.workers)]
+            results = _settle(calls)
+            wres = results[len(self.learners):]
+            dead = [i for i, r in enumerate(wres) if isinstance(r, RayActorError)]
+            if not dead:
+                _raise_first_error(calls, results)
+                if any(v != version for v in wres):
+                    raise RuntimeError(f"weight version mismatch after broadcast: {wres} != {version}")
+                self.version = version
+                out = dict(results[0])
+                out["broadcast_wall_s"] = time.perf_counter() - t0
+                return out
+            if attempt == self.cfg.rollout.max_restarts:
+                break
+            # Peers of the dead worker failed or timed out in the collective: rebuild the group and redo.
+            log.warning("rollout workers %s died during the weight broadcast; replacing them", dead)
+            self._replace(dead)
+            self.init_sync_group()
+        raise ActorCallError("pool", "broadcast", RuntimeError(
+            f"rollout workers kept dying after rollout.max_restarts={self.cfg.rollout.max_restarts} replacements"))
 
     # ---- rollout with fault handling ----
     def submit_rollout(self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True,
-                       use_audio: bool = True) -> list[tuple[int, list[tuple[int, Any]], Any]]:
+                       use_audio: bool = True) -> list[PendingRollout]:
         parts = split_even(len(items), len(self.workers))
-        return [
-            (wi, [items[j] for j in part], self.workers[wi].rollout.remote([items[j] for j in part], params, use_video, use_audio))
-            for wi, part in enumerate(parts) if len(part)
-        ]
+        out = []
+        for wi, part in enumerate(parts):
+            if len(part):
+                sub = [items[j] for j in part]
+                w = self.workers[wi]
+                ref = w.rollout.remote(sub, params, use_video, use_audio)
+                self._sent_to[ref.hex()] = w  # hex, not the ref: the dict must not pin results
+                out.append(PendingRollout(wi, sub, ref))
+        return out
 
-    def collect_rollout(self, pending: list[tuple[int, list[tuple[int, Any]], Any]], params: SamplingParams,
+    def collect_rollout(self, pending: list[PendingRollout], params: SamplingParams,
                         use_video: bool = True, use_audio: bool = True) -> list[RolloutGroup]:
-        """Gather results; a dead worker is replaced, re-synced, and its prompts re-issued."""
-        groups: list[RolloutGroup] = []
-        for _attempt in range(self.cfg.rollout.max_restarts + 1):
-            failed: list[tuple[int, Any]] = []
-            for wi, part, ref in pending:
+        """Gather results. A dead worker's whole share is lost: the worker is replaced, gets the current
+        weights, and exactly those prompts are re-issued, so every uid ends up in one group."""
+        groups: dict[int, RolloutGroup] = {}
+        for attempt in range(self.cfg.rollout.max_restarts + 1):
+            lost: list[tuple[int, Any]] = []
+            dead: set[int] = set()
+            for wi, items, ref in pending:
+                sent_to = self._sent_to.pop(ref.hex(), None)
                 try:
-                    groups.extend(ray.get(ref))
-                except (RayActorError, GetTimeoutError) as e:
-                    log.warning("rollout worker %d died (%s); replacing it and re-issuing %d prompts", wi, type(e).__name__, len(part))
-                    self.replace_worker(wi)
-                    failed.extend(part)
-            if not failed:
+                    got = ray.get(ref)
+                except RayActorError as e:
+                    log.warning("rollout worker %d died (%s); re-issuing its %d prompts", wi, type(e).__name__,
+                                len(items))
+                    lost.extend(items)
+                    # It may already have been replaced (e.g. it died during a weight broadcast).
+                    if sent_to is None or self.workers[wi] is sent_to:
+                        dead.add(wi)
+                    continue
+                for g in got:
+                    if g.uid in groups:
+                        raise RuntimeError(f"rollout returned prompt uid {g.uid} twice")
+                    groups[g.uid] = g
+            if not lost:
+                return [groups[u] for u in sorted(groups)]
+            if attempt == self.cfg.rollout.max_restarts:
                 break
-            self.stats.reissued_prompts += len(failed)
-            pending = self.submit_rollout(failed, params, use_video, use_audio)
-        else:
-            raise RuntimeError("rollout failed after max_restarts worker replacements")
-        groups.sort(key=lambda g: g.uid)
-        return groups
+            if dead:
+                self.replace_workers(sorted(dead))
+            self.stats.reissued_prompts += len(lost)
+            pending = self.submit_rollout(lost, params, use_video, use_audio)
+        raise RuntimeError(f"rollout failed after rollout.max_restarts={self.cfg.rollout.max_restarts} worker replacements")
+
+    def _replace(self, indices: Sequence[int]) -> None:
+        """New actors in the dead workers' slots (same placement-group bundles); no weight sync."""
+        for wi in indices:
+            try:
+                ray.kill(self.workers[wi], no_restart=True)
+            except Exception:
+                pass
+            self.workers[wi] = self._make_worker(wi)
+            self.stats.worker_restarts += 1
+
+    def replace_workers(self, indices: Sequence[int]) -> None:
+        """Replace workers and bring them to the learners' current weights."""
+        self._replace(indices)
+        if not self.learners:  # an eval-only pool: workers load their checkpoint themselves
+            return
+        # A gloo group has a fixed membership: rebuild it, then resend the current weights (also at
+        # version 0: the learners may hold weights restored from a checkpoint, not the initial ones).
+        self.init_sync_group()
+        self.broadcast(self.version)
 
     def replace_worker(self, wi: int) -> None:
-        try:
-            ray.kill(self.workers[wi], no_restart=True)
-        except Exception:
-            pass
-        self.workers[wi] = self._make_worker(wi)
-        self.stats.worker_restarts += 1
-        # A gloo group has a fixed membership: rebuild it, then resend the current weights.
-        self.init_sync_group()
-        if self.version > 0:
-            self.broadcast(self.version)
+        self.replace_workers([wi])
 
     # ---- rewards ----
     def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
@@ -187,13 +311,19 @@ class ActorPools:
                     self.reward_actors[i] = self._make_reward_actor()
                     self.stats.reward_actor_restarts += 1
                 zero = {s.name: [0.0] * len(part) for s in specs}
+                what = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:200]}"
                 results.append((part, RewardBatch(total=[0.0] * len(part), per_reward=zero,
-                                                  errors={"reward_actor_failed": len(part)}, diagnostics={})))
+                                                  errors={"reward_actor_failed": len(part)}, diagnostics={},
+                                                  error_examples={"reward_actor_failed": what})))
         return _merge_reward_batches(results, len(texts), specs)
 
     # ---- learners ----
     def learner_call(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
-        return ray.get([getattr(lr, method).remote(s, *args) for lr, s in zip(self.learners, shards, strict=True)])
+        """Call `method` on every learner rank with its shard. The first failure to arrive is raised at
+        once, naming the rank (the other ranks may sit in a collective until their timeout)."""
+        calls = [(f"learner-{r}", method, getattr(lr, method).remote(s, *args))
+                 for r, (lr, s) in enumerate(zip(self.learners, shards, strict=True))]
+        return wait_named(calls)
 
     def shutdown(self) -> None:
         for a in self.learners + self.workers + self.reward_actors:
@@ -261,7 +391,9 @@ def _merge_reward_batches(results: list[tuple[range, RewardBatch]], n: int, spec
     per = {s.name: [0.0] * n for s in specs}
     errors: dict[str, int] = {}
     diag: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for part, rb in results:
+        examples = rb.error_examples | examples
         for k, j in enumerate(part):
             total[j] = rb.total[k]
             for name in per:
@@ -270,7 +402,7 @@ def _merge_reward_batches(results: list[tuple[range, RewardBatch]], n: int, spec
             errors[k] = errors.get(k, 0) + v
         for k, v in rb.diagnostics.items():
             diag[k] = diag.get(k, 0) + v
-    return RewardBatch(total=total, per_reward=per, errors=errors, diagnostics=diag)
+    return RewardBatch(total=total, per_reward=per, errors=errors, diagnostics=diag, error_examples=examples)
 
 
 def shard_for_learners(groups: list[RolloutGroup], advantages: list[float], n_learners: int,
@@ -308,6 +440,7 @@ class RolloutPool(ActorPools):
         self.cfg, self.ckpt_dir, self.work_dir = cfg, ckpt_dir, work_dir
         self.label_set = list(label_set) if label_set else None
         self.stats = PoolStats()
+        self._sent_to: dict[str, Any] = {}  # rollout ref (hex) -> worker handle it went to
         rc = cfg.rollout
         gpus_per_worker = rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
         self.learner_pg = None

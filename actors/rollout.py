@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from r1omni_ray.engines.base import Completion, SamplingParams
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
 
+log = logging.getLogger("r1omni_ray")
+
 
 @dataclass
 class RolloutGroup:
@@ -27,6 +30,20 @@ class RolloutGroup:
     weight_version: int = -1
     worker: int = -1
     error: str | None = None
+
+
+def usable_groups(groups: list[RolloutGroup], on_error: str) -> tuple[list[RolloutGroup], list[RolloutGroup]]:
+    """Split a step's groups into trainable ones and records that failed to load (bad media). With
+    data.on_error=raise the first bad record stops the run (a DataError naming the record and its file);
+    with skip each one is logged and the caller counts them. Learners only ever see the trainable ones."""
+    bad = [g for g in groups if g.error is not None or not g.completions]
+    for g in bad:
+        reason = g.error or "the rollout returned no completions"
+        if on_error == "raise":
+            raise DataError(f"record {g.record_id!r} (rollout worker {g.worker}): {reason} "
+                            "[data.on_error=raise; data.on_error=skip skips such records]")
+        log.warning("skipped record %r (rollout worker %d): %s", g.record_id, g.worker, reason)
+    return [g for g in groups if g.error is None and g.completions], bad
 
 
 @ray.remote

@@ -311,7 +311,8 @@ def _init_ray(layouts: Sequence[Layout]) -> bool:
         return False
     need = max(lay.workers + lay.learners for lay in layouts) + 1
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
-    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
+    # address="local": always a fresh cluster of our own, never one another process started on this machine
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
              log_to_driver=False, runtime_env=env)
     return True
 

@@ -48,7 +48,8 @@ def init_ray(cfg: RunConfig) -> None:
 
             # Logical CPUs are scheduling tokens: a small machine still runs the full actor layout.
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1)
-            ray.init(num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
+            # address="local" always starts a private instance, never a `ray start` cluster found on the host.
+            ray.init(address="local", num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=addr, runtime_env=env)
 

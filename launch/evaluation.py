@@ -6,9 +6,33 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.pools import ActorPools
+from r1omni_ray.completions import split_reasoning
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.rewards import extract_answer, format_reward
+from r1omni_ray.tracking import progress
+
+EVAL_PROMPTS_PER_CALL = 32  # per worker and submission: big enough for engine batching
+
+
+def wait_with_progress(pending: list[tuple[int, list[Any], Any]] | None, desc: str) -> None:
+    """Advance a progress bar as rollout shards (worker, prompts, ref) finish; results and failures are
+    then gathered by collect_rollout. A no-op when the bar is disabled (non-interactive logs)."""
+    if not pending:
+        return
+    import ray
+
+    if not all(isinstance(ref, ray.ObjectRef) for _, _, ref in pending):
+        return
+    bar = progress(total=sum(len(part) for _, part, _ in pending), desc=desc, unit="prompt")
+    if bar.disable:
+        return
+    sizes = {ref: len(part) for _, part, ref in pending}
+    waiting = list(sizes)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        bar.update(sum(sizes[r] for r in done))
+    bar.close()
 
 
 @dataclass
@@ -20,11 +44,17 @@ class EvalResult:
 
 def evaluate_records(
     pools: ActorPools, records: list[Any], labels: list[str], max_new_tokens: int,
-    use_video: bool = True, use_audio: bool = True,
+    use_video: bool = True, use_audio: bool = True, desc: str = "eval",
 ) -> EvalResult:
     params = SamplingParams(n=1, greedy=True, max_new_tokens=max_new_tokens)
     items = list(enumerate(records))
-    pending = pools.submit_rollout(items, params, use_video, use_audio)
+    # Several submissions per worker (queued on the actors) so progress is visible while it runs.
+    n_workers = max(1, len(pools.workers))
+    chunk = max(n_workers, min(len(items), n_workers * EVAL_PROMPTS_PER_CALL))
+    pending = []
+    for start in range(0, len(items), chunk):
+        pending += pools.submit_rollout(items[start : start + chunk], params, use_video, use_audio)
+    wait_with_progress(pending, desc)
     groups = pools.collect_rollout(pending, params, use_video, use_audio)
     rows, preds, golds = [], [], []
     fmt = 0.0
@@ -34,7 +64,8 @@ def evaluate_records(
         pred = extract_answer(text) if g.error is None else None
         f = format_reward(text, rec.solution) if g.error is None else 0.0
         fmt += f
-        rows.append({"id": rec.id, "label": rec.label, "prediction": pred, "completion": text,
+        rows.append({"id": rec.id, "label": rec.label, "prediction": pred,
+                     "reasoning": split_reasoning(text).reasoning, "completion": text,
                      "format_ok": bool(f), "error": g.error})
         preds.append(pred)
         golds.append(rec.label)

@@ -206,3 +206,22 @@ def resolve_model_dir(path: str | os.PathLike) -> Path:
     hint = " (a DeepSpeed-only checkpoint: export one with a finished run, which writes hf/)" if (
         p / STATE_FILE).is_file() else ""
     raise FileNotFoundError(f"{p}: no HF-format model found (config.json, hf/, checkpoints/latest or final_model){hint}")
+
+
+def link_or_copy_tree(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Replace dst with a copy of src made of hard links where the filesystem allows (no extra disk for
+    a multi-GB export), plain copies otherwise. Built beside dst, then renamed into place."""
+    src, dst = Path(src), Path(dst)
+
+    def link(s: str, d: str) -> None:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+    return dst

@@ -80,6 +80,7 @@ class RewardConfig:
     rewards: list[RewardItem] = field(
         default_factory=lambda: [RewardItem("accuracy", 1.0), RewardItem("format", 1.0)]
     )
+    modules: list[str] = field(default_factory=list)  # imported first: they register custom rewards
 
 
 @dataclass

@@ -157,6 +157,7 @@ class RewardBatch:
     per_reward: dict[str, list[float]]
     errors: dict[str, int] = field(default_factory=dict)
     diagnostics: dict[str, int] = field(default_factory=dict)
+    error_examples: dict[str, str] = field(default_factory=dict)  # first error message per reward, for logs
 
     def __len__(self) -> int:
         return len(self.total)
@@ -173,6 +174,7 @@ class RewardBatch:
             per_reward={k: v + other.per_reward[k] for k, v in self.per_reward.items()},
             errors=_add_counts(self.errors, other.errors),
             diagnostics=_add_counts(self.diagnostics, other.diagnostics),
+            error_examples=other.error_examples | self.error_examples,
         )
 
     def to_dict(self, prefix: str = "reward/") -> dict[str, float]:
@@ -219,13 +221,34 @@ def _diagnose(completion: str, canon_labels: frozenset[str] | None, diag: dict[s
                 break
 
 
-def _safe_call(fn: RewardFn, completion: Any, solution: Any) -> float | None:
-    """The reward as a finite float, or None when the function raised or returned junk."""
+def _safe_call(fn: RewardFn, completion: Any, solution: Any) -> tuple[float | None, str | None]:
+    """(the reward as a finite float, None), or (None, what went wrong) when the function raised or
+    returned junk."""
     try:
         value = float(fn(completion, solution))
-    except Exception:
-        return None
-    return value if math.isfinite(value) else None
+    except Exception as e:
+        return None, f"{type(e).__name__}: {str(e)[:200]}"
+    return (value, None) if math.isfinite(value) else (None, f"non-finite value {value}")
+
+
+def import_reward_modules(modules: Sequence[str]) -> None:
+    """Import the modules that register custom rewards (``reward.modules``); a clear error if one fails."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            raise ValueError(f"reward.modules: cannot import {name!r} ({type(e).__name__}: {e})") from e
+
+
+def check_reward_specs(specs: Sequence[RewardSpec], modules: Sequence[str] = ()) -> None:
+    """Fail at start-up, not in a reward actor mid-run, on a reward name nobody registered."""
+    import_reward_modules(modules)
+    for i, s in enumerate(specs):
+        if s.name not in REWARD_REGISTRY:
+            raise ValueError(f"reward.rewards[{i}].name: unknown reward {s.name!r}; known rewards: "
+                             f"{sorted(REWARD_REGISTRY)} (custom ones: register them in a reward.modules module)")
 
 
 def score_completions(
@@ -255,6 +278,7 @@ def score_completions(
 
     per_reward: dict[str, list[float]] = {name: [] for name in names}
     errors = {name: 0 for name in names}
+    examples: dict[str, str] = {}
     diag = {k: 0 for k in DIAGNOSTIC_KEYS}
     total: list[float] = []
     for completion, solution in zip(completions, solutions, strict=True):
@@ -267,11 +291,12 @@ def score_completions(
         _diagnose(completion, canon, diag)
         row_total = 0.0
         for name, fn, w in zip(names, fns, weights, strict=True):
-            value = _safe_call(fn, completion, solution)
+            value, err = _safe_call(fn, completion, solution)
             if value is None:
                 errors[name] += 1
+                examples.setdefault(name, err or "")
                 value = 0.0
             per_reward[name].append(value)
             row_total += w * value
         total.append(row_total)
-    return RewardBatch(total=total, per_reward=per_reward, errors=errors, diagnostics=diag)
+    return RewardBatch(total=total, per_reward=per_reward, errors=errors, diagnostics=diag, error_examples=examples)

@@ -171,7 +171,9 @@ def _wandb_file_records(path: Path) -> list[bytes]:
 
 def _put(d: dict[str, Any], path: list[str], value: Any) -> None:
     for k in path[:-1]:
-        d = d.setdefault(k, {})
+        if not isinstance(d.get(k), dict):  # a later nested update supersedes a scalar
+            d[k] = {}
+        d = d[k]
     d[path[-1]] = value
 
 

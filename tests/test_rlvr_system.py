@@ -44,7 +44,7 @@ def assert_workers_match_learners(pools: ActorPools) -> None:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()
 

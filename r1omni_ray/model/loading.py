@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-from r1omni_ray.model.tiny import TinySizes, tiny_config
+from r1omni_ray.model.tiny import TinySizes, init_tiny_towers, tiny_config
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -62,6 +62,7 @@ def make_tiny_checkpoint(
         pad_token_id=tok.pad_token_id,
     )
     model = HumanOmniQwen2ForCausalLM(cfg)
+    init_tiny_towers(model)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(out)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
 
 
@@ -54,3 +57,17 @@ def tiny_config(
     )
     kw.update(overrides)
     return HumanOmniQwen2Config(**kw)
+
+
+@torch.no_grad()
+def init_tiny_towers(model: nn.Module) -> None:
+    """Give random tiny towers a content-preserving init.
+
+    A pretrained Whisper encoder extracts content; a random one with the default 0.02-std convolutions
+    is dominated by its sinusoidal position embeddings, so two tones of different pitch come out almost
+    identical. Variance-preserving convolutions keep the input's content visible to the projectors.
+    """
+    at = model.model.audio_tower.audio_tower
+    for conv in (at.conv1, at.conv2):
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
+        conv.bias.zero_()
