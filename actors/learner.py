@@ -56,6 +56,19 @@ def _chunks(n: int, num_micro: int) -> list[slice]:
     return out
 
 
+def _set_dp_timeouts(timeout: datetime.timedelta) -> None:
+    """DeepSpeed builds its data-parallel groups with new_group() and torch's default timeout (30 min for
+    gloo), whatever init_distributed got: give every group learner.dist_timeout_s, so a hung or dead peer
+    surfaces as an error instead of a silent half-hour stall."""
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(c10d._world.pg_map):
+        try:
+            c10d._set_pg_timeout(timeout, pg)
+        except Exception:  # noqa: BLE001 - a group this rank is not in, or a backend without timeouts
+            pass
+
+
 @ray.remote
 class LearnerActor:
     def __init__(
@@ -110,6 +123,7 @@ class LearnerActor:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optim, config=ds_config, model_parameters=params
         )
+        _set_dp_timeouts(datetime.timedelta(seconds=lc.dist_timeout_s))
         self.zero3 = lc.zero_stage == 3
         self.sync_group: BroadcastGroup | None = None
         self.version = 0

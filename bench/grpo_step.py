@@ -14,7 +14,7 @@ layout. Layouts with the same workers/learners/threads share one set of actors.
 Phases (driver wall clock): rollout = waiting for this step's rollout (near 0 once overlapped), reward,
 logprob (old + reference log-probs), update (the optimizer step), broadcast (the weight transfer itself),
 rollout_wait (overlap only: the learner waiting for the in-flight next rollout before it can broadcast,
-since a worker receives weights only between rollouts).
+since a worker receives weights only between rollouts), other (the rest: advantages, sharding, dispatch).
 
 Idle fraction of a pool over the measured window = 1 - mean over its actors of busy / wall, where a
 rollout worker is busy generating (RolloutWorker.stats busy_s) or receiving weights, and a learner is
@@ -58,7 +58,7 @@ from r1omni_ray.config import RunConfig, WandbConfig, config_from_dict
 from r1omni_ray.tracking import RunLogger
 
 PHASES = ("rollout", "reward", "logprob", "update", "broadcast", "rollout_wait")
-DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,1w1l-sync-t2x2,2w1l-overlap,1w2l-overlap"
+DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,2w1l-overlap,1w2l-overlap"
 _LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(?:-t(\d+)x(\d+))?$")
 
 
@@ -255,7 +255,8 @@ def run_layout(pools: TimedPools, layout: Layout, wl: Workload, ckpt_dir: str, r
         "step_s_median": rounded(step_s),
         "completions_per_s": rounded(per_step / step_s),
         "gen_tokens_per_s": rounded(per_step * wl.new_tokens / step_s),
-        "phase_s_median": {p: rounded(median([h.get(f"time/{p}", 0.0) for h in measured])) for p in PHASES},
+        "phase_s_median": {p: rounded(median([h.get(f"time/{p}", 0.0) for h in measured])) for p in PHASES}
+        | {"other": rounded(median([h["time/step"] - sum(h.get(f"time/{p}", 0.0) for p in PHASES) for h in measured]))},
         "idle_frac": {
             "rollout": rounded(1.0 - sum(worker_busy) / len(worker_busy) / wall, 3),
             "learner": rounded(1.0 - learner_busy / wall, 3),

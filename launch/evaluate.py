@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="report dir (default <output_dir>/eval/<data stem>)")
     parser.add_argument("--attribution", action="store_true",
                         help="also score without video and without audio; report modality reliance per emotion")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     cfg = parse_config(args)
     m = run_evaluation(cfg, args.ckpt, args.data, args.label_set, args.out, args.attribution)
     print(f"WAR {m['war']:.4f}  UAR {m['uar']:.4f}  n={m['n']}  format {m['format_rate']:.3f}  "

@@ -295,6 +295,7 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             pools.broadcast(state.weight_version)  # workers now hold exactly the saved policy
             log.info("resumed from %s: step %d, weight version %d", ck_dir, state.step, state.weight_version)
             result["resumed_from"] = str(ck_dir)
+            result["resume_check"] = {"saved": state.weights_checksum, "loaded": sums}
         trainer = RLVRTrainer(cfg, pools, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0)
         trainer.checkpointer = Checkpointer(cfg, pools, out, ckpt, logger)
@@ -332,12 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     parser = base_parser(__doc__ or "")
     parser.add_argument("--init-ckpt", default=None, help="start from this HF-format checkpoint (e.g. the SFT output)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT_DIR",
-                        help="continue from <output_dir>/checkpoints/latest (or the given step dir) with the "
-                             "same data order, weight version and W&B run")
-    args = parser.parse_args(argv)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from <output_dir>/checkpoints/latest with the same data order, weight "
+                             "version and W&B run")
+    parser.add_argument("--resume-from", default=None, metavar="CKPT_DIR",
+                        help="like --resume, from this checkpoint dir (<output_dir>/checkpoints/step_N)")
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     cfg = parse_config(args)
-    res = run_rlvr(cfg, init_ckpt=args.init_ckpt, resume=args.resume or False)
+    res = run_rlvr(cfg, init_ckpt=args.init_ckpt, resume=args.resume_from or args.resume)
     if "eval" in res:
         e = res["eval"]
         print(f"eval WAR {e['war']:.3f} UAR {e['uar']:.3f} format {e['format_rate']:.3f}")

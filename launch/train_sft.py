@@ -17,7 +17,7 @@ from actors.pools import create_learners, learner_placement_group, split_even
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
-from r1omni_ray.tracking import RunLogger
+from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")
 
@@ -37,12 +37,15 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
     learners = create_learners(scfg, prep.ckpt_dir, pg)
     n = scfg.learner.num_learners
     step = 0
+    bar = progress(total=cfg.sft.epochs * math.ceil(len(records) / cfg.sft.batch_size), desc="SFT", unit="batch",
+                   leave=True)
     try:
         for epoch in range(cfg.sft.epochs):
             order = np.random.default_rng([cfg.train.seed, 7919, epoch]).permutation(len(records))
             losses = []
             for start in range(0, len(order), cfg.sft.batch_size):
                 batch = [records[i] for i in order[start : start + cfg.sft.batch_size]]
+                bar.update(1)
                 if len(batch) < n:
                     continue
                 parts = split_even(len(batch), n)
@@ -56,7 +59,9 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 losses.append(loss)
                 logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch, "sft/step": step}, step=step)
                 step += 1
+                bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))
+        bar.close()
         ray.get([lr.save_hf.remote(str(out)) for lr in learners])
     finally:
         for lr in learners:

@@ -47,7 +47,6 @@ class DriverState:
     wandb_step: int = 0  # W&B's monotonic step counter, so a resumed run keeps logging forward
     deepspeed_tag: str = ""
     weights_checksum: list[list[float]] = field(default_factory=list)  # per learner rank
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -177,16 +177,28 @@ def _put(d: dict[str, Any], path: list[str], value: Any) -> None:
     d[path[-1]] = value
 
 
-def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
-    """{"id", "project", "name", "config", "history" (one dict per logged row), "summary"} of an
-    offline run dir (the one holding run-<id>.wandb)."""
+def read_offline_run(run_dir: str | Path, wait_s: float = 30.0) -> dict[str, Any]:
+    """{"id", "project", "name", "config", "history" (one dict per logged row), "summary", "finished"} of
+    an offline run dir (the one holding run-<id>.wandb). wandb's service process may still be flushing
+    the log after run.finish() returns: wait up to wait_s for its exit record."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        out = _read_offline_run_once(Path(run_dir))
+        if out["finished"] or time.monotonic() > deadline:
+            return out
+        time.sleep(0.2)
+
+
+def _read_offline_run_once(run_dir: Path) -> dict[str, Any]:
     from wandb.proto import wandb_internal_pb2 as pb
 
-    run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb"))
     if not files:
         raise FileNotFoundError(f"{run_dir}: no run-*.wandb file")
-    out: dict[str, Any] = {"id": None, "project": None, "name": None, "config": {}, "history": [], "summary": {}}
+    out: dict[str, Any] = {"id": None, "project": None, "name": None, "config": {}, "history": [], "summary": {},
+                           "finished": False}
     for payload in _wandb_file_records(files[0]):
         rec = pb.Record()
         rec.ParseFromString(payload)
@@ -194,10 +206,10 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         if kind == "run":
             out["id"], out["project"], out["name"] = rec.run.run_id, rec.run.project, rec.run.display_name
             for item in rec.run.config.update:
-                out["config"][item.key] = json.loads(item.value_json)
+                _put(out["config"], list(item.nested_key) or [item.key], json.loads(item.value_json))
         elif kind == "config":
             for item in rec.config.update:
-                out["config"][item.key] = json.loads(item.value_json)
+                _put(out["config"], list(item.nested_key) or [item.key], json.loads(item.value_json))
         elif kind == "history":
             row: dict[str, Any] = {}
             for item in rec.history.item:
@@ -206,4 +218,6 @@ def read_offline_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for item in rec.summary.update:
                 _put(out["summary"], list(item.nested_key) or [item.key], json.loads(item.value_json))
+        elif kind == "exit":
+            out["finished"] = True
     return out

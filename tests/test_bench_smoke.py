@@ -25,7 +25,7 @@ def bench_ray():
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
     from bench import grpo_step, overlap
 
@@ -45,7 +45,7 @@ def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
     assert ray.is_initialized()  # a Ray the benchmark did not start is left running
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(120)
 def test_weight_broadcast_benchmark_runs(capsys):
     from bench import weight_broadcast
 
@@ -53,7 +53,8 @@ def test_weight_broadcast_benchmark_runs(capsys):
             "--small-repeats", "1", "--memcpy-mb", "8", *TINY_LM]
     assert weight_broadcast.main(argv) == 0
     recs = json_lines(capsys.readouterr().out)
-    assert recs[0]["kind"] == "memcpy" and recs[0]["copy_gbps"] > 0
-    rows = recs[1:]
+    assert [r["when"] for r in recs if r.get("kind") == "memcpy"] == ["start", "end"]
+    assert recs[0]["copy_gbps"] > 0
+    rows = [r for r in recs if "kind" not in r]
     assert sorted(r["bucket_mb"] for r in rows) == [0.0, 1.0]
     assert all(r["receivers"] == 1 and r["bytes"] > 0 and r["seconds_median"] > 0 for r in rows)

@@ -39,11 +39,13 @@ def _wait_http(url: str, timeout: float) -> None:
 def test_ray_job_submit_runs_rlvr_end_to_end(tmp_path):
     env = dict(os.environ, RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
     env.pop("RAY_ADDRESS", None)
-    gcs, dash = _port(), _port()
+    gcs, dash, agent, agent_grpc, metrics = (_port() for _ in range(5))
     # --block keeps the head in our process group, so tearing it down never touches other Ray instances.
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=6",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
     try:
@@ -56,8 +58,12 @@ def test_ray_job_submit_runs_rlvr_end_to_end(tmp_path):
             "data.synthetic.num_train=8", "data.synthetic.num_eval=4", "data.synthetic.num_sft=4",
             f"train.output_dir={out}", "wandb.mode=disabled",
         ]
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        log = r.stdout + r.stderr
+        for _ in range(60):  # the dashboard answers before its job agent is up
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            log = r.stdout + r.stderr
+            if "No available agent" not in log:
+                break
+            time.sleep(2)
         assert r.returncode == 0, log[-5000:]
         assert "succeeded" in log
         assert "final model:" in log

@@ -31,8 +31,10 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
+from r1omni_ray.model.projectors import AllInOneSmall, sampled_side
 
 NUM_VISION_BRANCHES = 3  # video, body, face (HumanOmni)
+GATED_PROJECTORS = ("gated_mlp", "all_in_one_small")  # projectors whose branches the BERT gate mixes
 
 
 class MMPrompt(Protocol):
@@ -121,6 +123,20 @@ class HumanOmniQwen2Model(Qwen2Model):
         config.audio_hidden_size = acfg.d_model
         if config.mm_projector_type == "gated_mlp":
             self.mm_projector: nn.Module = GatedVisionProjector(vcfg.hidden_size, config.hidden_size)
+        elif config.mm_projector_type == "all_in_one_small":
+            # HumanOmni-0.5B / R1-Omni-0.5B: the gate mixes the video/body branches (2x2-downsampled by the
+            # conv sampler) with the face branch (2x2-pooled per frame), so both grids must come out equal.
+            side = vcfg.image_size // vcfg.patch_size
+            stride = max(config.vision_pool_stride, 1)
+            if sampled_side(side) != -(-side // stride):
+                raise ValueError(
+                    f"mm_projector_type='all_in_one_small' with {side}x{side} patches gives "
+                    f"{sampled_side(side)}x{sampled_side(side)} video/body tokens per frame but "
+                    f"vision_pool_stride={config.vision_pool_stride} pools the face branch to "
+                    f"{-(-side // stride)}x{-(-side // stride)}; use an even patch grid and "
+                    "vision_pool_stride=2"
+                )
+            self.mm_projector = AllInOneSmall(vcfg.hidden_size, config.hidden_size)
         elif (depth := _mlp_depth(config.mm_projector_type)) is not None:
             self.mm_projector = build_mlp(depth, vcfg.hidden_size, config.hidden_size)
         elif config.mm_projector_type == "linear":
@@ -128,13 +144,13 @@ class HumanOmniQwen2Model(Qwen2Model):
         else:
             raise ValueError(
                 f"config.json field mm_projector_type={config.mm_projector_type!r} is not supported "
-                "(supported: gated_mlp, linear, mlpNx_gelu)"
+                "(supported: gated_mlp, all_in_one_small, linear, mlpNx_gelu)"
             )
         adepth = _mlp_depth(config.mm_audio_projector_type)
         if adepth is None:
             raise ValueError(f"config.json field mm_audio_projector_type={config.mm_audio_projector_type!r}")
         self.audio_projector = build_mlp(adepth, acfg.d_model, config.hidden_size)
-        if config.mm_projector_type == "gated_mlp":
+        if config.mm_projector_type in GATED_PROJECTORS:
             bcfg = _sub_config(BertConfig, config.bert_config, config.text_model_path, "bert")
             self.bert_model = BertModel(bcfg)
             self.bert_gate = nn.Sequential(
@@ -189,18 +205,40 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         b, t = pixel_values.shape[:2]
         feats = m.vision_tower(pixel_values.flatten(0, 1).to(self.device))
         feats = feats.view(b, t, feats.shape[1], feats.shape[2])
+        if isinstance(m.mm_projector, AllInOneSmall):
+            return self._encode_all_in_one(feats, bert_ids)
         if isinstance(m.mm_projector, GatedVisionProjector):
             gate = self._vision_gate(bert_ids)
             proj = m.mm_projector(feats, gate)
         else:
             proj = m.mm_projector(feats)
-        # Spatial 2x2 pooling per frame as HumanOmni's get_2dPool: fewer tokens per frame.
-        side = m.vision_tower.patches_per_side
+        return self._pool_frames(proj, b, t)
+
+    def _pool_frames(self, proj: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """Spatial pooling per frame as HumanOmni's get_2dPool (bilinear to ceil(side / stride)):
+        proj [B, T, side*side, H] (or [B*T, ...]) -> [B, T * pooled patches, H]."""
+        side = self.model.vision_tower.patches_per_side
         s = self.config.vision_pool_stride
-        x = proj.view(b * t, side, side, -1).permute(0, 3, 1, 2)
+        x = proj.reshape(b * t, side, side, -1).permute(0, 3, 1, 2)
         if s > 1:
             x = F.interpolate(x, size=(-(-side // s), -(-side // s)), mode="bilinear")
         return x.permute(0, 2, 3, 1).reshape(b, -1, x.shape[1])
+
+    def _encode_all_in_one(self, feats: torch.Tensor, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """HumanOmni all_in_one_small: feats [B, T, P, C] -> gate-mixed video/body/face tokens [B, N, H]."""
+        m = self.model
+        b, t = feats.shape[:2]
+        feats = feats.to(m.mm_projector.mlp_2xgelu_face[0].weight.dtype)
+        # HumanOmni feeds the same SigLIP features to all three branches (body = video; face = per frame).
+        video, body, face = m.mm_projector(feats, feats, feats.flatten(0, 1))
+        face = self._pool_frames(face, b, t)
+        if not video.shape == body.shape == face.shape:
+            raise ValueError(
+                f"all_in_one_small branch token counts differ: video {tuple(video.shape)}, "
+                f"body {tuple(body.shape)}, face {tuple(face.shape)}"
+            )
+        gate = self._vision_gate(bert_ids).to(video.dtype)  # [B, 3] softmax weights
+        return video * gate[:, 0, None, None] + body * gate[:, 1, None, None] + face * gate[:, 2, None, None]
 
     def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, n_mels, frames] -> audio tokens [B, frames / 2 / stride, hidden]."""

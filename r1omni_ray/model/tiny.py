@@ -65,9 +65,12 @@ def init_tiny_towers(model: nn.Module) -> None:
 
     A pretrained Whisper encoder extracts content; a random one with the default 0.02-std convolutions
     is dominated by its sinusoidal position embeddings, so two tones of different pitch come out almost
-    identical. Variance-preserving convolutions keep the input's content visible to the projectors.
+    identical (measured: a 9% relative token difference between a 300 Hz and a 1200 Hz tone).
+    Variance-preserving convolutions and damped position embeddings keep the input's content visible to
+    the projectors (43% relative difference).
     """
     at = model.model.audio_tower.audio_tower
     for conv in (at.conv1, at.conv2):
         nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
         conv.bias.zero_()
+    at.embed_positions.weight.mul_(0.1)

@@ -1,0 +1,303 @@
+"""Fault injection on the real system (local Ray, DeepSpeed ZeRO-2 on CPU/gloo): a rollout worker or the
+reward actor killed mid-run, a reward function that raises, bad media in a step, a non-finite loss or
+gradient on one data-parallel rank, and hung collectives. One actor pool serves the module (building it is
+the expensive part); the hung-collective test breaks its groups, so it runs last."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from actors.pools import ActorCallError, ActorPools, shard_for_learners, wait_named
+from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.config import RunConfig, config_from_dict
+from r1omni_ray.data.errors import DataError
+from r1omni_ray.data.records import load_records
+from r1omni_ray.data.synthetic import make_corrupt_media
+from r1omni_ray.model.loading import load_policy
+from r1omni_ray.tracking import RunLogger
+from r1omni_ray.weight_sync import CollectiveError
+
+pytestmark = pytest.mark.slow
+
+LABELS = ["happy", "sad", "angry", "neutral"]
+G = 4
+TIMEOUT_S = 10.0  # learner.dist_timeout_s: how long a hung collective may take to surface
+
+
+def fault_cfg(out: Path, **sections: dict[str, Any]) -> RunConfig:
+    d: dict[str, Any] = {
+        "rollout": {"num_workers": 2, "group_size": G, "max_new_tokens": 12, "num_cpus_per_worker": 0.5},
+        "learner": {"num_learners": 2, "zero_stage": 2, "lr": 1e-3, "micro_batch_size": 4,
+                    "num_cpus_per_learner": 0.5, "dist_timeout_s": TIMEOUT_S},
+        # test_parity varies within a group (non-zero advantages, so weights really move);
+        # test_always_raises fails on every sample (tests/fault_rewards.py, imported by the reward actor).
+        "reward": {"num_actors": 1, "num_cpus_per_actor": 0.1, "modules": ["tests.fault_rewards"],
+                   "rewards": [{"name": "test_parity"}, {"name": "test_always_raises"}]},
+        "data": {"on_error": "skip"},
+        "train": {"steps": 100, "prompts_per_step": 4, "output_dir": str(out), "log_samples": 0},
+        "wandb": {"mode": "disabled"},
+    }
+    for k, v in sections.items():
+        d.setdefault(k, {}).update(v)
+    return config_from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def pools(tiny_ckpt, tmp_path_factory):
+    # address="local": always a fresh cluster of our own, even if another one runs on this machine.
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    out = tmp_path_factory.mktemp("faults")
+    p = ActorPools(fault_cfg(out), str(tiny_ckpt), str(out), LABELS)
+    yield p
+    p.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def records(synth_data):
+    return load_records(synth_data / "train.json", label_set=LABELS).records
+
+
+def make_trainer(pools: ActorPools, records: list[Any], cfg: RunConfig | None = None) -> RLVRTrainer:
+    cfg = cfg or pools.cfg
+    logger = RunLogger(Path(cfg.train.output_dir), cfg.wandb, {})
+    return RLVRTrainer(cfg, pools, records, None, LABELS, logger)
+
+
+def run_step(tr: RLVRTrainer, step: int) -> dict[str, float]:
+    groups = tr.pools.collect_rollout(tr.submit(step), tr._params_for(step))
+    return tr.train_on(groups)
+
+
+def learner_states(pools: ActorPools) -> list[dict[str, torch.Tensor]]:
+    return ray.get([lr.full_state.remote() for lr in pools.learners])
+
+
+def assert_workers_hold(pools: ActorPools, state: dict[str, torch.Tensor]) -> None:
+    for i, w in enumerate(pools.workers):
+        ws = ray.get(w.named_tensors.remote())
+        for name, t in state.items():
+            assert torch.equal(ws[name], t), f"rollout-worker-{i}: {name} differs from the learners'"
+            assert torch.isfinite(ws[name]).all(), f"rollout-worker-{i}: {name} is not finite"
+
+
+# ---------------------------------------------------------------------------------------------- rollout
+
+
+def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(pools, records, tiny_ckpt):
+    tr = make_trainer(pools, records)
+    m = run_step(tr, 0)  # a real update: the replacement must get these weights, not the checkpoint's
+    assert m["learner/skipped_update"] == 0.0 and pools.version >= 1
+    restarts, reissued = pools.stats.worker_restarts, pools.stats.reissued_prompts
+    pid = ray.get(pools.workers[0].info.remote())["pid"]
+    old = pools.workers[0]
+
+    pending = tr.submit(1)
+    mine = [p for p in pending if p.worker_index == 0]
+    assert mine and not ray.wait([mine[0].ref], timeout=0)[0], "worker 0's rollout should still be running"
+    os.kill(pid, signal.SIGKILL)
+    groups = pools.collect_rollout(pending, tr._params_for(1))
+
+    # Every prompt exactly once, each with its full G samples, all sampled with the current weights.
+    assert [g.uid for g in groups] == list(range(pools.cfg.train.prompts_per_step))
+    assert all(g.error is None and len(g.completions) == G for g in groups)
+    assert all(g.weight_version == pools.version for g in groups)
+    assert pools.stats.worker_restarts == restarts + 1
+    assert pools.stats.reissued_prompts == reissued + len(mine[0].items)
+    assert pools.workers[0] is not old
+    assert ray.get(pools.workers[0].info.remote())["pid"] != pid
+
+    # The new worker joined the rebuilt gloo group and holds the learners' weights bit for bit ...
+    state = learner_states(pools)[0]
+    assert_workers_hold(pools, state)
+    # ... which are not the initial checkpoint's (so the re-sync really happened).
+    init = dict(load_policy(tiny_ckpt, "float32").named_parameters())
+    assert any(not torch.equal(init[n].detach(), t) for n, t in state.items())
+
+    m = tr.train_on(groups)  # and the step completes on the re-issued samples
+    assert m["samples"] == pools.cfg.train.prompts_per_step * G
+
+
+def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(pools, records):
+    tr = make_trainer(pools, records)
+    restarts = pools.stats.worker_restarts
+    ray.kill(pools.workers[1], no_restart=True)
+    m = run_step(tr, 2)
+    assert m["samples"] == pools.cfg.train.prompts_per_step * G
+    assert pools.stats.worker_restarts == restarts + 1
+    assert m["faults/worker_restarts"] == float(pools.stats.worker_restarts)
+    assert_workers_hold(pools, learner_states(pools)[0])
+
+
+# ---------------------------------------------------------------------------------------------- rewards
+
+
+def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, records, caplog):
+    tr = make_trainer(pools, records)
+    n = pools.cfg.train.prompts_per_step * G
+    with caplog.at_level("WARNING", logger="r1omni_ray"):
+        m = run_step(tr, 3)
+    # A registered reward that raises: 0 for every sample, counted, logged with the exception, step done.
+    assert m["reward/test_always_raises_mean"] == 0.0 and m["reward/errors"] == n
+    assert "injected reward failure" in caplog.text
+    assert m["learner/skipped_update"] == 0.0
+
+    restarts = pools.stats.reward_actor_restarts
+    ray.kill(pools.reward_actors[0], no_restart=True)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="r1omni_ray"):
+        m = run_step(tr, 4)
+    # The dead reward actor: every sample scores 0 (all advantages 0), counted, the step still completes.
+    assert m["reward/total_mean"] == 0.0 and m["reward/errors"] == n and m["samples"] == n
+    assert "reward actor 0 failed" in caplog.text
+    assert pools.stats.reward_actor_restarts == restarts + 1
+
+    m = run_step(tr, 5)  # the replacement actor scores again
+    assert m["reward/errors"] == n  # only the always-raising reward's errors
+    assert 0.0 < m["reward/test_parity_mean"] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------- bad media
+
+
+@pytest.fixture(scope="module")
+def bad_media_records(synth_data, tmp_path_factory):
+    d = tmp_path_factory.mktemp("badmedia")
+    bad = make_corrupt_media(d)
+    good = json.loads((synth_data / "train.json").read_text())[:2]
+    for r in good:
+        r["video"], r["audio"] = str(synth_data / r["video"]), str(synth_data / r["audio"])
+    conv = good[0]["conversations"]
+    items = good + [
+        {"id": "bad-truncated-video", "video": str(bad["truncated_mp4"]), "audio": good[0]["audio"], "conversations": conv},
+        {"id": "bad-no-audio-track", "video": str(bad["no_audio_mp4"]), "conversations": conv},
+        {"id": "bad-zero-length-wav", "video": good[0]["video"], "audio": str(bad["zero_length_wav"]), "conversations": conv},
+        {"id": "bad-missing-file", "video": str(d / "missing.mp4"), "audio": good[0]["audio"], "conversations": conv},
+    ]
+    path = d / "mixed.json"
+    path.write_text(json.dumps(items))
+    # check_files=False: the missing file must be caught where media is read (the rollout worker) too.
+    recs = load_records(path, label_set=LABELS, check_files=False).records
+    return recs, bad
+
+
+def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(pools, bad_media_records, caplog):
+    recs, bad = bad_media_records
+    cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=len(recs)))
+    tr = make_trainer(pools, recs, cfg)
+    groups = pools.collect_rollout(tr.submit(0), tr._params_for(0))
+    errors = {g.record_id: g.error for g in groups if g.error}
+    assert set(errors) == {r.id for r in recs if r.id.startswith("bad-")}
+    assert str(bad["truncated_mp4"]) in errors["bad-truncated-video"]
+    assert "no audio track" in errors["bad-no-audio-track"]
+    assert str(bad["zero_length_wav"]) in errors["bad-zero-length-wav"]
+    assert "missing.mp4" in errors["bad-missing-file"]
+
+    with caplog.at_level("WARNING", logger="r1omni_ray"):
+        m = tr.train_on(groups)
+    assert m["data/skipped_records"] == 4.0
+    assert m["samples"] == 2 * G  # only the two good records were trained on
+    assert "bad-truncated-video" in caplog.text
+
+    # data.on_error=raise: the run stops with a DataError naming the record and the file, in the driver.
+    rcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="raise"))
+    with pytest.raises(DataError) as ei:
+        make_trainer(pools, recs, rcfg).train_on(groups)
+    files = {"bad-truncated-video": "truncated.mp4", "bad-no-audio-track": "no_audio.mp4",
+             "bad-zero-length-wav": "zero_length.wav", "bad-missing-file": "missing.mp4"}
+    rid = str(ei.value).split("'")[1]
+    assert rid in files and files[rid] in str(ei.value), str(ei.value)
+
+
+def test_step_whose_records_all_fail_is_skipped_not_fatal(pools, bad_media_records):
+    recs, _ = bad_media_records
+    bad_only = [r for r in recs if r.id.startswith("bad-")]
+    cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=2, steps=1))
+    tr = make_trainer(pools, bad_only, cfg)
+    version = pools.version
+    hist = tr.fit()
+    assert hist[0]["data/skipped_records"] == 2.0 and hist[0]["data/skipped_steps"] == 1.0
+    assert pools.version == version  # no update, no broadcast
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+
+
+def _prepared_batches(pools: ActorPools, records: list[Any], adv: list[float]):
+    tr = make_trainer(pools, records)
+    groups = pools.collect_rollout(tr.submit(6), tr._params_for(6))
+    batches, num_micro = shard_for_learners(groups, adv, len(pools.learners), pools.cfg.learner.micro_batch_size)
+    for b, lp in zip(batches, pools.learner_call("compute_logprobs", batches, num_micro), strict=True):
+        b.old_logp, b.ref_logp = lp["old"], lp["ref"] or None
+    lens = [len(c) for b in batches for c in b.completions]
+    return batches, (num_micro, sum(lens), len(lens), pools.cfg.rollout.max_new_tokens)
+
+
+def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, records):
+    n = pools.cfg.train.prompts_per_step * G
+    adv = [1.0, -1.0] * (n // 2)
+    batches, args = _prepared_batches(pools, records, adv)
+    before = learner_states(pools)
+
+    # 1. A NaN advantage on rank 1 only -> a NaN loss there; rank 0's loss and gradients are finite.
+    batches[1].advantages[0] = math.nan
+    outs = pools.learner_call("train_step", batches, *args)
+    assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
+    assert outs[1]["nonfinite_microbatches"] >= 1 and outs[0]["nonfinite_microbatches"] == 0
+    after = learner_states(pools)
+    for r in range(2):
+        assert all(torch.equal(before[r][k], after[r][k]) for k in before[r]), f"rank {r} weights changed"
+
+    # 2. A non-finite gradient (finite loss) injected on rank 1 only.
+    batches[1].advantages[0] = 1.0
+    ray.get(pools.learners[1].debug_inject_nonfinite_grad.remote(math.inf))
+    outs = pools.learner_call("train_step", batches, *args)
+    assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
+    assert outs[0]["skipped_updates"] == outs[1]["skipped_updates"] >= 2
+    after = learner_states(pools)
+    for r in range(2):
+        assert all(torch.equal(before[r][k], after[r][k]) for k in before[r]), f"rank {r} weights changed"
+
+    # The broadcast after a skipped update sends the unchanged, finite weights.
+    pools.broadcast(pools.version + 1)
+    assert_workers_hold(pools, after[0])
+
+    # 3. The next clean update is applied again (the skip gate and the grad check were reset).
+    outs = pools.learner_call("train_step", batches, *args)
+    assert [o["skipped_update"] for o in outs] == [0.0, 0.0]
+    assert any(not torch.equal(before[0][k], v) for k, v in learner_states(pools)[0].items())
+    pools.broadcast(pools.version + 1)
+
+
+# ---------------------------------------------------------------------------------------------- hangs (last)
+
+
+def test_hung_collectives_time_out_naming_the_actor(pools, records):
+    """Runs last: it leaves the DP and broadcast groups of the module's pool broken."""
+    n = pools.cfg.train.prompts_per_step * G
+    batches, args = _prepared_batches(pools, records, [1.0, -1.0] * (n // 2))
+
+    # A weight broadcast that the learner never sends: the waiting worker gives up after dist_timeout_s.
+    t0 = time.monotonic()
+    w = pools.workers[1]
+    with pytest.raises(ActorCallError, match="rollout-worker-1.receive_weights") as ei:
+        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.metas, pools.buckets))])
+    assert isinstance(ei.value.cause, CollectiveError) and "timed out" in str(ei.value)
+    assert time.monotonic() - t0 < TIMEOUT_S + 30
+
+    # A data-parallel step that only rank 0 enters: its collective times out; the error names learner-0.
+    t0 = time.monotonic()
+    with pytest.raises(ActorCallError, match="learner-0.train_step"):
+        wait_named([("learner-0", "train_step", pools.learners[0].train_step.remote(batches[0], *args))])
+    assert time.monotonic() - t0 < TIMEOUT_S + 30
