@@ -18,6 +18,7 @@ from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
 from r1omni_ray.model.loading import freeze_modules, load_policy
+from r1omni_ray.safe_load import install_safe_checkpoint_loading
 from r1omni_ray.weight_sync import BroadcastGroup, CollectiveError, ParamMeta, plan_buckets, send_buckets
 
 # Loss terms normalised by global token/sequence counts: summing over micro-batches and ranks gives the
@@ -87,9 +88,11 @@ class LearnerActor:
         import deepspeed
 
         self.cuda = torch.cuda.is_available()
+        # The rendezvous waits for every rank to start (imports, model loading on a busy node): at least
+        # 5 minutes; the collectives themselves get learner.dist_timeout_s (_set_dp_timeouts below).
         deepspeed.init_distributed(
             dist_backend="nccl" if self.cuda else "gloo",
-            timeout=datetime.timedelta(seconds=lc.dist_timeout_s),
+            timeout=datetime.timedelta(seconds=max(lc.dist_timeout_s, 300.0)),
         )
         self.device = device()
         mc = self.cfg.model
@@ -124,6 +127,7 @@ class LearnerActor:
             model=model, optimizer=optim, config=ds_config, model_parameters=params
         )
         _set_dp_timeouts(datetime.timedelta(seconds=lc.dist_timeout_s))
+        install_safe_checkpoint_loading(self.engine)  # resume reads torch pickles: weights_only=True
         self.zero3 = lc.zero_stage == 3
         self.sync_group: BroadcastGroup | None = None
         self.version = 0
@@ -145,6 +149,11 @@ class LearnerActor:
         """Test-only fault injection: the next update's gradients on this rank get `value` added."""
         self._inject_grad = value
         return True
+
+    def _seed_step(self) -> None:
+        """Dropout (e.g. in the BERT gate) draws from (train.seed, weight version, rank), not from the
+        process's history: a run resumed from a checkpoint repeats an uninterrupted run's masks."""
+        torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.version) * 1_009 + self.rank)
 
     def _dp_any(self, flag: bool) -> bool:
         """True if any data-parallel rank raised `flag` (every rank takes the same skip decision)."""
@@ -244,6 +253,7 @@ class LearnerActor:
         slices = _chunks(len(batch.completions), num_micro)
         scale = grad_scale_for_framework(self.world_size, self.grad_accum)
         self.engine.module.train()
+        self._seed_step()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         summed: dict[str, float] = {}
@@ -290,40 +300,68 @@ class LearnerActor:
         return out
 
     # ---- SFT (cold start) ----
-    def sft_batch(self, records: list[Any], num_micro: int, use_video: bool = True, use_audio: bool = True) -> dict[str, float]:
-        """Process records with this rank's own processor (media decoding is spread over the learners)."""
+    def sft_batch(self, records: list[Any], num_micro: int, use_video: bool = True,
+                  use_audio: bool = True) -> dict[str, Any]:
+        """Process records with this rank's own processor (media decoding is spread over the learners).
+        A record whose media fails to load keeps its slot with zero loss weight (every rank must run the
+        same micro-batches) and is counted; with data.on_error=raise every rank returns {"error": ...}
+        before training, and the driver raises it."""
+        from r1omni_ray.data.errors import DataError
+
         if not hasattr(self, "processor"):
             from r1omni_ray.data.processor import OmniProcessor
 
             self.processor = OmniProcessor.from_pretrained(self.ckpt_dir)
-            self._sft_cache: dict[str, tuple[Any, list[int]]] = {}
-        prompts, targets = [], []
+            self._sft_cache: dict[str, tuple[Any, list[int]] | str] = {}
+        entries: list[tuple[Any, list[int]] | str] = []
         for rec in records:
             key = f"{rec.id}|{use_video}|{use_audio}"
             if key not in self._sft_cache:
-                inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
-                self._sft_cache[key] = (inp, self.processor.response_ids(rec.response or rec.solution))
-            inp, tgt = self._sft_cache[key]
-            prompts.append(inp)
-            targets.append(tgt)
-        return self.sft_step(prompts, targets, num_micro)
+                try:
+                    inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
+                    self._sft_cache[key] = (inp, self.processor.response_ids(rec.response or rec.solution))
+                except DataError as e:
+                    self._sft_cache[key] = f"record {rec.id!r} (learner-{self.rank}, SFT): {e}"
+            entries.append(self._sft_cache[key])
+        errors = [e for e in entries if isinstance(e, str)]
+        good = [e for e in entries if not isinstance(e, str)]
+        if good:
+            self._sft_fallback = good[0]
+        # Collective, so that every rank takes the same branch below.
+        if self._dp_any(bool(errors)) and self.cfg.data.on_error == "raise":
+            return {"error": errors[0] if errors else ""}
+        fallback = getattr(self, "_sft_fallback", None)
+        if errors and fallback is None:
+            raise DataError(f"learner-{self.rank}: no SFT record has loaded yet to stand in for bad ones: {errors[0]}")
+        prompts = [fallback[0] if isinstance(e, str) else e[0] for e in entries]
+        targets = [fallback[1] if isinstance(e, str) else e[1] for e in entries]
+        weights = [0.0 if isinstance(e, str) else 1.0 for e in entries]
+        out: dict[str, Any] = self.sft_step(prompts, targets, num_micro, weights)
+        out["skipped_records"] = float(len(errors))
+        out["skipped_reasons"] = errors
+        return out
 
-    def sft_step(self, prompts: list[Any], targets: list[list[int]], num_micro: int) -> dict[str, float]:
-        """Cross-entropy on the response tokens (token mean over the global batch)."""
+    def sft_step(self, prompts: list[Any], targets: list[list[int]], num_micro: int,
+                 weights: list[float] | None = None) -> dict[str, float]:
+        """Cross-entropy on the response tokens (token mean over the global batch); a zero weight drops a
+        sample from the loss and the token count."""
         n = len(targets)
         self._set_grad_accum(num_micro)
         slices = _chunks(n, num_micro)
-        tokens_local = sum(len(t) for t in targets)
+        w = torch.tensor(weights if weights is not None else [1.0] * n, dtype=torch.float32)
+        tokens_local = sum(len(tg) * float(wi) for tg, wi in zip(targets, w, strict=True))
         t = torch.tensor([float(tokens_local)])
         torch.distributed.all_reduce(t)
         scale = grad_scale_for_framework(self.world_size, self.grad_accum)
         self.engine.module.train()
+        self._seed_step()
         total, correct = 0.0, 0.0
         nonfinite, skipped = 0, False
         for sl in slices:
             idx = list(range(sl.start, sl.stop))
             lp, mask, _ = self.engine.module.completion_logprobs(prompts, idx, targets[sl])
-            loss = -(lp * mask).sum() / t.item()
+            mask = mask * w[sl].to(mask)[:, None]
+            loss = -(lp * mask).sum() / max(t.item(), 1.0)
             if not torch.isfinite(loss):
                 nonfinite += 1
                 loss = (lp * 0.0).nan_to_num(0.0).sum()

@@ -252,6 +252,8 @@ class ActorPools:
                     if sent_to is None or self.workers[wi] is sent_to:
                         dead.add(wi)
                     continue
+                except RayTaskError as e:  # a bug, not bad data (that comes back as RolloutGroup.error)
+                    raise ActorCallError(f"rollout-worker-{wi}", "rollout", e) from e
                 for g in got:
                     if g.uid in groups:
                         raise RuntimeError(f"rollout returned prompt uid {g.uid} twice")

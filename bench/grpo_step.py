@@ -254,7 +254,7 @@ def run_layout(pools: TimedPools, layout: Layout, wl: Workload, ckpt_dir: str, r
         "measured_steps": len(measured),
         "step_s_median": rounded(step_s),
         "completions_per_s": rounded(per_step / step_s),
-        "gen_tokens_per_s": rounded(per_step * wl.new_tokens / step_s),
+        "gen_tokens_per_s": rounded(per_step * median(lengths) / step_s),
         "phase_s_median": {p: rounded(median([h.get(f"time/{p}", 0.0) for h in measured])) for p in PHASES}
         | {"other": rounded(median([h["time/step"] - sum(h.get(f"time/{p}", 0.0) for p in PHASES) for h in measured]))},
         "idle_frac": {

@@ -17,6 +17,7 @@ from actors.pools import create_learners, learner_placement_group, split_even
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.errors import DataError
 from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")
@@ -54,10 +55,18 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                     lr.sft_batch.remote([batch[j] for j in p], num_micro, cfg.data.use_video, cfg.data.use_audio)
                     for lr, p in zip(learners, parts, strict=True)
                 ])
+                errors = [o["error"] for o in outs if "error" in o]
+                if errors:  # data.on_error=raise: every rank stopped before training on the batch
+                    raise DataError(next((e for e in errors if e), "an SFT record failed to load") +
+                                    " [data.on_error=raise; data.on_error=skip skips such records]")
+                for o in outs:
+                    for reason in o["skipped_reasons"]:
+                        log.warning("SFT: skipped %s", reason)
                 loss = sum(o["sft_loss"] for o in outs)
                 acc = statistics.fmean(o["sft_token_acc"] for o in outs)
                 losses.append(loss)
-                logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch, "sft/step": step}, step=step)
+                logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch, "sft/step": step,
+                            "sft/skipped_records": sum(o["skipped_records"] for o in outs)}, step=step)
                 step += 1
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))

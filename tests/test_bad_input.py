@@ -224,3 +224,34 @@ def test_wandb_key_and_ray_token_never_reach_logs_or_run_files(tmp_path, monkeyp
         for f in tmp_path.rglob("*"):
             if f.is_file():
                 assert secret.encode() not in f.read_bytes(), f"secret written to {f}"
+
+
+class _Exploit:
+    """A pickle that runs code when loaded (writes a marker file)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_checkpoint_loading_never_runs_pickled_code(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from r1omni_ray.safe_load import safe_torch_load
+
+    # What a ZeRO optimizer shard holds loads fine ...
+    good = tmp_path / "optim_states.pt"
+    torch.save({"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "w": torch.ones(3)}, good)
+    sd = safe_torch_load(good)
+    assert sd["zero_stage"] == ZeroStageEnum.gradients and torch.equal(sd["w"], torch.ones(3))
+    # ... a crafted file is refused without executing anything.
+    marker = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.ones(1), "x": _Exploit(str(marker))}, evil)
+    with pytest.raises(RuntimeError, match="evil.pt: refusing to load"):
+        safe_torch_load(evil)
+    assert not marker.exists()

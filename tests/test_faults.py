@@ -10,6 +10,9 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +20,12 @@ from typing import Any
 import pytest
 import ray
 import torch
+import yaml
 
 from actors.pools import ActorCallError, ActorPools, shard_for_learners, wait_named
-from launch.train_rlvr import RLVRTrainer
+from launch.common import Prepared
+from launch.train_rlvr import RLVRTrainer, run_rlvr
+from r1omni_ray.checkpointing import latest_checkpoint, read_state
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.records import load_records
@@ -54,14 +60,19 @@ def fault_cfg(out: Path, **sections: dict[str, Any]) -> RunConfig:
 
 
 @pytest.fixture(scope="module")
-def pools(tiny_ckpt, tmp_path_factory):
+def ray_cluster():
     # address="local": always a fresh cluster of our own, even if another one runs on this machine.
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pools(ray_cluster, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
     p = ActorPools(fault_cfg(out), str(tiny_ckpt), str(out), LABELS)
     yield p
     p.shutdown()
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +151,29 @@ def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(pools, record
     assert_workers_hold(pools, learner_states(pools)[0])
 
 
+def test_worker_killed_during_overlapped_rollout_and_broadcast(pools, records):
+    """train.overlap: the next step's rollout is in flight while the learners update and broadcast. The
+    worker dies then: the broadcast replaces it and redoes itself; collecting the overlapped rollout later
+    re-issues the lost share without replacing the (already new) worker again."""
+    tr = make_trainer(pools, records)
+    restarts, reissued = pools.stats.worker_restarts, pools.stats.reissued_prompts
+    groups = pools.collect_rollout(tr.submit(3), tr._params_for(3))
+    pid = ray.get(pools.workers[1].info.remote())["pid"]
+    pending = tr.submit(4)
+    lost = sum(len(p.items) for p in pending if p.worker_index == 1)
+    os.kill(pid, signal.SIGKILL)
+    version = pools.version
+    m = tr.train_on(groups)
+    assert pools.version == version + 1 and m["samples"] == len(groups) * G
+    assert pools.stats.worker_restarts == restarts + 1
+    nxt = pools.collect_rollout(pending, tr._params_for(4))
+    assert pools.stats.worker_restarts == restarts + 1  # not replaced twice
+    assert pools.stats.reissued_prompts == reissued + lost
+    assert [g.uid for g in nxt] == list(range(pools.cfg.train.prompts_per_step))
+    assert all(len(g.completions) == G for g in nxt)
+    assert_workers_hold(pools, learner_states(pools)[0])
+
+
 # ---------------------------------------------------------------------------------------------- rewards
 
 
@@ -147,7 +181,7 @@ def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, rec
     tr = make_trainer(pools, records)
     n = pools.cfg.train.prompts_per_step * G
     with caplog.at_level("WARNING", logger="r1omni_ray"):
-        m = run_step(tr, 3)
+        m = run_step(tr, 5)
     # A registered reward that raises: 0 for every sample, counted, logged with the exception, step done.
     assert m["reward/test_always_raises_mean"] == 0.0 and m["reward/errors"] == n
     assert "injected reward failure" in caplog.text
@@ -157,13 +191,13 @@ def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, rec
     ray.kill(pools.reward_actors[0], no_restart=True)
     caplog.clear()
     with caplog.at_level("WARNING", logger="r1omni_ray"):
-        m = run_step(tr, 4)
+        m = run_step(tr, 6)
     # The dead reward actor: every sample scores 0 (all advantages 0), counted, the step still completes.
     assert m["reward/total_mean"] == 0.0 and m["reward/errors"] == n and m["samples"] == n
     assert "reward actor 0 failed" in caplog.text
     assert pools.stats.reward_actor_restarts == restarts + 1
 
-    m = run_step(tr, 5)  # the replacement actor scores again
+    m = run_step(tr, 7)  # the replacement actor scores again
     assert m["reward/errors"] == n  # only the always-raising reward's errors
     assert 0.0 < m["reward/test_parity_mean"] < 1.0
 
@@ -231,6 +265,24 @@ def test_step_whose_records_all_fail_is_skipped_not_fatal(pools, bad_media_recor
     assert pools.version == version  # no update, no broadcast
 
 
+def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records, tiny_ckpt):
+    """Cold-start SFT decodes media on the learners: a bad record must not crash a rank (or desync the
+    ranks' micro-batches); it is skipped, counted and reported to the driver."""
+    recs, _ = bad_media_records
+    good = [r for r in recs if not r.id.startswith("bad-")]
+    bad = [r for r in recs if r.id.startswith("bad-")]
+    shards = [[good[0], bad[0]], [good[1], bad[1]]]
+    outs = ray.get([lr.sft_batch.remote(sh, 1) for lr, sh in zip(pools.learners, shards, strict=True)])
+    assert [o["skipped_records"] for o in outs] == [1.0, 1.0]
+    assert all(bad[r].id in outs[r]["skipped_reasons"][0] for r in range(2))
+    assert all(math.isfinite(o["sft_loss"]) and o["sft_loss"] > 0 and o["skipped_update"] == 0.0 for o in outs)
+    # Only the good record's tokens count.
+    from r1omni_ray.data.processor import OmniProcessor
+
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    assert [o["tokens"] for o in outs] == [float(len(proc.response_ids(g.response or g.solution))) for g in good]
+
+
 # ---------------------------------------------------------------------------------------------- numerics
 
 
@@ -278,6 +330,66 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, recor
     assert [o["skipped_update"] for o in outs] == [0.0, 0.0]
     assert any(not torch.equal(before[0][k], v) for k, v in learner_states(pools)[0].items())
     pools.broadcast(pools.version + 1)
+
+
+# ---------------------------------------------------------------------------------------------- driver death
+
+
+def _resume_cfg(out: Path, ckpt: Path, train_path: Path) -> dict[str, Any]:
+    return {
+        "model": {"path": str(ckpt)},
+        "data": {"train_path": str(train_path), "labels": LABELS},
+        "rollout": {"num_workers": 1, "group_size": 2, "max_new_tokens": 6, "num_cpus_per_worker": 0.5},
+        "reward": {"num_actors": 0},
+        "learner": {"num_learners": 2, "zero_stage": 2, "lr": 1e-3, "micro_batch_size": 4,
+                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 60},
+        "train": {"steps": 3, "prompts_per_step": 2, "output_dir": str(out), "log_samples": 0},
+        "checkpoint": {"every": 1, "keep_last": 5},
+        "wandb": {"mode": "disabled"},
+    }
+
+
+def test_driver_killed_between_steps_resumes_like_an_uninterrupted_run(ray_cluster, tiny_ckpt, synth_data, tmp_path):
+    """SIGKILL the training driver (a job on this cluster: Ray then kills its actors too) once a checkpoint
+    is committed, resume with --resume semantics, and compare with a run that was never interrupted."""
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    killed.mkdir()
+    (killed / "run.yaml").write_text(yaml.safe_dump(_resume_cfg(killed, tiny_ckpt, synth_data / "train.json")))
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address, PYTHONPATH=str(Path.cwd()))
+    with (tmp_path / "driver.log").open("w") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "launch.train_rlvr", "--config", str(killed / "run.yaml")],
+                                stdout=logf, stderr=subprocess.STDOUT, env=env)
+    killed_at: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            ck = latest_checkpoint(killed)
+            if ck is not None:
+                proc.send_signal(signal.SIGKILL)
+                killed_at.append(read_state(ck).step)
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=kill_after_first_checkpoint)
+    watcher.start()
+    # Meanwhile, the uninterrupted reference run on the same cluster.
+    prep = Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS)
+    ref = run_rlvr(config_from_dict(_resume_cfg(straight, tiny_ckpt, synth_data / "train.json")), prep)
+    watcher.join()
+    proc.wait(timeout=60)
+    assert killed_at and proc.returncode == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+    assert killed_at[0] < 3, "the driver finished before it could be killed"
+
+    resumed = run_rlvr(config_from_dict(_resume_cfg(killed, tiny_ckpt, synth_data / "train.json")), prep,
+                       resume=True)
+    assert resumed["resume_check"]["loaded"] == resumed["resume_check"]["saved"]
+    done = read_state(latest_checkpoint(killed))
+    want = read_state(latest_checkpoint(straight))
+    assert done.step == want.step == 3 and done.weight_version == want.weight_version == 3
+    assert all(ref["batches"][s] == b for s, b in resumed["batches"].items())
+    # Same data, sampling seeds and optimizer state, one thread per actor on CPU: bit-identical weights.
+    assert done.weights_checksum == want.weights_checksum
 
 
 # ---------------------------------------------------------------------------------------------- hangs (last)

@@ -8,11 +8,9 @@ import ray
 import torch
 
 from actors.pools import ActorPools, shard_for_learners, split_even
-from launch.train_rlvr import RLVRTrainer
-from r1omni_ray.config import WandbConfig, config_from_dict
+from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.tracking import RunLogger
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 pytestmark = pytest.mark.slow
@@ -65,15 +63,15 @@ def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_r
         # Hand-made advantages: the first two samples of every group are good, the last two bad.
         adv = [1.0, 1.0, -1.0, -1.0] * len(groups)
         batches, num_micro = shard_for_learners(groups, adv, 2, cfg.learner.micro_batch_size)
-        before = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches)])
-        for b, lp in zip(batches, before):
+        before = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches, strict=True)])
+        for b, lp in zip(batches, before, strict=True):
             b.old_logp, b.ref_logp = lp["old"], lp["ref"]
         lens = [len(c) for b in batches for c in b.completions]
-        ray.get([lr.train_step.remote(b, num_micro, sum(lens), len(lens), 12) for lr, b in zip(pools.learners, batches)])
-        after = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches)])
+        ray.get([lr.train_step.remote(b, num_micro, sum(lens), len(lens), 12) for lr, b in zip(pools.learners, batches, strict=True)])
+        after = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches, strict=True)])
         up = down = 0.0
-        for b, lb, la in zip(batches, before, after):
-            for a, x, y in zip(b.advantages, lb["old"], la["old"]):
+        for b, lb, la in zip(batches, before, after, strict=True):
+            for a, x, y in zip(b.advantages, lb["old"], la["old"], strict=True):
                 delta = sum(y) - sum(x)
                 up += delta if a > 0 else 0.0
                 down += delta if a < 0 else 0.0
