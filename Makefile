@@ -27,3 +27,4 @@ lint: setup
 bench: setup
 	$(PY) -m bench.weight_broadcast
 	$(PY) -m bench.grpo_step
+	$(PY) -m bench.overlap
