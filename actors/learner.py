@@ -17,7 +17,7 @@ import torch
 from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
-from r1omni_ray.model.loading import freeze_modules, load_policy
+from r1omni_ray.model.loading import freeze_modules, load_policy, set_train_mode
 from r1omni_ray.safe_load import install_safe_checkpoint_loading
 from r1omni_ray.weight_sync import BroadcastGroup, CollectiveError, ParamMeta, plan_buckets, send_buckets
 
@@ -252,7 +252,7 @@ class LearnerActor:
         self._set_grad_accum(num_micro)
         slices = _chunks(len(batch.completions), num_micro)
         scale = grad_scale_for_framework(self.world_size, self.grad_accum)
-        self.engine.module.train()
+        set_train_mode(self.engine.module)
         self._seed_step()
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
@@ -353,7 +353,7 @@ class LearnerActor:
         t = torch.tensor([float(tokens_local)])
         torch.distributed.all_reduce(t)
         scale = grad_scale_for_framework(self.world_size, self.grad_accum)
-        self.engine.module.train()
+        set_train_mode(self.engine.module)
         self._seed_step()
         total, correct = 0.0, 0.0
         nonfinite, skipped = 0, False

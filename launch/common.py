@@ -6,10 +6,12 @@ import argparse
 import logging
 import math
 import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from r1omni_ray.config import RunConfig, load_config
+from r1omni_ray.config import ConfigError, RunConfig, load_config
 from r1omni_ray.labels import label_set as named_label_set
 
 log = logging.getLogger("r1omni_ray")
@@ -102,3 +104,16 @@ def prepare(cfg: RunConfig) -> Prepared:
         ckpt = str(ckpt_path)
     return Prepared(str(Path(ckpt).resolve()), str(Path(train).resolve()),
                     str(Path(ev).resolve()) if ev else None, str(Path(sft).resolve()) if sft else None, labels)
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Entry-point wrapper: configuration and data errors end the process with their message (which
+    names the file/field) and exit status 2, not a traceback."""
+    from r1omni_ray.data.errors import DataError
+
+    try:
+        code = main()
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

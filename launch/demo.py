@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
-from launch.common import base_parser, init_ray, parse_config, prepare, setup_logging
+from launch.common import base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.train_rlvr import run_rlvr
 from launch.train_sft import run_sft
 from r1omni_ray.tracking import RunLogger
@@ -54,4 +53,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -15,12 +15,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from launch.common import base_parser, init_ray, parse_config, resolve_labels, setup_logging
+from launch.common import base_parser, init_ray, parse_config, resolve_labels, run_main, setup_logging
 from launch.evaluation import EvalResult, evaluate_records
 from r1omni_ray.attribution import (
     AttributionRow,
@@ -227,4 +226,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

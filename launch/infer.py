@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+from launch.common import run_main
 from r1omni_ray.labels import EMOTION_QUESTION
 
 
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

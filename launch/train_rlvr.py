@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import torch
 from actors.learner import GLOBALLY_NORMALISED
 from actors.pools import ActorPools, shard_for_learners
 from actors.rollout import RolloutGroup, usable_groups
-from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
+from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.evaluation import evaluate_records, wait_with_progress
 from r1omni_ray.checkpointing import (
     DEEPSPEED_SUBDIR,
@@ -349,4 +348,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

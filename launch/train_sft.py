@@ -7,14 +7,13 @@ import dataclasses
 import logging
 import math
 import statistics
-import sys
 from pathlib import Path
 
 import numpy as np
 import ray
 
 from actors.pools import create_learners, learner_placement_group, split_even
-from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, setup_logging
+from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.errors import DataError
@@ -90,4 +89,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

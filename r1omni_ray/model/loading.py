@@ -32,6 +32,17 @@ def freeze_modules(model: HumanOmniQwen2ForCausalLM, vision: bool, audio: bool, 
         m.bert_model.requires_grad_(not bert)
 
 
+def set_train_mode(model: HumanOmniQwen2ForCausalLM) -> None:
+    """model.train(), but frozen towers stay in eval mode: a frozen BERT/SigLIP/Whisper must not run
+    dropout (it would make the policy stochastic for no gain and break bit-exact resume)."""
+    model.train()
+    m = model.model
+    for name in ("vision_tower", "audio_tower", "bert_model"):
+        sub = getattr(m, name, None)
+        if sub is not None and not any(p.requires_grad for p in sub.parameters()):
+            sub.eval()
+
+
 def make_tiny_checkpoint(
     out_dir: str | Path,
     corpus: tuple[str, ...] = (),
