@@ -16,6 +16,7 @@ import torch
 
 from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
+from r1omni_ray.data.sampler import split_even
 from r1omni_ray.grpo import LossConfig, grad_scale_for_framework, policy_loss
 from r1omni_ray.model.loading import freeze_modules, load_policy, set_train_mode
 from r1omni_ray.safe_load import install_safe_checkpoint_loading
@@ -48,13 +49,7 @@ def _pad(rows: Sequence[Sequence[float]], width: int) -> torch.Tensor:
 def _chunks(n: int, num_micro: int) -> list[slice]:
     """Exactly num_micro contiguous, balanced slices: every DP rank must run the same number of
     forward/backward passes (ZeRO-3 gathers parameters collectively inside each forward)."""
-    base, extra = divmod(n, num_micro)
-    out, start = [], 0
-    for i in range(num_micro):
-        size = base + (1 if i < extra else 0)
-        out.append(slice(start, start + size))
-        start += size
-    return out
+    return [slice(r.start, r.stop) for r in split_even(n, num_micro)]
 
 
 def _set_dp_timeouts(timeout: datetime.timedelta) -> None:

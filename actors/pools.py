@@ -20,6 +20,7 @@ from actors.learner import LearnerActor, TrainBatch
 from actors.reward import RewardActor
 from actors.rollout import RolloutGroup, RolloutWorker
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.rewards import RewardBatch, RewardSpec, check_reward_specs, score_completions
 
@@ -33,17 +34,6 @@ def _bundles(n: int, cpus: float, gpus: float, node_resource: str | None = None)
     if node_resource:
         b[node_resource] = 0.001
     return [dict(b) for _ in range(n)]
-
-
-def split_even(n_items: int, n_parts: int) -> list[range]:
-    """Contiguous, balanced split (sizes differ by at most one)."""
-    base, extra = divmod(n_items, n_parts)
-    out, start = [], 0
-    for i in range(n_parts):
-        size = base + (1 if i < extra else 0)
-        out.append(range(start, start + size))
-        start += size
-    return out
 
 
 class ActorCallError(RuntimeError):

@@ -12,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from actors.pools import create_learners, learner_placement_group, split_even
+from actors.pools import create_learners, learner_placement_group
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.errors import DataError
+from r1omni_ray.data.sampler import split_even
 from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")

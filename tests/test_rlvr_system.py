@@ -7,9 +7,10 @@ import pytest
 import ray
 import torch
 
-from actors.pools import ActorPools, shard_for_learners, split_even
+from actors.pools import ActorPools, shard_for_learners
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
+from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
 
 LABELS = ["happy", "sad", "angry", "neutral"]

@@ -19,3 +19,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
         epoch, pos = divmod(k, n)
         out.append(int(epoch_permutation(n, seed, epoch)[pos]))
     return out
+
+
+def split_even(n_items: int, n_parts: int) -> list[range]:
+    """Contiguous, balanced split (sizes differ by at most one): prompts over rollout workers, samples
+    over learners, a learner's samples over its micro-batches."""
+    base, extra = divmod(n_items, n_parts)
+    out, start = [], 0
+    for i in range(n_parts):
+        size = base + (1 if i < extra else 0)
+        out.append(range(start, start + size))
+        start += size
+    return out
