@@ -28,7 +28,9 @@ def cfg_for(out: Path, ckpt: Path, steps: int, wandb: str):
     return config_from_dict({
         "model": {"path": str(ckpt)},
         "rollout": {"num_workers": 1, "group_size": 2, "max_new_tokens": 6, "num_cpus_per_worker": 0.5},
-        "reward": {"num_actors": 0},
+        # A reward that varies within a group on a random model, so every step really updates the weights.
+        "reward": {"num_actors": 0, "modules": ["tests.fault_rewards"],
+                   "rewards": [{"name": "test_parity", "weight": 1.0}]},
         "learner": {"num_learners": 2, "zero_stage": 2, "lr": 1e-3, "micro_batch_size": 4,
                     "num_cpus_per_learner": 0.5, "dist_timeout_s": 120},
         "train": {"steps": steps, "prompts_per_step": 2, "output_dir": str(out), "log_samples": 1},
