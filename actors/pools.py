@@ -278,9 +278,6 @@ class ActorPools:
         self.init_sync_group()
         self.broadcast(self.version)
 
-    def replace_worker(self, wi: int) -> None:
-        self.replace_workers([wi])
-
     # ---- rewards ----
     def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
         specs = [RewardSpec(r.name, r.weight) for r in self.cfg.reward.rewards]

@@ -17,8 +17,5 @@ class RewardActor:
         self.label_set = list(label_set) if label_set else None
         check_reward_specs(self.specs, modules)  # custom rewards register themselves in this process too
 
-    def ping(self) -> bool:
-        return True
-
     def score(self, completions: list[str], solutions: list[str]) -> RewardBatch:
         return score_completions(completions, solutions, self.specs, label_set=self.label_set)

@@ -110,12 +110,6 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def load_state(self, named: list[tuple[str, torch.Tensor]], version: int) -> int:
-        """Push weights through the object store (re-sync of a replaced worker without the group)."""
-        self.engine.load_weights(named)
-        self.version = version
-        return version
-
     def named_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.cpu() for k, v in self.engine.named_tensors().items()}
 

@@ -64,10 +64,6 @@ def plan_buckets(metas: Sequence[ParamMeta], bucket_bytes: int) -> list[list[int
     return buckets
 
 
-def flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
 def unflatten(flat: torch.Tensor, metas: Sequence[ParamMeta]) -> list[torch.Tensor]:
     out, off = [], 0
     for m in metas:
