@@ -95,7 +95,10 @@ class LearnerActor:
         freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
         self.ref = None
         if lc.use_reference and self.cfg.grpo.beta > 0:
-            self.ref = copy.deepcopy(model).eval().requires_grad_(False).to(self.device)
+            # With learner.ref_offload the frozen reference is parked in host memory between uses
+            # (it is needed once per step, for the reference log-probs).
+            self.ref_home = torch.device("cpu") if lc.ref_offload else self.device
+            self.ref = copy.deepcopy(model).eval().requires_grad_(False).to(self.ref_home)
         self.grad_accum = grad_accum
         bf16 = self.cuda and model.dtype == torch.bfloat16
         ds_config = {
@@ -206,6 +209,8 @@ class LearnerActor:
         """Old (current policy) and reference log-probs of every completion, micro-batched."""
         out: dict[str, list[list[float]]] = {"old": [], "ref": []}
         self.engine.module.eval()
+        if self.ref is not None and self.ref_home != self.device:
+            self.ref.to(self.device)
         for sl in _chunks(len(batch.completions), num_micro):
             sub = self._sub(batch, sl)
             lp, mask, _ = self._logprobs(self.engine.module, sub)
@@ -213,6 +218,8 @@ class LearnerActor:
             if self.ref is not None:
                 rlp, _, _ = self._logprobs(self.ref, sub)
                 out["ref"] += [rlp[i, : int(mask[i].sum())].tolist() for i in range(rlp.shape[0])]
+        if self.ref is not None and self.ref_home != self.device:
+            self.ref.to(self.ref_home)
         return out
 
     @staticmethod

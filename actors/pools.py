@@ -289,14 +289,17 @@ class ActorPools:
             for i, part in enumerate(parts) if len(part)
         ]
         results: list[tuple[range, RewardBatch]] = []
+        deadline = time.monotonic() + self.cfg.reward.timeout_s
         for i, part, ref in refs:
             try:
-                results.append((part, ray.get(ref)))
-            except (RayActorError, RayTaskError) as e:
+                results.append((part, ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))))
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
                 # The step goes on: these samples score 0 and the failure is counted.
                 log.warning("reward actor %d failed (%s); %d samples score 0", i, type(e).__name__, len(part))
                 self.stats.reward_errors += len(part)
-                if isinstance(e, RayActorError):
+                if isinstance(e, GetTimeoutError):  # a hung reward function: the actor is replaced
+                    ray.kill(self.reward_actors[i], no_restart=True)
+                if isinstance(e, RayActorError | GetTimeoutError):
                     self.reward_actors[i] = self._make_reward_actor()
                     self.stats.reward_actor_restarts += 1
                 zero = {s.name: [0.0] * len(part) for s in specs}

@@ -81,6 +81,7 @@ class RewardConfig:
         default_factory=lambda: [RewardItem("accuracy", 1.0), RewardItem("format", 1.0)]
     )
     modules: list[str] = field(default_factory=list)  # imported first: they register custom rewards
+    timeout_s: float = 120.0  # a reward call that takes longer is a failure: its samples score 0
 
 
 @dataclass
@@ -108,6 +109,7 @@ class LearnerConfig:
     num_gpus_per_learner: float = 0.0
     torch_threads: int = 1
     use_reference: bool = True
+    ref_offload: bool = False  # keep the frozen reference model in host memory between steps (GPU)
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it

@@ -202,6 +202,26 @@ def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, rec
     assert 0.0 < m["reward/test_parity_mean"] < 1.0
 
 
+def test_hung_reward_function_times_out_scores_zero_and_actor_is_replaced(pools):
+    from actors.reward import RewardActor
+
+    hung = RewardActor.remote([("test_hangs", 1.0)], None, ["tests.fault_rewards"])
+    old, pools.reward_actors[0] = pools.reward_actors[0], hung
+    ray.kill(old, no_restart=True)
+    saved = pools.cfg.reward.timeout_s
+    pools.cfg.reward.timeout_s = 3.0
+    restarts = pools.stats.reward_actor_restarts
+    try:
+        rb = pools.score(["<think>a</think><answer>sad</answer>"] * 4, ["<answer>sad</answer>"] * 4)
+    finally:
+        pools.cfg.reward.timeout_s = saved
+    assert rb.total == [0.0] * 4 and rb.errors == {"reward_actor_failed": 4}
+    assert "GetTimeoutError" in rb.error_examples["reward_actor_failed"]
+    assert pools.stats.reward_actor_restarts == restarts + 1 and pools.reward_actors[0] is not hung
+    rb = pools.score(["<think>a</think><answer>sad</answer>"] * 2, ["<answer>sad</answer>"] * 2)
+    assert "reward_actor_failed" not in rb.errors  # the replacement actor scores again
+
+
 # ---------------------------------------------------------------------------------------------- bad media
 
 
