@@ -184,6 +184,18 @@ class LearnerActor:
             self.skipped_updates += 1
         return skip
 
+    def _backward_micro(
+        self, loss: torch.Tensor, lp: torch.Tensor, scale: float, bad_so_far: bool
+    ) -> tuple[torch.Tensor, bool, bool]:
+        """Backward + engine step of one micro-batch. A non-finite loss becomes a zero loss on the same
+        graph, so every rank still runs the same collectives; the update is then skipped at the
+        accumulation boundary. Returns (loss used, this loss was non-finite, update skipped)."""
+        bad = not bool(torch.isfinite(loss))
+        if bad:
+            loss = (lp * 0.0).nan_to_num(0.0).sum()
+        self.engine.backward(loss * scale)
+        return loss, bad, bool(self._optimizer_step(bad_so_far or bad))
+
     # ---- info ----
     def info(self) -> dict[str, Any]:
         return {"rank": self.rank, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "version": self.version}
@@ -273,12 +285,9 @@ class LearnerActor:
                 lp, old, adv, mask, loss_cfg, ref_logp=ref, entropy=ent,
                 num_global_tokens=num_global_tokens, num_global_seqs=num_global_seqs,
             )
-            if not torch.isfinite(loss):
-                # Keep the collectives in step across ranks; the update is skipped at the boundary.
-                nonfinite += 1
-                loss = (lp * 0.0).nan_to_num(0.0).sum()
-            self.engine.backward(loss * scale)
-            skipped = bool(self._optimizer_step(nonfinite > 0)) or skipped
+            loss, bad, step_skipped = self._backward_micro(loss, lp, scale, nonfinite > 0)
+            nonfinite += bad
+            skipped = step_skipped or skipped
             total_loss += float(loss.detach())
             w = float(mask.sum())
             for k, v in metrics.items():
@@ -364,11 +373,9 @@ class LearnerActor:
             lp, mask, _ = self.engine.module.completion_logprobs(prompts, idx, targets[sl])
             mask = mask * w[sl].to(mask)[:, None]
             loss = -(lp * mask).sum() / max(t.item(), 1.0)
-            if not torch.isfinite(loss):
-                nonfinite += 1
-                loss = (lp * 0.0).nan_to_num(0.0).sum()
-            self.engine.backward(loss * scale)
-            skipped = bool(self._optimizer_step(nonfinite > 0)) or skipped
+            loss, bad, step_skipped = self._backward_micro(loss, lp, scale, nonfinite > 0)
+            nonfinite += bad
+            skipped = step_skipped or skipped
             total += float(loss.detach())
             correct += float(((lp > math.log(0.5)) * mask).sum())
         self.version += 1

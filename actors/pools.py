@@ -4,10 +4,9 @@ balanced rollout dispatch with worker replacement, and reward scoring with failu
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import ray
@@ -20,7 +19,7 @@ from actors.learner import LearnerActor, TrainBatch
 from actors.reward import RewardActor
 from actors.rollout import RolloutGroup, RolloutWorker
 from r1omni_ray.config import RunConfig
-from r1omni_ray.data.sampler import split_even
+from r1omni_ray.data.sampler import shared_micro_batches, split_even
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.rewards import RewardBatch, RewardSpec, check_reward_specs, score_completions
 
@@ -93,7 +92,6 @@ class PoolStats:
     reissued_prompts: int = 0
     reward_errors: int = 0
     reward_actor_restarts: int = 0
-    idle: dict[str, float] = field(default_factory=dict)
 
 
 class ActorPools:
@@ -405,8 +403,7 @@ def shard_for_learners(groups: list[RolloutGroup], advantages: list[float], n_le
     parts = split_even(len(flat), n_learners)
     if min(len(p) for p in parts) == 0:
         raise ValueError(f"{len(flat)} samples cannot feed {n_learners} learners")
-    num_micro = math.ceil(max(len(p) for p in parts) / micro)
-    num_micro = min(num_micro, min(len(p) for p in parts))
+    num_micro = shared_micro_batches(parts, micro)
     batches = []
     for part in parts:
         used: dict[int, int] = {}

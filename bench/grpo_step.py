@@ -124,7 +124,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
             "torch_threads": layout.rollout_threads, "max_restarts": 0,
         },
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
-        "grpo": {"beta": wl.beta, "updates_per_rollout": 1},
+        "grpo": {"beta": wl.beta},
         "learner": {
             "num_learners": layout.learners, "zero_stage": wl.zero_stage, "lr": wl.lr,
             "micro_batch_size": wl.micro_batch_size, "num_cpus_per_learner": 1.0,

@@ -17,7 +17,7 @@ from launch.common import Prepared, base_parser, init_ray, parse_config, prepare
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.errors import DataError
-from r1omni_ray.data.sampler import split_even
+from r1omni_ray.data.sampler import shared_micro_batches, split_even
 from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")
@@ -50,7 +50,7 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 if len(batch) < n:
                     continue
                 parts = split_even(len(batch), n)
-                num_micro = min(math.ceil(len(parts[0]) / scfg.learner.micro_batch_size), min(len(p) for p in parts))
+                num_micro = shared_micro_batches(parts, scfg.learner.micro_batch_size)
                 outs = ray.get([
                     lr.sft_batch.remote([batch[j] for j in p], num_micro, cfg.data.use_video, cfg.data.use_audio)
                     for lr, p in zip(learners, parts, strict=True)

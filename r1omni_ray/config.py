@@ -94,7 +94,6 @@ class GRPOConfig:
     beta: float = 0.04
     kl_estimator: str = "k3"
     loss_agg: str = "seq_mean_token_mean"
-    updates_per_rollout: int = 1
 
 
 @dataclass

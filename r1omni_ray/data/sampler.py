@@ -31,3 +31,9 @@ def split_even(n_items: int, n_parts: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def shared_micro_batches(parts: list[range], micro_batch_size: int) -> int:
+    """One micro-batch count for every data-parallel rank (ZeRO-3 forwards are collective): enough for the
+    largest share at micro_batch_size, but never more than the smallest share has samples."""
+    return min(-(-max(len(p) for p in parts) // micro_batch_size), min(len(p) for p in parts))
