@@ -1,18 +1,22 @@
 # Two entry points on a fresh machine: `make demo` (the embedded end-to-end job) and `make test`.
+# Both install from the lock file, so every machine runs the same versions.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
+LOCK := requirements/cpu.lock
+LOCK_VENV := .lock-venv
 
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench lock
 
 setup: $(VENV)/.installed
 
-# CPU torch first (pinned: an unpinned torch pulls CUDA wheels), then the project and its dev extras.
-$(VENV)/.installed: pyproject.toml
+# CPU torch first (an unconstrained torch pulls CUDA wheels), then the project and its dev extras, all
+# constrained by the lock.
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev]"
 	touch $@
 
 demo: setup
@@ -28,3 +32,16 @@ bench: setup
 	$(PY) -m bench.weight_broadcast
 	$(PY) -m bench.grpo_step
 	$(PY) -m bench.overlap
+
+# Re-resolve the lock from pyproject.toml's ranges in a throw-away venv. transformers stays inside the
+# range that the gpu extra's vLLM pins, so the CPU suite tests what GPU users run.
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev]" "transformers>=5.16.1,<5.21"
+	mkdir -p $(dir $(LOCK))
+	{ echo "# CPU lock for Python 3.11: 'make lock' rewrites it; 'make setup' installs with -c."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
+	rm -rf $(LOCK_VENV)

@@ -91,7 +91,7 @@ class LearnerActor:
         )
         self.device = device()
         mc = self.cfg.model
-        model = load_policy(ckpt_dir, mc.dtype)
+        model = load_policy(ckpt_dir, mc.dtype, mc.towers())
         freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
         self.ref = None
         if lc.use_reference and self.cfg.grpo.beta > 0:
@@ -322,7 +322,9 @@ class LearnerActor:
         if not hasattr(self, "processor"):
             from r1omni_ray.data.processor import OmniProcessor
 
-            self.processor = OmniProcessor.from_pretrained(self.ckpt_dir)
+            self.processor = OmniProcessor.from_pretrained(
+                self.ckpt_dir, towers=self.cfg.model.towers(), input_style=self.cfg.data.input_style
+            )
             self._sft_cache: dict[str, tuple[Any, list[int]] | str] = {}
         entries: list[tuple[Any, list[int]] | str] = []
         for rec in records:

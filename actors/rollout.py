@@ -55,8 +55,11 @@ class RolloutWorker:
         from r1omni_ray.data.processor import OmniProcessor
 
         self.index = index
-        self.processor = OmniProcessor.from_pretrained(ckpt_dir)
-        model = load_policy(ckpt_dir, self.cfg.model.dtype).to(device())
+        mc = self.cfg.model
+        self.processor = OmniProcessor.from_pretrained(
+            ckpt_dir, towers=mc.towers(), input_style=self.cfg.data.input_style
+        )
+        model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
         if rc.engine == "vllm":
             from r1omni_ray.engines.vllm_engine import VLLMEngine
 

@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--vision-tower", default=None, help="SigLIP folder (overrides config.json's mm_vision_tower)")
+    p.add_argument("--audio-tower", default=None, help="Whisper folder (overrides config.json's mm_audio_tower)")
+    p.add_argument("--bert", default=None, help="BERT folder for the gate (default: <ckpt>/bert)")
+    p.add_argument("--input-style", default="trainer", choices=["trainer", "inference"],
+                   help="prompt/frames as R1-Omni's GRPO trainer built them, or as its inference.py does")
     return p
 
 
@@ -56,15 +61,17 @@ def main(argv: list[str] | None = None) -> int:
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.hf_engine import HFEngine
     from r1omni_ray.model.loading import load_policy
+    from r1omni_ray.model.towers import TowerPaths
 
     setup_process(torch.get_num_threads())
+    towers = TowerPaths(args.vision_tower, args.audio_tower, args.bert)
     try:
         model_dir = resolve_model_dir(args.ckpt)
-    except FileNotFoundError as e:
+        processor = OmniProcessor.from_pretrained(model_dir, towers=towers, input_style=args.input_style)
+        model = load_policy(model_dir, args.dtype, towers).to(device())
+    except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
-    processor = OmniProcessor.from_pretrained(model_dir)
-    model = load_policy(model_dir, args.dtype).to(device())
     rec = OmniRecord(
         id=Path(video or audio).stem, video=str(Path(video).resolve()) if video else None,
         audio=str(Path(audio).resolve()) if audio else None, question=args.question, label="", solution="",

@@ -11,6 +11,9 @@ from typing import Any
 
 import yaml
 
+from r1omni_ray.data.prompts import INPUT_STYLES
+from r1omni_ray.model.towers import TowerPaths
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the dotted field."""
@@ -25,6 +28,14 @@ class ModelConfig:
     freeze_audio_tower: bool = True
     freeze_bert: bool = True
     dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Tower folders (SigLIP, Whisper, BERT); they override config.json's mm_vision_tower / mm_audio_tower /
+    # text_model_path. Relative paths resolve against the checkpoint directory.
+    vision_tower_path: str | None = None
+    audio_tower_path: str | None = None
+    bert_path: str | None = None
+
+    def towers(self) -> TowerPaths:
+        return TowerPaths(self.vision_tower_path, self.audio_tower_path, self.bert_path)
 
 
 @dataclass
@@ -47,6 +58,9 @@ class DataConfig:
     on_error: str = "skip"  # skip bad records (counted, logged) or raise
     use_video: bool = True
     use_audio: bool = True
+    # Prompt, BERT-gate text and frame padding as R1-Omni's GRPO trainer builds them ("trainer"), or as its
+    # inference script does ("inference"); see r1omni_ray/data/prompts.py. Used for training and evaluation.
+    input_style: str = "trainer"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -176,6 +190,7 @@ class RunConfig:
 _CHOICES = {
     "rollout.engine": {"hf", "vllm"},
     "data.on_error": {"skip", "raise"},
+    "data.input_style": set(INPUT_STYLES),
     "grpo.advantage_scale": {"group", "batch", "none"},
     "grpo.kl_estimator": {"k1", "k2", "k3"},
     "grpo.loss_agg": {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"},

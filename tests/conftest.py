@@ -12,6 +12,19 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_report_header(config) -> str:
+    """Name the versions a run used, so a failure report says what it ran on."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in ("torch", "transformers", "ray", "deepspeed", "vllm"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} absent")
+    return "r1omni-ray deps: " + ", ".join(parts)
+
+
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random-init HumanOmni checkpoint in the real directory layout (built once per session)."""

@@ -22,7 +22,7 @@ from r1omni_ray.data.synthetic import (
     write_mp4,
     write_wav,
 )
-from r1omni_ray.data.video import load_video_frames, pad_to_square, sample_frame_indices
+from r1omni_ray.data.video import background_colour, load_video_frames, pad_to_square, sample_frame_indices
 
 
 @pytest.fixture(scope="module")
@@ -49,11 +49,19 @@ def corrupt(tmp_path_factory) -> dict[str, Path]:
     return make_corrupt_media(tmp_path_factory.mktemp("corrupt"))
 
 
-def test_sample_frame_indices():
-    assert sample_frame_indices(100, 4) == [12, 37, 62, 87]
-    assert sample_frame_indices(8, 8) == list(range(8))
-    assert sample_frame_indices(3, 8) == [0, 1, 2]
-    assert sample_frame_indices(17, 4) == [2, 6, 10, 14]
+def test_sample_frame_indices_follow_humanomni():
+    # humanomni/mm_utils.py frame_sample(mode="uniform") (v1): seg_size = (duration - 1) / num_frames, the
+    # midpoint of each segment, np.round(ids + 1e-6).
+    assert sample_frame_indices(100, 8) == [6, 19, 31, 43, 56, 68, 80, 93]  # seg 12.375
+    assert sample_frame_indices(16, 8) == [1, 3, 5, 7, 8, 10, 12, 14]  # seg 1.875
+    assert sample_frame_indices(8, 8) == list(range(8))  # seg 0.875
+    assert sample_frame_indices(17, 4) == [2, 6, 10, 14]  # seg 4: exact midpoints
+    # seg 1: every midpoint is an exact half; the reference's +1e-6 rounds them up, not to even.
+    assert sample_frame_indices(9, 8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    # Shorter than num_frames: process_video still gets num_frames indices, so frames repeat (its
+    # zero-frame padding loop never runs for a decoded video).
+    assert sample_frame_indices(3, 8) == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert sample_frame_indices(1, 8) == [0] * 8
     assert sample_frame_indices(0, 4) == []
 
 
@@ -66,26 +74,32 @@ def test_load_video_frames_shape_and_content(dataset, image_processor):
     assert not torch.equal(px[0], px[1])  # noise + motion: frames differ
     full = load_video_frames(str(video), 8, image_processor)
     assert full.shape == (8, 3, 32, 32)
-    assert torch.allclose(full[[1, 3, 5, 7]], px)  # 4 of 8 = segment midpoints 1, 3, 5, 7
+    # Same decoder and processor in one process: exact. 4 of 8 frames: seg 1.75 -> 1, 3, 4, 6.
+    assert torch.equal(full[[1, 3, 4, 6]], px)
 
 
-def test_short_video_padded_with_zero_frames(tmp_path, image_processor):
-    frames = np.full((2, 32, 32, 3), 200, dtype=np.uint8)
+def test_short_video_repeats_frames_as_the_reference_does(tmp_path, image_processor):
+    frames = np.stack([np.full((32, 32, 3), 200, np.uint8), np.full((32, 32, 3), 40, np.uint8)])
     path = write_mp4(tmp_path / "short.mp4", frames, None, fps=4)
     px = load_video_frames(path, 5, image_processor)
     assert px.shape == (5, 3, 32, 32)
-    assert torch.all(px[2:] == 0)
-    assert torch.all(px[:2].abs() > 0.3)  # 200/255 -> ~0.57 after SigLIP normalisation
+    # 2 frames, 5 wanted: indices 0, 0, 1, 1, 1 (seg 0.2; midpoint 0.5 rounds up)
+    assert torch.equal(px[0], px[1]) and torch.equal(px[2], px[3]) and torch.equal(px[3], px[4])
+    assert px[0].mean() > 0.3 and px[2].mean() < -0.3  # 200 and 40 of 255 after SigLIP normalisation
 
 
 def test_non_square_frames_padded_with_mean_colour(tmp_path, image_processor):
     frames = np.zeros((1, 16, 32, 3), dtype=np.uint8)  # black, wide
     frames[..., 0] = 250
     px = load_video_frames(write_mp4(tmp_path / "wide.mp4", frames), 1, image_processor)[0]
-    # rows 0..7 / 24..31 are the padding (mean colour 0.5 -> ~0 after normalisation)
+    # rows 0..7 / 24..31 are the padding: HumanOmni's expand2square colour int(0.5 * 255) = 127
+    assert background_colour(image_processor) == (127, 127, 127)
     assert px[:, :6].abs().max() < 0.05 and px[:, -6:].abs().max() < 0.05
     assert px[0, 12:20].mean() > 0.8 and px[1, 12:20].mean() < -0.8
     assert pad_to_square(np.zeros((2, 4, 3), np.uint8), (1, 2, 3)).shape == (4, 4, 3)
+    # R1-Omni's inference path (aspect_ratio=None) does not pad: the frame is stretched, no grey rows.
+    stretched = load_video_frames(write_mp4(tmp_path / "wide2.mp4", frames), 1, image_processor, pad=False)[0]
+    assert stretched[0].mean() > 0.8 and stretched[1].mean() < -0.8
 
 
 def test_load_audio_wav_and_video_track(dataset):

@@ -130,7 +130,8 @@ def test_save_load_round_trip(model, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     lp1, _, _ = model.completion_logprobs([_prompt()], [0], [[7, 8, 9]])
     lp2, _, _ = loaded.completion_logprobs([_prompt()], [0], [[7, 8, 9]])
-    assert torch.equal(lp1, lp2)
+    # Weights compare exactly; the forward after a reload may take other CPU kernels: fp32 tolerance.
+    torch.testing.assert_close(lp1, lp2, rtol=1e-5, atol=1e-5)
 
 
 def test_grad_reaches_every_projector_stage(model):

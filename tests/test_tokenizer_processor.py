@@ -14,10 +14,10 @@ from r1omni_ray.data.errors import MediaError
 from r1omni_ray.data.processor import (
     OmniInputs,
     OmniProcessor,
-    build_prompt,
     make_tiny_processor,
     tokenize_with_placeholders,
 )
+from r1omni_ray.data.prompts import build_prompt
 from r1omni_ray.data.records import OmniRecord, load_records
 from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS, make_corrupt_media, make_synthetic_dataset
 from r1omni_ray.data.tokenizer import build_tiny_bert_tokenizer, build_tiny_tokenizer
@@ -101,22 +101,72 @@ def test_tokenizers_reload_offline(tmp_path):
     assert ids == bert("As an Emotional expert, hello 12?")["input_ids"]
 
 
-def test_build_prompt(proc):
-    tok = proc.tokenizer
-    p = build_prompt("Which emotion?", tok)
-    assert p == (
-        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
-        "<|im_start|>user\n<vi_start><video><vi_end>\n<au_start><audio><au_end>\n"
-        f"Which emotion?\n{THINK_ANSWER_SUFFIX}<|im_end|>\n<|im_start|>assistant\n"
+def test_trainer_prompt_is_what_r1_omnis_grpo_trainer_renders(proc):
+    p = build_prompt(EMOTION_QUESTION, proc.tokenizer, "trainer")
+    assert p.prompt == (
+        # Qwen2-VL's chat template adds its default system turn when the conversation has none.
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        # make_conversation_video: content[0] is {"type": "video"} -> the template writes the Qwen2-VL
+        # video tokens; humanOmni_grpo_trainer.py compute_loss then prefixes the text item (content[1])
+        # with '<vi_start><video><vi_end>\n<au_start><audio><au_end>\n'.
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>"
+        "<vi_start><video><vi_end>\n<au_start><audio><au_end>\n"
+        # grpo.py QUESTION_TEMPLATE = "{Question}\nOutput the thinking process in <think> </think> and
+        # final emotion in <answer> </answer> tags."
+        "As an emotional recognition expert; throughout the video, which emotion conveyed by the characters "
+        "is the most obvious to you?\nOutput the thinking process in <think> </think> and final emotion in "
+        "<answer> </answer> tags.<|im_end|>\n"
+        "<|im_start|>assistant\n"
     )
-    p2 = build_prompt("Q?", tok, use_video=False, think_suffix=False)
-    assert "<video>" not in p2 and "<au_start><audio><au_end>\nQ?<|im_end|>" in p2
-    assert "<audio>" not in build_prompt("Q?", tok, use_audio=False)
+    # compute_loss: bert_prompts.append(prompt[0]['content'][1]['text']) before the prefix is added.
+    assert p.bert_text == f"{EMOTION_QUESTION}\n{THINK_ANSWER_SUFFIX}"
+    ids = tokenize_with_placeholders(p.prompt, proc.tokenizer)
+    assert proc.tokenizer.unk_token_id not in ids
+    toks = proc.tokenizer.convert_ids_to_tokens(ids[: ids.index(VIDEO_TOKEN_INDEX)])
+    assert toks[-4:] == ["<|vision_start|>", "<|video_pad|>", "<|vision_end|>", "<vi_start>"]
+    only_audio = build_prompt("Q?", proc.tokenizer, "trainer", use_video=False).prompt
+    assert "<video>" not in only_audio and "<|video_pad|>" not in only_audio
+
+
+def test_inference_prompt_is_what_r1_omnis_inference_script_renders(proc):
+    tok = proc.tokenizer
+    p = build_prompt(EMOTION_QUESTION, tok, "inference")
+    # inference.py README command: --instruct "<question>  Output the thinking process ..." (two spaces)
+    instruction = f"{EMOTION_QUESTION}  {THINK_ANSWER_SUFFIX}"
+    # humanomni/__init__.py mm_infer: content = "<video>\n<audio>" + "\n" + instruct, the tokenizer's own
+    # chat template, then <video> -> <vi_start><video><vi_end> and <audio> -> <au_start><audio><au_end>.
+    rendered = tok.apply_chat_template([{"role": "user", "content": "<video>\n<audio>\n" + instruction}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert p.prompt == rendered.replace("<video>", "<vi_start><video><vi_end>").replace(
+        "<audio>", "<au_start><audio><au_end>")
+    assert p.prompt == (
+        f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+        f"<vi_start><video><vi_end>\n<au_start><audio><au_end>\n{instruction}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert p.bert_text == instruction  # mm_infer: question=args.instruct goes to the BERT tokenizer
+
+
+def test_the_processor_follows_the_chosen_style(proc_dir, records):
+    trainer = OmniProcessor.from_pretrained(proc_dir).process(records[0])
+    inference = OmniProcessor.from_pretrained(proc_dir, input_style="inference").process(records[0])
+    assert trainer.prompt == build_prompt(records[0].question, trainer_tok(proc_dir), "trainer").prompt
+    assert inference.prompt == build_prompt(records[0].question, trainer_tok(proc_dir), "inference").prompt
+    assert trainer.prompt_ids != inference.prompt_ids
+    # Both gate texts are question + suffix; BERT's tokenizer reads "\n" and "  " alike as whitespace.
+    bert = OmniProcessor.from_pretrained(proc_dir).bert_tokenizer
+    assert trainer.bert_input_ids == inference.bert_input_ids
+    assert "output the thinking process" in bert.decode(trainer.bert_input_ids)
+
+
+def trainer_tok(proc_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(proc_dir))
 
 
 def test_tokenize_with_placeholders(proc):
     tok = proc.tokenizer
-    ids = tokenize_with_placeholders(build_prompt(EMOTION_QUESTION, tok), tok)
+    ids = tokenize_with_placeholders(build_prompt(EMOTION_QUESTION, tok).prompt, tok)
     assert ids.count(VIDEO_TOKEN_INDEX) == 1 and ids.count(AUDIO_TOKEN_INDEX) == 1
     v, a = ids.index(VIDEO_TOKEN_INDEX), ids.index(AUDIO_TOKEN_INDEX)
     assert tok.convert_ids_to_tokens(ids[v - 1 : v + 2 : 2]) == ["<vi_start>", "<vi_end>"]
@@ -151,7 +201,8 @@ def test_bert_ids_truncated(proc, records):
     from dataclasses import replace
 
     long = replace(records[0], question=" ".join(["emotion"] * 200))
-    assert len(proc.process(long, use_video=False, use_audio=False).bert_input_ids) == 64
+    # truncation=True: the BERT tokenizer's own model_max_length (the tiny BERT's 128 positions)
+    assert len(proc.process(long, use_video=False, use_audio=False).bert_input_ids) == 128
 
 
 def test_response_ids(proc, records):

@@ -4,15 +4,15 @@ Checkpoint layout (what :meth:`OmniProcessor.save_pretrained` writes and
 :meth:`OmniProcessor.from_pretrained` reads)::
 
     ckpt_dir/                   chat tokenizer (tokenizer.json, tokenizer_config.json, ...)
-    ckpt_dir/config.json        model config (written by the model code); keys read here:
-                                "mm_vision_tower", "mm_audio_tower", "text_model_path", "num_frames"
+    ckpt_dir/config.json        model config (written by the model code); key read here: "num_frames"
     ckpt_dir/vision_tower/      SiglipImageProcessor (preprocessor_config.json)
     ckpt_dir/audio_tower/       WhisperFeatureExtractor (preprocessor_config.json)
     ckpt_dir/bert/              BERT tokenizer for the question gate
-    ckpt_dir/omni_processor.json  num_frames / max_audio_seconds / bert_max_length (ours)
+    ckpt_dir/omni_processor.json  num_frames / max_audio_seconds (ours)
 
-Paths in config.json are resolved relative to ckpt_dir when not absolute; a missing config.json
-or key falls back to the default sub-folder above.
+The tower folders are found as the model loader finds them (r1omni_ray.model.towers): the run config's
+override, else config.json's "mm_vision_tower" / "mm_audio_tower" / "text_model_path", else the default
+sub-folder, relative paths against ckpt_dir.
 """
 
 from __future__ import annotations
@@ -29,27 +29,14 @@ from typing import Any
 import torch
 
 from r1omni_ray.data.audio import load_audio_features
+from r1omni_ray.data.prompts import build_prompt
 from r1omni_ray.data.records import OmniRecord
 from r1omni_ray.data.video import load_video_frames
-from r1omni_ray.labels import (
-    AU_END,
-    AU_START,
-    AUDIO_TOKEN,
-    AUDIO_TOKEN_INDEX,
-    SYSTEM_PROMPT,
-    THINK_ANSWER_SUFFIX,
-    VI_END,
-    VI_START,
-    VIDEO_TOKEN,
-    VIDEO_TOKEN_INDEX,
-)
+from r1omni_ray.labels import AUDIO_TOKEN, AUDIO_TOKEN_INDEX, VIDEO_TOKEN, VIDEO_TOKEN_INDEX
+from r1omni_ray.model.towers import AUDIO_SUBDIR, BERT_SUBDIR, VISION_SUBDIR, TowerPaths, resolve_tower_dirs
 
-VISION_SUBDIR = "vision_tower"
-AUDIO_SUBDIR = "audio_tower"
-BERT_SUBDIR = "bert"
 PROCESSOR_CONFIG = "omni_processor.json"
 DEFAULT_NUM_FRAMES = 8
-BERT_MAX_LENGTH = 64
 
 _PLACEHOLDER_SPLIT = re.compile(f"({re.escape(VIDEO_TOKEN)}|{re.escape(AUDIO_TOKEN)})")
 _PLACEHOLDER_IDS = {VIDEO_TOKEN: VIDEO_TOKEN_INDEX, AUDIO_TOKEN: AUDIO_TOKEN_INDEX}
@@ -63,30 +50,6 @@ def siglip_image_processor_class():
     if importlib.util.find_spec("torchvision") is None and hasattr(transformers, "SiglipImageProcessorPil"):
         return transformers.SiglipImageProcessorPil
     return transformers.SiglipImageProcessor
-
-
-def build_prompt(
-    question: str,
-    tokenizer,
-    use_video: bool = True,
-    use_audio: bool = True,
-    think_suffix: bool = True,
-) -> str:
-    """Render the system + user turns with the tokenizer's chat template (generation prompt on).
-
-    User content: ``"<vi_start><video><vi_end>\\n"`` (video) + ``"<au_start><audio><au_end>\\n"``
-    (audio) + question + ``"\\n" + THINK_ANSWER_SUFFIX`` (think_suffix).
-    """
-    content = ""
-    if use_video:
-        content += f"{VI_START}{VIDEO_TOKEN}{VI_END}\n"
-    if use_audio:
-        content += f"{AU_START}{AUDIO_TOKEN}{AU_END}\n"
-    content += question
-    if think_suffix:
-        content += "\n" + THINK_ANSWER_SUFFIX
-    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": content}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def _encode(text: str, tokenizer) -> list[int]:
@@ -119,22 +82,10 @@ class OmniInputs:
     prompt: str = ""  # the rendered prompt text (with the <video>/<audio> placeholders)
 
 
-def _resolve_dir(ckpt_dir: Path, value: Any, default_subdir: str, key: str) -> Path:
-    if value is None or value == "":
-        path = ckpt_dir / default_subdir
-    else:
-        p = Path(str(value))
-        path = p if p.is_absolute() else ckpt_dir / p
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{ckpt_dir}: {key} -> {path} is not a local directory (hub ids are not supported offline)"
-        )
-    return path
-
-
 class OmniProcessor:
     """Turns an :class:`OmniRecord` into model inputs (prompt ids with placeholders, frames,
-    Whisper features, BERT question ids)."""
+    Whisper features, BERT gate ids), as R1-Omni's trainer (``input_style="trainer"``) or its
+    inference path (``"inference"``) builds them (see r1omni_ray.data.prompts)."""
 
     def __init__(
         self,
@@ -144,7 +95,7 @@ class OmniProcessor:
         bert_tokenizer,
         num_frames: int = DEFAULT_NUM_FRAMES,
         max_audio_seconds: float | None = None,
-        bert_max_length: int = BERT_MAX_LENGTH,
+        input_style: str = "trainer",
     ) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -152,28 +103,30 @@ class OmniProcessor:
         self.bert_tokenizer = bert_tokenizer
         self.num_frames = int(num_frames)
         self.max_audio_seconds = max_audio_seconds
-        self.bert_max_length = int(bert_max_length)
+        self.input_style = input_style
 
     # ------------------------------------------------------------------------------------------
-    def build_prompt(self, question: str, use_video: bool = True, use_audio: bool = True,
-                     think_suffix: bool = True) -> str:
-        return build_prompt(question, self.tokenizer, use_video, use_audio, think_suffix)
+    def build_prompt(self, question: str, use_video: bool = True, use_audio: bool = True) -> str:
+        return build_prompt(question, self.tokenizer, self.input_style, use_video, use_audio).prompt
 
     def process(self, record: OmniRecord, use_video: bool = True, use_audio: bool = True) -> OmniInputs:
         """Load and preprocess one record.  Media problems raise MediaError (naming the file)."""
         use_video = use_video and record.video is not None
         use_audio = use_audio and record.audio is not None
-        prompt = build_prompt(record.question, self.tokenizer, use_video, use_audio)
-        prompt_ids = tokenize_with_placeholders(prompt, self.tokenizer)
+        text = build_prompt(record.question, self.tokenizer, self.input_style, use_video, use_audio)
+        prompt_ids = tokenize_with_placeholders(text.prompt, self.tokenizer)
+        # The trainer pads frames to squares (aspect_ratio="pad"); the inference path does not.
+        pad = self.input_style == "trainer"
         pixel_values = (
-            load_video_frames(record.video, self.num_frames, self.image_processor) if use_video else None
+            load_video_frames(record.video, self.num_frames, self.image_processor, pad=pad) if use_video else None
         )
         feats = (
             load_audio_features(record.audio, self.feature_extractor, self.max_audio_seconds)
             if use_audio
             else None
         )
-        bert_ids = self.bert_tokenizer(record.question, truncation=True, max_length=self.bert_max_length)["input_ids"]
+        # Both reference paths truncate at the BERT tokenizer's own model_max_length (512 for bert-base).
+        bert_ids = self.bert_tokenizer(text.bert_text, truncation=True)["input_ids"]
         return OmniInputs(
             record_id=record.id,
             prompt_ids=prompt_ids,
@@ -183,7 +136,7 @@ class OmniProcessor:
             label=record.label,
             solution=record.solution,
             response=record.response,
-            prompt=prompt,
+            prompt=text.prompt,
         )
 
     def response_ids(self, text: str) -> list[int]:
@@ -200,6 +153,8 @@ class OmniProcessor:
         ckpt_dir: str | os.PathLike,
         num_frames: int | None = None,
         max_audio_seconds: float | None = None,
+        towers: TowerPaths = TowerPaths(),
+        input_style: str = "trainer",
     ) -> OmniProcessor:
         """Load everything from local paths (see the module docstring for the layout)."""
         from transformers import AutoTokenizer, BertTokenizerFast, WhisperFeatureExtractor
@@ -214,14 +169,13 @@ class OmniProcessor:
         if (ckpt / PROCESSOR_CONFIG).is_file():
             extra = json.loads((ckpt / PROCESSOR_CONFIG).read_text(encoding="utf-8"))
 
-        vision_dir = _resolve_dir(ckpt, config.get("mm_vision_tower"), VISION_SUBDIR, "mm_vision_tower")
-        audio_dir = _resolve_dir(ckpt, config.get("mm_audio_tower"), AUDIO_SUBDIR, "mm_audio_tower")
-        bert_dir = _resolve_dir(ckpt, config.get("text_model_path"), BERT_SUBDIR, "text_model_path")
-
+        dirs = resolve_tower_dirs(ckpt, towers)
+        if dirs.bert is None:
+            raise FileNotFoundError(f"{ckpt}: no BERT tokenizer folder ({ckpt / BERT_SUBDIR}); set model.bert_path")
         tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
-        image_processor = siglip_image_processor_class().from_pretrained(str(vision_dir))
-        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(audio_dir))
-        bert_tokenizer = BertTokenizerFast.from_pretrained(str(bert_dir))
+        image_processor = siglip_image_processor_class().from_pretrained(str(dirs.vision))
+        feature_extractor = WhisperFeatureExtractor.from_pretrained(str(dirs.audio))
+        bert_tokenizer = BertTokenizerFast.from_pretrained(str(dirs.bert))
 
         if num_frames is None:
             num_frames = config.get("num_frames") or extra.get("num_frames") or DEFAULT_NUM_FRAMES
@@ -234,7 +188,7 @@ class OmniProcessor:
             bert_tokenizer,
             num_frames=int(num_frames),
             max_audio_seconds=max_audio_seconds,
-            bert_max_length=int(extra.get("bert_max_length", BERT_MAX_LENGTH)),
+            input_style=input_style,
         )
 
     def save_pretrained(self, ckpt_dir: str | os.PathLike) -> Path:
@@ -247,11 +201,7 @@ class OmniProcessor:
         self.image_processor.save_pretrained(str(ckpt / VISION_SUBDIR))
         self.feature_extractor.save_pretrained(str(ckpt / AUDIO_SUBDIR))
         self.bert_tokenizer.save_pretrained(str(ckpt / BERT_SUBDIR))
-        extra = {
-            "num_frames": self.num_frames,
-            "max_audio_seconds": self.max_audio_seconds,
-            "bert_max_length": self.bert_max_length,
-        }
+        extra = {"num_frames": self.num_frames, "max_audio_seconds": self.max_audio_seconds}
         (ckpt / PROCESSOR_CONFIG).write_text(json.dumps(extra, indent=1) + "\n", encoding="utf-8")
         return ckpt
 

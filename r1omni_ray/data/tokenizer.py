@@ -15,6 +15,7 @@ import string
 from collections.abc import Iterable
 from pathlib import Path
 
+from r1omni_ray.data.prompts import VIDEO_PAD, VISION_END, VISION_START
 from r1omni_ray.labels import (
     AU_END,
     AU_START,
@@ -32,8 +33,9 @@ PAD_TOKEN = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 UNK_TOKEN = "<unk>"
-#: special tokens (skipped by ``decode(skip_special_tokens=True)``)
-SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START, IM_END, UNK_TOKEN)
+#: special tokens (skipped by ``decode(skip_special_tokens=True)``); the Qwen2-VL video tokens are there
+#: because R1-Omni's trainer prompt contains them (r1omni_ray.data.prompts)
+SPECIAL_TOKENS: tuple[str, ...] = (PAD_TOKEN, IM_START, IM_END, UNK_TOKEN, VISION_START, VIDEO_PAD, VISION_END)
 #: multimodal placeholders / markers: special (never generated, stripped when decoding with skip)
 MM_TOKENS: tuple[str, ...] = (VIDEO_TOKEN, AUDIO_TOKEN, VI_START, VI_END, AU_START, AU_END)
 #: reasoning-format tags: single added tokens that are *content* (kept by skip_special_tokens)
@@ -51,6 +53,8 @@ CHAT_TEMPLATE = (
 )
 
 _BASE_WORDS = ("system", "user", "assistant")
+# The tiny BERT's max_position_embeddings (r1omni_ray.model.tiny): the gate text is truncated to it.
+TINY_BERT_MAX_LENGTH = 128
 
 
 def _base_texts(corpus: Iterable[str]) -> list[str]:
@@ -143,8 +147,9 @@ def build_tiny_bert_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] 
     vocab_file = out / "vocab.txt"
     vocab_file.write_text("\n".join(ordered) + "\n", encoding="utf-8")
     if "vocab_file" in inspect.signature(BertTokenizerFast.__init__).parameters:  # transformers 4.x
-        bert = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True)
+        bert = BertTokenizerFast(vocab_file=str(vocab_file), do_lower_case=True, model_max_length=TINY_BERT_MAX_LENGTH)
     else:  # transformers 5.x: BertTokenizerFast is the tokenizers-backed BertTokenizer(vocab=...)
-        bert = BertTokenizerFast(vocab={w: i for i, w in enumerate(ordered)}, do_lower_case=True)
+        bert = BertTokenizerFast(vocab={w: i for i, w in enumerate(ordered)}, do_lower_case=True,
+                                 model_max_length=TINY_BERT_MAX_LENGTH)
     bert.save_pretrained(str(out))
     return bert

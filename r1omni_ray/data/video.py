@@ -1,8 +1,8 @@
 """Video frame loading (decord) + SigLIP preprocessing, HumanOmni style.
 
-Frames are sampled uniformly at segment midpoints over the whole video, each frame is padded to
-a square with the image processor's mean colour (``image_aspect_ratio="pad"``) and then resized
-and normalised by the (transformers) SiglipImageProcessor that is passed in.
+Frames are sampled as HumanOmni samples them (segment midpoints, short videos repeat frames), each
+frame is optionally padded to a square with the image processor's mean colour (``aspect_ratio="pad"``)
+and then resized and normalised by the (transformers) SiglipImageProcessor that is passed in.
 """
 
 from __future__ import annotations
@@ -16,28 +16,27 @@ from r1omni_ray.data.errors import MediaError
 
 
 def sample_frame_indices(total: int, num_frames: int) -> list[int]:
-    """Uniform sampling at the midpoints of ``num_frames`` equal segments of ``[0, total)``.
+    """HumanOmni's ``frame_sample(duration, mode="uniform")`` (humanomni/mm_utils.py): the rounded
+    midpoints of ``num_frames`` equal segments of ``[0, total - 1]``.
 
-    When the video has fewer frames than requested, every frame is returned once (the caller
-    pads with zero frames).
+    Always ``num_frames`` indices: a video shorter than that repeats frames (the reference never pads).
     """
     if total <= 0:
         return []
     if num_frames <= 0:
         raise ValueError(f"num_frames must be positive, got {num_frames}")
-    if total <= num_frames:
-        return list(range(total))
-    seg = total / num_frames
-    idx = np.floor((np.arange(num_frames) + 0.5) * seg).astype(np.int64)
-    return np.clip(idx, 0, total - 1).tolist()
+    seg = float(total - 1) / num_frames
+    mids = (np.arange(num_frames) * seg + np.arange(1, num_frames + 1) * seg) / 2
+    # The reference adds 1e-6 before np.round, so exact halves round up, not to even.
+    return np.round(mids + 1e-6).astype(np.int64).tolist()
 
 
 def background_colour(image_processor) -> tuple[int, int, int]:
-    """The processor's mean colour as uint8 RGB (the padding colour)."""
+    """The pad colour as HumanOmni computes it: ``int(mean * 255)`` per channel (127 for SigLIP's 0.5)."""
     mean = getattr(image_processor, "image_mean", None) or (0.5, 0.5, 0.5)
     if isinstance(mean, (int, float)):
         mean = (mean, mean, mean)
-    return tuple(int(round(float(m) * 255)) for m in mean)  # type: ignore[return-value]
+    return tuple(int(float(m) * 255) for m in mean)  # type: ignore[return-value]
 
 
 def pad_to_square(frame: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray:
@@ -53,11 +52,14 @@ def pad_to_square(frame: np.ndarray, colour: tuple[int, int, int]) -> np.ndarray
     return canvas
 
 
-def _preprocess(frames: np.ndarray, image_processor) -> torch.Tensor:
+def _preprocess(frames: np.ndarray, image_processor, pad: bool) -> torch.Tensor:
     from PIL import Image
 
     colour = background_colour(image_processor)
-    images = [Image.fromarray(pad_to_square(np.ascontiguousarray(f), colour)) for f in frames]
+    images = [
+        Image.fromarray(pad_to_square(np.ascontiguousarray(f), colour) if pad else np.ascontiguousarray(f))
+        for f in frames
+    ]
     out = image_processor(images=images, return_tensors="pt")
     pixel_values = out["pixel_values"]
     if not isinstance(pixel_values, torch.Tensor):
@@ -65,11 +67,15 @@ def _preprocess(frames: np.ndarray, image_processor) -> torch.Tensor:
     return pixel_values.to(torch.float32)
 
 
-def load_video_frames(path: str | os.PathLike, num_frames: int, image_processor) -> torch.Tensor:
+def load_video_frames(
+    path: str | os.PathLike, num_frames: int, image_processor, pad: bool = True
+) -> torch.Tensor:
     """Return ``[num_frames, 3, H, W]`` float32 pixel values for a video file.
 
+    ``pad``: pad each frame to a square first (R1-Omni's trainer, ``aspect_ratio="pad"``); without it the
+    image processor resizes the frame as it is (its inference path, ``aspect_ratio=None``).
     Raises :class:`MediaError` (naming the file) for a missing, unreadable, corrupt, truncated
-    or frameless video.  Videos shorter than ``num_frames`` are padded with all-zero frames.
+    or frameless video.
     """
     path = os.fspath(path)
     if num_frames <= 0:
@@ -99,12 +105,9 @@ def load_video_frames(path: str | os.PathLike, num_frames: int, image_processor)
         raise MediaError(f"unexpected decoded frame array shape {frames.shape}", file=path)
 
     try:
-        pixel_values = _preprocess(frames, image_processor)
+        pixel_values = _preprocess(frames, image_processor, pad)
     except Exception as e:
         raise MediaError(f"image preprocessing failed: {_short(e)}", file=path) from e
-    if pixel_values.shape[0] < num_frames:
-        pad = torch.zeros((num_frames - pixel_values.shape[0], *pixel_values.shape[1:]), dtype=pixel_values.dtype)
-        pixel_values = torch.cat([pixel_values, pad], dim=0)
     return pixel_values
 
 

@@ -61,3 +61,17 @@ class HumanOmniQwen2Config(Qwen2Config):
         self.audio_pool_stride = audio_pool_stride
         self.vision_pool_stride = vision_pool_stride
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """transformers 5 writes only ``rope_parameters``; readers of the older format (the reference code,
+        transformers 4.x) look for ``rope_theta`` / ``rope_scaling`` and silently fall back to 10000 without
+        them, so both spellings are written."""
+        d = super().to_dict()
+        rope = d.get("rope_parameters")
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            d.setdefault("rope_theta", rope["rope_theta"])
+            if rope.get("rope_type", "default") == "default":
+                d.setdefault("rope_scaling", None)
+            else:
+                d.setdefault("rope_scaling", {k: v for k, v in rope.items() if k != "rope_theta"})
+        return d

@@ -1,9 +1,13 @@
 """HumanOmni-style omni-modal policy: SigLIP frames + Whisper audio spliced into a Qwen2 LM.
 
-Parameter names follow the public HumanOmni / R1-Omni checkpoint: ``model.vision_tower.vision_tower.*``
-(SigLIP), ``model.mm_projector.*``, ``model.audio_tower.audio_tower.*`` (Whisper encoder),
-``model.audio_projector.*``, ``model.bert_model.*`` + ``model.bert_gate.*`` (the instruction-conditioned
-gate over the vision projector's branches), ``model.layers.*`` / ``lm_head`` (Qwen2).
+Parameter names are those the reference HumanOmni code writes (checked against
+shared/reference/r1omni_0.5b_checkpoint_keys.json by tests/test_checkpoint_layout.py):
+``model.vision_tower.vision_tower.vision_model.*`` (SigLIP as transformers 4.x nests it),
+``model.mm_projector.*``, ``model.audio_tower.audio_tower.encoder.*`` (the encoder of
+``WhisperForAudioClassification``), ``model.audio_projector.*``, ``model.bert_model.*`` + ``model.bert_gate.*``
+(the instruction-conditioned gate over the vision projector's branches), ``model.layers.*`` / ``lm_head``.
+The tower configs must be embedded in the config (``vision_config`` / ``audio_config`` / ``bert_config``);
+``r1omni_ray.model.loading.load_policy`` fills them from the tower folders of a published checkpoint.
 """
 
 from __future__ import annotations
@@ -46,13 +50,23 @@ class MMPrompt(Protocol):
     bert_input_ids: list[int]
 
 
-def _sub_config(cls: type, embedded: dict[str, Any] | None, path: str | None, what: str) -> Any:
+def _sub_config(cls: type, embedded: dict[str, Any] | None, what: str) -> Any:
     if embedded:
         d = {k: v for k, v in embedded.items() if k not in ("model_type", "transformers_version")}
         return cls(**d)
-    if path:
-        return cls.from_pretrained(path)
-    raise ValueError(f"config has neither {what}_config nor a local path for the {what} tower")
+    raise ValueError(
+        f"config has no {what}_config: load a published checkpoint with r1omni_ray.model.loading.load_policy, "
+        "which reads it from the tower folder"
+    )
+
+
+class _Nest(nn.Module):
+    """One level of module nesting, so parameter names match what the reference code writes."""
+
+    def __init__(self, **children: nn.Module) -> None:
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
 
 
 def build_mlp(depth: int, in_dim: int, out_dim: int) -> nn.Sequential:
@@ -70,24 +84,35 @@ def _mlp_depth(projector_type: str) -> int | None:
 class SiglipVisionTower(nn.Module):
     def __init__(self, cfg: SiglipVisionConfig, select_layer: int) -> None:
         super().__init__()
-        self.vision_tower = SiglipVisionModel(cfg)
+        # transformers 4.x SiglipVisionModel held a `vision_model`; 5.x is flat, so the nesting is ours.
+        self.vision_tower = _Nest(vision_model=SiglipVisionModel(cfg))
         self.select_layer = select_layer
         self.patches_per_side = cfg.image_size // cfg.patch_size
 
+    @property
+    def siglip(self) -> SiglipVisionModel:
+        return self.vision_tower.vision_model
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.vision_tower.parameters()).dtype
-        out = self.vision_tower(pixel_values.to(dtype), output_hidden_states=True)
+        dtype = next(self.siglip.parameters()).dtype
+        out = self.siglip(pixel_values.to(dtype), output_hidden_states=True)
         return out.hidden_states[self.select_layer]  # [N, patches, C]; SigLIP has no CLS token
 
 
 class WhisperAudioTower(nn.Module):
     def __init__(self, cfg: WhisperConfig) -> None:
         super().__init__()
-        self.audio_tower = WhisperEncoder(cfg)
+        # The reference keeps WhisperForAudioClassification and calls its `.encoder`; its classifier and
+        # projector are never used, so only the encoder is built (their checkpoint tensors are skipped).
+        self.audio_tower = _Nest(encoder=WhisperEncoder(cfg))
+
+    @property
+    def encoder(self) -> WhisperEncoder:
+        return self.audio_tower.encoder
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        dtype = next(self.audio_tower.parameters()).dtype
-        return self.audio_tower(features.to(dtype)).last_hidden_state  # [B, frames/2, d]
+        dtype = next(self.encoder.parameters()).dtype
+        return self.encoder(features.to(dtype)).last_hidden_state  # [B, frames/2, d]
 
 
 class GatedVisionProjector(nn.Module):
@@ -112,11 +137,11 @@ class HumanOmniQwen2Model(Qwen2Model):
 
     def __init__(self, config: HumanOmniQwen2Config) -> None:
         super().__init__(config)
-        vcfg = _sub_config(SiglipVisionConfig, config.vision_config, config.mm_vision_tower, "vision")
+        vcfg = _sub_config(SiglipVisionConfig, config.vision_config, "vision")
         # Only hidden states are used; the attention-pooling head would be dead weight (and its
         # nn.MultiheadAttention reads weights outside submodule forwards, which ZeRO-3 cannot gather).
         vcfg.vision_use_head = False
-        acfg = _sub_config(WhisperConfig, config.audio_config, config.mm_audio_tower, "audio")
+        acfg = _sub_config(WhisperConfig, config.audio_config, "audio")
         self.vision_tower = SiglipVisionTower(vcfg, config.mm_vision_select_layer)
         self.audio_tower = WhisperAudioTower(acfg)
         config.mm_hidden_size = vcfg.hidden_size
@@ -151,7 +176,7 @@ class HumanOmniQwen2Model(Qwen2Model):
             raise ValueError(f"config.json field mm_audio_projector_type={config.mm_audio_projector_type!r}")
         self.audio_projector = build_mlp(adepth, acfg.d_model, config.hidden_size)
         if config.mm_projector_type in GATED_PROJECTORS:
-            bcfg = _sub_config(BertConfig, config.bert_config, config.text_model_path, "bert")
+            bcfg = _sub_config(BertConfig, config.bert_config, "bert")
             self.bert_model = BertModel(bcfg)
             self.bert_gate = nn.Sequential(
                 nn.Linear(bcfg.hidden_size, config.bert_gate_hidden_size),

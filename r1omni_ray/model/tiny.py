@@ -69,7 +69,7 @@ def init_tiny_towers(model: nn.Module) -> None:
     Variance-preserving convolutions and damped position embeddings keep the input's content visible to
     the projectors (43% relative difference).
     """
-    at = model.model.audio_tower.audio_tower
+    at = model.model.audio_tower.encoder
     for conv in (at.conv1, at.conv2):
         nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
         conv.bias.zero_()
