@@ -31,6 +31,7 @@ lint: setup
 bench: setup
 	$(PY) -m bench.weight_broadcast
 	$(PY) -m bench.grpo_step
+	$(PY) -m bench.data_plane
 	$(PY) -m bench.overlap
 
 # Re-resolve the lock from pyproject.toml's ranges in a throw-away venv. transformers stays inside the

@@ -1,4 +1,10 @@
-"""Rollout worker actor: turns records into multimodal prompts and samples G completions per prompt."""
+"""Rollout worker actor: turns records into multimodal prompts and samples G completions per prompt.
+
+A rollout call returns one small object (``PromptSamples`` per prompt: ids, completions, text, weight
+version) and, as separate return values, each prompt's media tensors. The caller owns all of them, so the
+media outlive a worker that dies afterwards, and only the small one is ever fetched by the driver: the
+learners fetch the media themselves.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import torch
 from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
+from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, SamplingParams
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
@@ -22,28 +29,32 @@ log = logging.getLogger("r1omni_ray")
 
 
 @dataclass
-class RolloutGroup:
+class PromptSamples:
+    """One prompt of a step and the G completions sampled for it."""
+
     uid: int  # index of the prompt in the driver's step batch
     record_id: str
-    inputs: Any | None  # OmniInputs (None when the record could not be processed)
+    inputs: Any | None  # OmniInputs without media tensors (None when the record could not be processed)
     completions: list[Completion] = field(default_factory=list)
     weight_version: int = -1
     worker: int = -1
     error: str | None = None
+    media_bytes: int = 0
+    media_ref: Any = None  # ObjectRef of its PromptMedia, attached by the caller
 
 
-def usable_groups(groups: list[RolloutGroup], on_error: str) -> tuple[list[RolloutGroup], list[RolloutGroup]]:
-    """Split a step's groups into trainable ones and records that failed to load (bad media). With
+def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[PromptSamples], list[PromptSamples]]:
+    """Split a step's prompts into trainable ones and records that failed to load (bad media). With
     data.on_error=raise the first bad record stops the run (a DataError naming the record and its file);
     with skip each one is logged and the caller counts them. Learners only ever see the trainable ones."""
-    bad = [g for g in groups if g.error is not None or not g.completions]
+    bad = [g for g in samples if g.error is not None or not g.completions]
     for g in bad:
         reason = g.error or "the rollout returned no completions"
         if on_error == "raise":
             raise DataError(f"record {g.record_id!r} (rollout worker {g.worker}): {reason} "
                             "[data.on_error=raise; data.on_error=skip skips such records]")
         log.warning("skipped record %r (rollout worker %d): %s", g.record_id, g.worker, reason)
-    return [g for g in groups if g.error is None and g.completions], bad
+    return [g for g in samples if g.error is None and g.completions], bad
 
 
 @ray.remote
@@ -76,30 +87,37 @@ class RolloutWorker:
         self.busy_s = 0.0
 
     def info(self) -> dict[str, Any]:
-        return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "version": self.version}
+        return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(), "version": self.version}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,
-    ) -> list[RolloutGroup]:
-        """items: (uid, OmniRecord). Bad media becomes a group with `error` set, never an exception."""
+    ) -> tuple[Any, ...]:
+        """items: (uid, OmniRecord). Call with ``num_returns=1 + len(items)``: returns the list of
+        PromptSamples, then each item's PromptMedia (None for a record whose media failed to load, which
+        comes back as a PromptSamples with ``error`` set, never an exception)."""
         t0 = time.perf_counter()
-        groups: list[RolloutGroup] = []
-        ready = []
+        samples: list[PromptSamples] = []
+        media: list[PromptMedia | None] = []
+        full_inputs = []
         for uid, rec in items:
             try:
                 inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
             except DataError as e:
-                groups.append(RolloutGroup(uid, rec.id, None, error=str(e), worker=self.index))
+                samples.append(PromptSamples(uid, rec.id, None, error=str(e), worker=self.index))
+                media.append(None)
                 continue
-            g = RolloutGroup(uid, rec.id, inp, weight_version=self.version, worker=self.index)
-            groups.append(g)
-            ready.append(g)
-        if ready:
-            outs = self.engine.generate([g.inputs for g in ready], params)
-            for g, comps in zip(ready, outs, strict=True):
-                g.completions = comps
+            meta, m = inp.split_media()
+            samples.append(PromptSamples(uid, rec.id, meta, weight_version=self.version, worker=self.index,
+                                         media_bytes=m.nbytes))
+            media.append(m)
+            full_inputs.append((len(samples) - 1, inp))
+        if full_inputs:
+            outs = self.engine.generate([inp for _, inp in full_inputs], params)
+            for (k, _), comps in zip(full_inputs, outs, strict=True):
+                samples[k].completions = comps
         self.busy_s += time.perf_counter() - t0
-        return groups
+        return (samples, *media)
 
     # ---- weights ----
     def init_sync_group(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:

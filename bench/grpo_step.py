@@ -1,25 +1,26 @@
 """End-to-end GRPO step throughput on a text-only workload, through the real system path.
 
 A random-init HumanOmni checkpoint with a tiny Qwen2 (hidden 256, 4 layers by default) is trained by the
-real actors (RolloutWorker on the transformers engine, DeepSpeed LearnerActor with a frozen reference,
-RewardActor, the gloo weight-broadcast group) driven by launch.train_rlvr.RLVRTrainer. Prompts have no
-video and no audio, so the policy only embeds text; every completion is exactly --new-tokens long.
+real role groups (RolloutWorkers on the transformers engine, DeepSpeed LearnerActors with a frozen
+reference, a RewardActor, the gloo weight-broadcast group) driven by launch.train_rlvr.RLVRTrainer. Prompts
+have no video and no audio, so the policy only embeds text; every completion is exactly --new-tokens long.
 
-For each layout (`{W}w{L}l-{sync|overlap}[-t{R}x{T}]`: W rollout workers, L learners, synchronous or
-one-step-overlapped, R torch threads per worker and T per learner) it prints one JSON line: the median
-step seconds over the measured steps, completions/s and generated tokens/s at that median, the median
-split by phase, and the fraction of wall time each actor pool sat idle. A last line names the fastest
-layout. Layouts with the same workers/learners/threads share one set of actors.
+For each layout (`{W}w{L}l-{sync|overlap}[-recompute][-t{R}x{T}]`: W rollout workers, L learners,
+synchronous or one-step-overlapped, `-recompute` forcing the separate old-log-prob pass that on-policy steps
+no longer need, R torch threads per worker and T per learner) it prints one JSON line: the median step
+seconds over the measured steps, completions/s and generated tokens/s at that median, the median split by
+phase, the bytes through the driver, and the fraction of wall time each group sat idle. A last line names
+the fastest layout and the speed-ups of overlap and of the one-pass step. Layouts with the same
+workers/learners/threads share one set of actors.
 
-Phases (driver wall clock): rollout = waiting for this step's rollout (near 0 once overlapped), reward,
-logprob (old + reference log-probs), update (the optimizer step), broadcast (the weight transfer itself),
-rollout_wait (overlap only: the learner waiting for the in-flight next rollout before it can broadcast,
-since a worker receives weights only between rollouts), other (the rest: advantages, sharding, dispatch).
+Phases are the driver's own (launch.train_rlvr's PhaseTimer, read from its metrics): rollout (waiting for
+this step's rollout; near 0 once overlapped), reward, train (the one learner call), rollout_wait (overlap:
+the in-flight next rollout must end before a worker takes weights), broadcast, other (advantages, sharding,
+logging); train splits into logprob (reference, and off-policy old, log-probs) and update.
 
-Idle fraction of a pool over the measured window = 1 - mean over its actors of busy / wall, where a
+Idle fraction of a group over the measured window = 1 - mean over its actors of busy / wall, where a
 rollout worker is busy generating (RolloutWorker.stats busy_s) or receiving weights, and a learner is
-busy in compute_logprobs, train_step or the broadcast transfer (timed around the remote calls, all
-learners take part in each).
+busy in the train call or the broadcast (all learners take part in each).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.pools import ActorPools
+from actors.groups import RLVRGroups
 from bench.common import (
     BENCH_LABELS,
     TinyLMArgs,
@@ -57,9 +58,11 @@ from launch.train_rlvr import RLVRTrainer
 from r1omni_ray.config import RunConfig, WandbConfig, config_from_dict
 from r1omni_ray.tracking import RunLogger
 
-PHASES = ("rollout", "reward", "logprob", "update", "broadcast", "rollout_wait")
-DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,2w1l-overlap,1w2l-overlap"
-_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(?:-t(\d+)x(\d+))?$")
+# Driver phases (they add up to the step, with "other"), then the learner call's own split of "train".
+STEP_PHASES = ("rollout", "reward", "train", "rollout_wait", "broadcast")
+PHASES = STEP_PHASES + ("logprob", "update")
+DEFAULT_LAYOUTS = "1w1l-sync-recompute,1w1l-sync,1w1l-overlap,1w2l-overlap"
+_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(-recompute)?(?:-t(\d+)x(\d+))?$")
 
 
 # ----------------------------------------------------------------------------- layouts and workload
@@ -72,26 +75,30 @@ class Layout:
     overlap: bool
     rollout_threads: int
     learner_threads: int
+    recompute: bool = False  # learner.recompute_old_logprobs: the separate old-log-prob pass of before
 
     @property
     def name(self) -> str:
         mode = "overlap" if self.overlap else "sync"
-        return f"{self.workers}w{self.learners}l-{mode}-t{self.rollout_threads}x{self.learner_threads}"
+        extra = "-recompute" if self.recompute else ""
+        return f"{self.workers}w{self.learners}l-{mode}{extra}-t{self.rollout_threads}x{self.learner_threads}"
 
     @property
     def pool_key(self) -> tuple[int, int, int, int]:
-        """Layouts that can share one set of actors (the mode is the driver's business only)."""
+        """Layouts that can share one set of actors (mode and recompute are the driver's business only)."""
         return (self.workers, self.learners, self.rollout_threads, self.learner_threads)
 
 
 def parse_layout(spec: str, rollout_threads: int, learner_threads: int) -> Layout:
     m = _LAYOUT_RE.match(spec.strip())
     if not m:
-        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-t{{R}}x{{T}}], e.g. 2w1l-overlap")
-    w, learners, mode, rt, lt = m.groups()
+        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-recompute][-t{{R}}x{{T}}], "
+                         "e.g. 2w1l-overlap")
+    w, learners, mode, recompute, rt, lt = m.groups()
     if int(w) < 1 or int(learners) < 1:
         raise ValueError(f"layout {spec!r}: needs at least one worker and one learner")
-    return Layout(int(w), int(learners), mode == "overlap", int(rt or rollout_threads), int(lt or learner_threads))
+    return Layout(int(w), int(learners), mode == "overlap", int(rt or rollout_threads), int(lt or learner_threads),
+                  recompute=bool(recompute))
 
 
 @dataclass
@@ -129,6 +136,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
             "num_learners": layout.learners, "zero_stage": wl.zero_stage, "lr": wl.lr,
             "micro_batch_size": wl.micro_batch_size, "num_cpus_per_learner": 1.0,
             "torch_threads": layout.learner_threads, "use_reference": True, "broadcast_bucket_mb": wl.bucket_mb,
+            "recompute_old_logprobs": layout.recompute,
         },
         "train": {
             "steps": wl.warmup_steps + wl.steps, "prompts_per_step": wl.prompts, "seed": wl.seed,
@@ -138,117 +146,47 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
     })
 
 
-# ----------------------------------------------------------------------------- instrumented pools/driver
-
-
-class TimedPools(ActorPools):
-    """ActorPools that account learner busy time and split the broadcast into waiting and transfer.
-
-    A rollout worker takes weights only between rollouts (an actor runs one call at a time), so with
-    overlap the learner's broadcast cannot start before the in-flight rollout ends. Waiting for those
-    rollouts first (ray.wait, nothing fetched) ends at the same moment the plain broadcast would have
-    started moving bytes, and lets the benchmark report the wait and the transfer apart.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.learner_busy_s = 0.0
-        self.transfer_s = 0.0
-        self.last_wait_s = 0.0
-        self._inflight: list[Any] = []
-        super().__init__(*args, **kwargs)
-
-    def submit_rollout(self, *args: Any, **kwargs: Any) -> list[tuple[int, Any, Any]]:
-        pending = super().submit_rollout(*args, **kwargs)
-        self._inflight.extend(ref for _, _, ref in pending)
-        return pending
-
-    def learner_call(self, method: str, shards: list[Any], *args: Any) -> list[Any]:
-        t0 = time.perf_counter()
-        try:
-            return super().learner_call(method, shards, *args)
-        finally:
-            self.learner_busy_s += time.perf_counter() - t0
-
-    def broadcast(self, version: int) -> dict[str, float]:
-        t0 = time.perf_counter()
-        if self._inflight:
-            ray.wait(self._inflight, num_returns=len(self._inflight), fetch_local=False)
-        self._inflight = []
-        t1 = time.perf_counter()
-        out = super().broadcast(version)
-        dt = time.perf_counter() - t1
-        self.learner_busy_s += dt
-        self.transfer_s += dt
-        self.last_wait_s += t1 - t0
-        return out
-
-
-@dataclass
-class Snapshot:
-    t: float
-    worker_busy_s: list[float]
-    learner_busy_s: float
-    transfer_s: float
-
-
-def snapshot(pools: TimedPools) -> Snapshot:
-    """Only taken between steps, when no rollout is running (a worker answers stats() after its rollout)."""
-    busy = [s["busy_s"] for s in ray.get([w.stats.remote() for w in pools.workers])]
-    return Snapshot(time.perf_counter(), busy, pools.learner_busy_s, pools.transfer_s)
-
-
-class BenchTrainer(RLVRTrainer):
-    """RLVRTrainer that records the broadcast wait and snapshots busy counters after every step.
-
-    log() runs after the step's broadcast (so an overlapped next rollout has finished) and before a
-    synchronous run submits the next rollout: the workers are idle there in both modes.
-    """
-
-    def __init__(self, *args: Any, on_step: Callable[[], None], **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.on_step = on_step
-
-    def log(self, m: dict[str, float]) -> None:
-        pools: TimedPools = self.pools  # type: ignore[assignment]
-        m["time/rollout_wait"] = pools.last_wait_s
-        pools.last_wait_s = 0.0
-        super().log(m)
-        self.on_step()
-
-
 # ----------------------------------------------------------------------------- one layout
 
 
-def run_layout(pools: TimedPools, layout: Layout, wl: Workload, ckpt_dir: str, records: Sequence[Any],
+def worker_busy(groups: RLVRGroups) -> list[float]:
+    """Generation seconds of each rollout worker so far (asked between steps, when none is generating)."""
+    return [s["busy_s"] for s in ray.get([w.stats.remote() for w in groups.rollout.workers])]
+
+
+def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, records: Sequence[Any],
                work_dir: Path) -> dict[str, Any]:
+    """Warm-up steps, then the measured ones, on the driver's own step loop and phase timer."""
     out = work_dir / layout.name
     cfg = make_config(layout, wl, ckpt_dir, str(out))
     logger = RunLogger(out, WandbConfig(mode="disabled"), {})
-    snaps: list[Snapshot] = [snapshot(pools)]
-    trainer = BenchTrainer(cfg, pools, list(records), None, BENCH_LABELS, logger,
-                           on_step=lambda: snaps.append(snapshot(pools)))
+    trainer = RLVRTrainer(cfg, groups, list(records), None, BENCH_LABELS, logger)
     try:
-        history = trainer.fit()
+        cfg.train.steps = wl.warmup_steps
+        trainer.fit()
+        busy0, t0 = worker_busy(groups), time.perf_counter()
+        cfg.train.steps = wl.warmup_steps + wl.steps
+        measured = trainer.fit()[wl.warmup_steps:]
+        wall, busy1 = time.perf_counter() - t0, worker_busy(groups)
     finally:
-        finish = getattr(logger, "finish", None)
-        if callable(finish):
-            finish()
-    measured = history[wl.warmup_steps:]
-    a, b = snaps[wl.warmup_steps], snaps[-1]
-    wall = b.t - a.t
-    transfer = b.transfer_s - a.transfer_s
-    worker_busy = [(y - x) + transfer for x, y in zip(a.worker_busy_s, b.worker_busy_s, strict=True)]
-    learner_busy = b.learner_busy_s - a.learner_busy_s
+        logger.finish()
+    transfer = sum(h["time/broadcast"] for h in measured)
+    w_busy = [(y - x) + transfer for x, y in zip(busy0, busy1, strict=True)]
+    # Every learner takes part in the train call and the broadcast.
+    learner_busy = sum(h["time/train"] + h["time/broadcast"] for h in measured)
     step_s = median([h["time/step"] for h in measured])
     per_step = wl.completions_per_step
     lengths = [h["response/length_mean"] for h in measured]
     samples = {int(h["samples"]) for h in measured}
+    driver = median([h["data/driver_bytes"] for h in measured])
+    media = median([h["data/media_bytes"] for h in measured])
     return {
         "bench": "grpo_step",
         "layout": layout.name,
         "workers": layout.workers,
         "learners": layout.learners,
         "mode": "overlap" if layout.overlap else "sync",
+        "old_logprobs": "separate pass" if layout.recompute or layout.overlap else "training forward",
         "rollout_threads": layout.rollout_threads,
         "learner_threads": layout.learner_threads,
         "measured_steps": len(measured),
@@ -256,11 +194,14 @@ def run_layout(pools: TimedPools, layout: Layout, wl: Workload, ckpt_dir: str, r
         "completions_per_s": rounded(per_step / step_s),
         "gen_tokens_per_s": rounded(per_step * median(lengths) / step_s),
         "phase_s_median": {p: rounded(median([h.get(f"time/{p}", 0.0) for h in measured])) for p in PHASES}
-        | {"other": rounded(median([h["time/step"] - sum(h.get(f"time/{p}", 0.0) for p in PHASES) for h in measured]))},
+        | {"other": rounded(median([h["time/step"] - sum(h.get(f"time/{p}", 0.0) for p in STEP_PHASES)
+                                    for h in measured]))},
         "idle_frac": {
-            "rollout": rounded(1.0 - sum(worker_busy) / len(worker_busy) / wall, 3),
+            "rollout": rounded(1.0 - sum(w_busy) / len(w_busy) / wall, 3),
             "learner": rounded(1.0 - learner_busy / wall, 3),
         },
+        "driver_bytes_per_step": int(driver),
+        "media_bytes_per_step": int(media),
         "wall_s": rounded(wall),
         "completions_per_s_wall": rounded(per_step * len(measured) / wall),
         "step_s_all": [rounded(h["time/step"], 3) for h in measured],
@@ -351,14 +292,14 @@ def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: st
         for lays in groups.values():
             cfg = make_config(lays[0], wl, ckpt, str(work / "pools"))
             t0 = time.perf_counter()
-            pools = TimedPools(cfg, ckpt, str(work / "pools"), BENCH_LABELS)
+            pools = RLVRGroups.build(cfg, ckpt, str(work / "pools"), BENCH_LABELS)
             startup = time.perf_counter() - t0
             try:
                 if first:
-                    nbytes = sum(m.nbytes for m in pools.metas)
+                    metas = pools.sync.metas
                     header["model"] = {
-                        "trainable_params": sum(m.numel for m in pools.metas), "broadcast_bytes": nbytes,
-                        "broadcast_buckets": len(pools.buckets),
+                        "trainable_params": sum(m.numel for m in metas), "broadcast_bytes": sum(m.nbytes for m in metas),
+                        "broadcast_buckets": len(pools.sync.buckets),
                     }
                     emit(header)
                     first = False
@@ -394,6 +335,13 @@ def summarize(results: Sequence[dict[str, Any]], bench: str = "grpo_step") -> di
                 speedups[r["layout"]] = rounded(by_name[sync_name]["step_s_median"] / r["step_s_median"], 3)
     if speedups:
         out["overlap_speedup_vs_sync"] = speedups
+    one_pass = {}
+    for r in results:
+        if "-recompute-" in r["layout"] and r["layout"].replace("-recompute-", "-") in by_name:
+            name = r["layout"].replace("-recompute-", "-")
+            one_pass[name] = rounded(r["step_s_median"] / by_name[name]["step_s_median"], 3)
+    if one_pass:  # sync step time with the separate old-log-prob pass / without it, same actors, same run
+        out["one_pass_speedup_vs_recompute"] = one_pass
     return out
 
 

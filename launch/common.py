@@ -46,7 +46,7 @@ def init_ray(cfg: RunConfig) -> None:
         if os.environ.get("RAY_ADDRESS"):
             ray.init(runtime_env=env, log_to_driver=True)
         else:
-            from actors.pools import required_cpus
+            from actors.placement import required_cpus
 
             # Logical CPUs are scheduling tokens: a small machine still runs the full actor layout.
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1)

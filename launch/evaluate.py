@@ -170,7 +170,7 @@ def log_report(logger: RunLogger, metrics: dict[str, Any], rows_path: Path, step
 
 def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None = None, out: str | None = None,
                    attribution: bool = False) -> dict[str, Any]:
-    from actors.pools import RolloutPool
+    from actors.rollout_group import RolloutGroup
     from launch.train_rlvr import load_split
 
     model_dir = resolve_model_dir(ckpt)
@@ -184,7 +184,7 @@ def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None =
     init_ray(cfg)
     logger = RunLogger(out_dir, cfg.wandb, cfg.to_dict() | {"eval": meta}, job_type="eval")
     try:
-        pool = RolloutPool(cfg, str(model_dir), str(out_dir), labels)
+        pool = RolloutGroup(cfg, str(model_dir), str(out_dir))
         mnt, d = cfg.rollout.max_new_tokens, cfg.data
         try:
             full = evaluate_records(pool, records, labels, mnt, d.use_video, d.use_audio, desc="eval")

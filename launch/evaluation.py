@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from actors.pools import ActorPools
+from actors.rollout_group import PendingRollout, RolloutGroup
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.metrics import EmotionMetrics, emotion_metrics
@@ -15,19 +15,19 @@ from r1omni_ray.tracking import progress
 EVAL_PROMPTS_PER_CALL = 32  # per worker and submission: big enough for engine batching
 
 
-def wait_with_progress(pending: list[tuple[int, list[Any], Any]] | None, desc: str) -> None:
-    """Advance a progress bar as rollout shards (worker, prompts, ref) finish; results and failures are
-    then gathered by collect_rollout. A no-op when the bar is disabled (non-interactive logs)."""
+def wait_with_progress(pending: list[PendingRollout] | None, desc: str) -> None:
+    """Advance a progress bar as rollout shards finish; results and failures are then gathered by
+    RolloutGroup.collect. A no-op when the bar is disabled (non-interactive logs)."""
     if not pending:
         return
     import ray
 
-    if not all(isinstance(ref, ray.ObjectRef) for _, _, ref in pending):
+    if not all(isinstance(p.ref, ray.ObjectRef) for p in pending):
         return
-    bar = progress(total=sum(len(part) for _, part, _ in pending), desc=desc, unit="prompt")
+    bar = progress(total=sum(len(p.items) for p in pending), desc=desc, unit="prompt")
     if bar.disable:
         return
-    sizes = {ref: len(part) for _, part, ref in pending}
+    sizes = {p.ref: len(p.items) for p in pending}
     waiting = list(sizes)
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=1)
@@ -43,19 +43,19 @@ class EvalResult:
 
 
 def evaluate_records(
-    pools: ActorPools, records: list[Any], labels: list[str], max_new_tokens: int,
+    rollout: RolloutGroup, records: list[Any], labels: list[str], max_new_tokens: int,
     use_video: bool = True, use_audio: bool = True, desc: str = "eval",
 ) -> EvalResult:
     params = SamplingParams(n=1, greedy=True, max_new_tokens=max_new_tokens)
     items = list(enumerate(records))
     # Several submissions per worker (queued on the actors) so progress is visible while it runs.
-    n_workers = max(1, len(pools.workers))
+    n_workers = max(1, len(rollout.workers))
     chunk = max(n_workers, min(len(items), n_workers * EVAL_PROMPTS_PER_CALL))
     pending = []
     for start in range(0, len(items), chunk):
-        pending += pools.submit_rollout(items[start : start + chunk], params, use_video, use_audio)
+        pending += rollout.submit(items[start : start + chunk], params, use_video, use_audio)
     wait_with_progress(pending, desc)
-    groups = pools.collect_rollout(pending, params, use_video, use_audio)
+    groups = rollout.collect(pending, params, use_video, use_audio)
     rows, preds, golds = [], [], []
     fmt = 0.0
     for g in groups:

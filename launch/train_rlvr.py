@@ -1,19 +1,19 @@
-"""RLVR (GRPO) training driver: rollout -> rewards -> old/ref log-probs -> advantages -> update ->
-broadcast -> log, on Ray actor pools. Run embedded (`python -m launch.train_rlvr`) or as a Ray job."""
+"""RLVR (GRPO) training driver: rollout -> rewards -> advantages -> one learner call (reference log-probs,
+update) -> broadcast -> log, on Ray role groups. Run embedded (`python -m launch.train_rlvr`) or as a Ray job."""
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from actors.learner import GLOBALLY_NORMALISED
-from actors.pools import ActorPools, shard_for_learners
-from actors.rollout import RolloutGroup, usable_groups
+from actors.calls import wire_bytes
+from actors.groups import RLVRGroups
+from actors.learner_group import shard_for_learners
+from actors.rollout import PromptSamples, usable_samples
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.evaluation import evaluate_records, wait_with_progress
 from r1omni_ray.checkpointing import (
@@ -34,23 +34,28 @@ from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.grpo import group_advantages
+from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
+from r1omni_ray.timing import PhaseTimer
 from r1omni_ray.tracking import RunLogger, progress
 
 log = logging.getLogger("r1omni_ray")
 
 
 class RLVRTrainer:
-    def __init__(self, cfg: RunConfig, pools: ActorPools, records: list[Any], eval_records: list[Any] | None,
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], eval_records: list[Any] | None,
                  labels: list[str], logger: RunLogger, start_step: int = 0) -> None:
-        self.cfg, self.pools, self.records, self.eval_records = cfg, pools, records, eval_records
+        self.cfg, self.groups, self.records, self.eval_records = cfg, groups, records, eval_records
         self.labels, self.logger = labels, logger
         self.step = start_step
         self.history: list[dict[str, float]] = []
         self.batches: dict[int, list[str]] = {}  # step index -> record ids of its prompts
         self.checkpointer: Checkpointer | None = None
+        self.timer = PhaseTimer()
+        self.inflight: list[Any] = []  # the overlapped next rollout, if any
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                                     max_new_tokens=rc.max_new_tokens)
+                                     max_new_tokens=rc.max_new_tokens, logprobs=rc.sampling_logprobs)
 
     def items_for(self, step: int) -> list[tuple[int, Any]]:
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
@@ -58,11 +63,12 @@ class RLVRTrainer:
 
     def submit(self, step: int):
         d = self.cfg.data
-        return self.pools.submit_rollout(self.items_for(step), self._params_for(step), d.use_video, d.use_audio)
+        return self.groups.rollout.submit(self.items_for(step), self._params_for(step), d.use_video, d.use_audio)
 
     def _params_for(self, step: int) -> SamplingParams:
         p = self.params
-        return SamplingParams(p.n, p.temperature, p.top_p, p.max_new_tokens, seed=self.cfg.train.seed * 100003 + step)
+        return SamplingParams(p.n, p.temperature, p.top_p, p.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
+                              logprobs=p.logprobs)
 
     def fit(self) -> list[dict[str, float]]:
         total = self.cfg.train.steps
@@ -71,16 +77,17 @@ class RLVRTrainer:
         while self.step < total:
             t0 = time.perf_counter()
             d = self.cfg.data
-            wait_with_progress(pending, f"rollout {self.step + 1}")
-            groups = self.pools.collect_rollout(pending, self._params_for(self.step), d.use_video, d.use_audio)
-            t_roll = time.perf_counter() - t0
+            with self.timer.phase("rollout"):
+                wait_with_progress(pending, f"rollout {self.step + 1}")
+                samples = self.groups.rollout.collect(pending, self._params_for(self.step), d.use_video, d.use_audio)
             # The records of each step, in order: what a resumed run must reproduce.
-            self.batches[self.step] = [g.record_id for g in groups]
+            self.batches[self.step] = [g.record_id for g in samples]
             # One-step off-policy: the next rollout runs on the workers while the learners update.
             overlap = self.cfg.train.overlap and self.step + 1 < total
             pending = self.submit(self.step + 1) if overlap else None
-            metrics = self.train_on(groups)
-            metrics["time/rollout"] = t_roll
+            self.inflight = pending or []
+            metrics = self.train_on(samples)
+            metrics |= self.timer.reset()
             metrics["time/step"] = time.perf_counter() - t0
             n_tokens = metrics.pop("_tokens", 0.0)
             metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
@@ -101,68 +108,65 @@ class RLVRTrainer:
         W&B step counter is final). The end-of-run eval and checkpoint are run_rlvr's."""
         tc, every = self.cfg.train, self.cfg.checkpoint.every
         if tc.eval_every > 0 and self.eval_records and self.step % tc.eval_every == 0 and self.step < tc.steps:
-            ev = evaluate_records(self.pools, self.eval_records, self.labels, self.cfg.rollout.max_new_tokens,
+            ev = evaluate_records(self.groups.rollout, self.eval_records, self.labels, self.cfg.rollout.max_new_tokens,
                                   self.cfg.data.use_video, self.cfg.data.use_audio)
             self.logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar,
                              "eval/format_rate": ev.format_rate}, step=self.step)
         if self.checkpointer is not None and every > 0 and self.step % every == 0 and self.step < tc.steps:
             self.checkpointer.save(self)
 
-    def train_on(self, groups: list[RolloutGroup]) -> dict[str, float]:
-        cfg = self.cfg
+    def train_on(self, samples: list[PromptSamples]) -> dict[str, float]:
+        """Score, advantages, one learner call, broadcast. Heavy media never pass through here: the learners
+        fetch them by reference."""
+        cfg, groups, timer = self.cfg, self.groups, self.timer
         # Bad media: logged and counted (data.on_error=skip) or a DataError naming the file (raise).
-        groups, data_errors = usable_groups(groups, cfg.data.on_error)
-        if not groups:
+        samples, data_errors = usable_samples(samples, cfg.data.on_error)
+        if not samples:
             log.warning("step %d: every record failed to load; no update this step", self.step + 1)
             return {"data/skipped_records": float(len(data_errors)), "data/skipped_steps": 1.0}
-        texts = [c.text for g in groups for c in g.completions]
-        sols = [g.inputs.solution for g in groups for c in g.completions]
-        t = time.perf_counter()
-        rb = self.pools.score(texts, sols)
-        t_reward = time.perf_counter() - t
+        completions = [c for g in samples for c in g.completions]
+        with timer.phase("reward"):
+            rb = groups.rewards.score([c.text for c in completions],
+                                      [g.inputs.solution for g in samples for _ in g.completions])
         G = cfg.rollout.group_size
-        rewards = torch.tensor(rb.total, dtype=torch.float32)
-        adv = group_advantages(rewards, G, scale=cfg.grpo.advantage_scale, eps=cfg.grpo.advantage_eps)
-        batches, num_micro = shard_for_learners(groups, adv.tolist(), cfg.learner.num_learners, cfg.learner.micro_batch_size)
-        t = time.perf_counter()
-        lps = self.pools.learner_call("compute_logprobs", batches, num_micro)
-        for b, lp in zip(batches, lps, strict=True):
-            b.old_logp = lp["old"]
-            b.ref_logp = lp["ref"] or None
-        t_logprob = time.perf_counter() - t
-        lens = [len(c.token_ids) for g in groups for c in g.completions]
-        t = time.perf_counter()
-        outs = self.pools.learner_call(
-            "train_step", batches, num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens
-        )
-        t_update = time.perf_counter() - t
-        version = self.pools.version + 1
-        bc = self.pools.broadcast(version)
-        m: dict[str, float] = {}
-        m["reward/total_mean"] = float(rewards.mean())
-        for name, vals in rb.per_reward.items():
-            m[f"reward/{name}_mean"] = statistics.fmean(vals) if vals else 0.0
-        m["accuracy"] = m.get("reward/accuracy_mean", 0.0)
-        m["format_rate"] = m.get("reward/format_mean", 0.0)
-        grouped = rewards.view(-1, G)
-        std = grouped.std(dim=1, unbiased=True) if G > 1 else torch.zeros(grouped.shape[0])
-        m["reward/group_std_mean"] = float(std.mean())
-        m["reward/zero_std_group_frac"] = float((std < 1e-6).float().mean())
-        m["adv/mean"], m["adv/std"] = float(adv.mean()), float(adv.std()) if adv.numel() > 1 else 0.0
-        m["adv/min"], m["adv/max"] = float(adv.min()), float(adv.max())
-        for k in outs[0]:
-            vals = [o[k] for o in outs]
-            m[f"learner/{k}"] = sum(vals) if k in GLOBALLY_NORMALISED else statistics.fmean(vals)
-        m["response/length_mean"] = statistics.fmean(lens)
-        m["response/length_max"] = float(max(lens))
-        m["response/clipped_frac"] = sum(c.finish_reason == "length" for g in groups for c in g.completions) / len(lens)
-        m["time/reward"], m["time/logprob"], m["time/update"] = t_reward, t_logprob, t_update
-        m["time/broadcast"] = bc["broadcast_wall_s"]
-        m["weight_version"] = float(version)
-        m["weight_version_lag"] = float(version - 1 - min(g.weight_version for g in groups))
-        m["samples"] = float(len(lens))
+        adv = group_advantages(torch.tensor(rb.total, dtype=torch.float32), G, scale=cfg.grpo.advantage_scale,
+                               eps=cfg.grpo.advantage_eps)
+        lens = [len(c.token_ids) for c in completions]
+        shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
+                                               cfg.learner.micro_batch_size)
+        learner_version = groups.sync.version
+        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens,
+                        recompute_old=cfg.learner.recompute_old_logprobs
+                        or any(g.weight_version != learner_version for g in samples))
+        with timer.phase("train"):
+            learner = groups.learners.train(shards, spec)
+        if self.inflight:
+            # A worker takes weights only between rollouts: the overlapped rollout must end first.
+            with timer.phase("rollout_wait"):
+                import ray
+
+                ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
+            self.inflight = []
+        with timer.phase("broadcast"):
+            groups.sync.broadcast(learner_version + 1)
+        m = reward_metrics(rb.total, rb.per_reward, G, rb.errors, rb.diagnostics)
+        m |= advantage_metrics(adv)
+        m |= response_metrics(lens, [c.finish_reason for c in completions])
+        m |= {f"learner/{k}": v for k, v in learner.items()}
+        # Inside the learner call: the frozen passes (reference, and old log-probs off-policy), then the update.
+        m["time/logprob"] = learner.get("frozen_logprob_s", 0.0)
+        m["time/update"] = learner.get("update_s", 0.0)
+        m["weight_version"] = float(learner_version + 1)
+        m["weight_version_lag"] = float(learner_version - min(g.weight_version for g in samples))
         m["data/skipped_records"] = float(len(data_errors))
-        m["reward/errors"] = float(sum(rb.errors.values()))
+        m["faults/worker_restarts"] = float(groups.rollout.restarts)
+        m["faults/reissued_prompts"] = float(groups.rollout.reissued)
+        m["faults/reward_actor_restarts"] = float(groups.rewards.restarts)
+        # What crossed the driver this step (prompt metadata, completions, shards with refs) against the
+        # media that went from the rollout workers to the learners by reference.
+        m["data/driver_bytes"] = float(wire_bytes(samples) + wire_bytes(shards))
+        m["data/media_bytes"] = float(sum(g.media_bytes for g in samples))
+        m["_tokens"] = float(sum(lens))
         for k, v in rb.errors.items():
             if v:
                 log.warning("step %d: reward %r failed on %d samples (they score 0): %s", self.step + 1, k, v,
@@ -170,21 +174,16 @@ class RLVRTrainer:
         if m.get("learner/skipped_update"):
             log.warning("step %d: non-finite loss or gradient on a learner; update skipped on every rank, "
                         "weights unchanged", self.step + 1)
-        for k, v in rb.diagnostics.items():
-            m[f"reward/diag_{k}"] = float(v)
-        m["faults/worker_restarts"] = float(self.pools.stats.worker_restarts)
-        m["faults/reissued_prompts"] = float(self.pools.stats.reissued_prompts)
-        m["_tokens"] = float(sum(lens))
-        self._samples_table(groups, rb)
+        self._samples_table(samples, rb)
         return m
 
-    def _samples_table(self, groups: list[RolloutGroup], rb) -> None:
+    def _samples_table(self, samples: list[PromptSamples], rb) -> None:
         n = self.cfg.train.log_samples
         if n <= 0:
             return
         rows, k = [], 0
         names = list(rb.per_reward)
-        for g in groups:
+        for g in samples:
             for c in g.completions:
                 if len(rows) < n and c is g.completions[0]:
                     parsed = split_reasoning(c.text)
@@ -220,22 +219,21 @@ class Checkpointer:
     on a multi-node cluster output_dir must be a shared filesystem, each rank writes its own shards) plus
     the driver state, then moves ``latest`` and prunes to ``checkpoint.keep_last``."""
 
-    def __init__(self, cfg: RunConfig, pools: ActorPools, out: Path, init_ckpt: str, logger: RunLogger) -> None:
-        self.cfg, self.pools, self.out, self.init_ckpt, self.logger = cfg, pools, out, init_ckpt, logger
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, out: Path, init_ckpt: str, logger: RunLogger) -> None:
+        self.cfg, self.groups, self.out, self.init_ckpt, self.logger = cfg, groups, out, init_ckpt, logger
         self.last: Path | None = None
 
     def save(self, trainer: RLVRTrainer, with_hf: bool = False) -> Path:
-        import ray
-
         t0 = time.perf_counter()
         step, tag = trainer.step, step_name(trainer.step)
         tmp = begin_checkpoint(self.out, step)
-        ray.get([lr.save_checkpoint.remote(str(tmp / DEEPSPEED_SUBDIR), tag) for lr in self.pools.learners])
-        sums = ray.get([lr.weights_checksum.remote() for lr in self.pools.learners])
+        learners = self.groups.learners
+        learners.save_checkpoint(str(tmp / DEEPSPEED_SUBDIR), tag)
+        sums = learners.checksums()
         if with_hf:
-            ray.get([lr.save_hf.remote(str(tmp / HF_SUBDIR)) for lr in self.pools.learners])
+            learners.save_hf(str(tmp / HF_SUBDIR))
         state = DriverState(
-            step=step, seed=self.cfg.train.seed, weight_version=self.pools.version,
+            step=step, seed=self.cfg.train.seed, weight_version=self.groups.sync.version,
             prompts_per_step=self.cfg.train.prompts_per_step, num_records=len(trainer.records),
             init_ckpt=self.init_ckpt, wandb_run_id=self.logger.run_id, wandb_step=self.logger.wandb_step,
             deepspeed_tag=tag, weights_checksum=sums,
@@ -266,8 +264,6 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
              logger: RunLogger | None = None, eval_before: bool = False,
              resume: str | bool = False) -> dict[str, Any]:
     """resume: False, True/"latest" (``<output_dir>/checkpoints/latest``) or a checkpoint dir."""
-    import ray
-
     init_ray(cfg)
     prep = prepared or prepare(cfg)
     out = Path(cfg.train.output_dir)
@@ -281,25 +277,24 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
     own_logger = logger is None
     logger = logger or RunLogger(out, cfg.wandb, cfg.to_dict(), resume_id=state.wandb_run_id if state else None,
                                  wandb_step=state.wandb_step if state else 0)
-    pools = ActorPools(cfg, ckpt, str(out), prep.labels)
+    groups = RLVRGroups.build(cfg, ckpt, str(out), prep.labels)
     try:
         result: dict[str, Any] = {}
         if state is not None and ck_dir is not None:
-            ray.get([lr.load_checkpoint.remote(str(ck_dir / DEEPSPEED_SUBDIR), state.deepspeed_tag)
-                     for lr in pools.learners])
-            sums = ray.get([lr.weights_checksum.remote() for lr in pools.learners])
+            groups.learners.load_checkpoint(str(ck_dir / DEEPSPEED_SUBDIR), state.deepspeed_tag)
+            sums = groups.learners.checksums()
             if state.weights_checksum and sums != state.weights_checksum:
                 raise RuntimeError(f"{ck_dir}: loaded learner weights differ from the saved ones "
                                    f"({sums} != {state.weights_checksum})")
-            pools.broadcast(state.weight_version)  # workers now hold exactly the saved policy
+            groups.sync.broadcast(state.weight_version)  # workers now hold exactly the saved policy
             log.info("resumed from %s: step %d, weight version %d", ck_dir, state.step, state.weight_version)
             result["resumed_from"] = str(ck_dir)
             result["resume_check"] = {"saved": state.weights_checksum, "loaded": sums}
-        trainer = RLVRTrainer(cfg, pools, records, eval_records, prep.labels, logger,
+        trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0)
-        trainer.checkpointer = Checkpointer(cfg, pools, out, ckpt, logger)
+        trainer.checkpointer = Checkpointer(cfg, groups, out, ckpt, logger)
         if eval_before and eval_records and state is None:
-            ev = evaluate_records(pools, eval_records, prep.labels, cfg.rollout.max_new_tokens,
+            ev = evaluate_records(groups.rollout, eval_records, prep.labels, cfg.rollout.max_new_tokens,
                                   cfg.data.use_video, cfg.data.use_audio)
             result["eval_before"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
             logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar, "eval/format_rate": ev.format_rate},
@@ -307,7 +302,7 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
         result["history"] = trainer.fit()
         result["batches"] = dict(trainer.batches)
         if eval_records:
-            ev = evaluate_records(pools, eval_records, prep.labels, cfg.rollout.max_new_tokens,
+            ev = evaluate_records(groups.rollout, eval_records, prep.labels, cfg.rollout.max_new_tokens,
                                   cfg.data.use_video, cfg.data.use_audio)
             result["eval"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
             logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar, "eval/format_rate": ev.format_rate},
@@ -319,11 +314,11 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
         link_or_copy_tree(final_ckpt / HF_SUBDIR, final_dir)
         result["checkpoint"] = str(final_ckpt)
         result["final_model"] = str(final_dir)
-        result["weight_version"] = pools.version
+        result["weight_version"] = groups.sync.version
         result["wandb_run_id"] = logger.run_id
         return result
     finally:
-        pools.shutdown()
+        groups.shutdown()
         if own_logger:
             logger.finish()
 

@@ -3,16 +3,14 @@ producing the HF-format checkpoint that RLVR starts from."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import statistics
 from pathlib import Path
 
 import numpy as np
-import ray
 
-from actors.pools import create_learners, learner_placement_group
+from actors.learner_group import LearnerGroup
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.train_rlvr import load_split
 from r1omni_ray.config import RunConfig
@@ -30,13 +28,11 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
         raise ValueError("data.sft_path: the SFT stage needs a dataset with reasoning responses")
     records = load_split(prep.sft_path, prep.labels, cfg)
     out = Path(cfg.train.output_dir) / "sft_model"
-    # The learners' optimizer takes its lr from learner.lr: use the SFT one for this stage.
-    scfg = dataclasses.replace(cfg, learner=dataclasses.replace(cfg.learner, lr=cfg.sft.lr), grpo=dataclasses.replace(cfg.grpo, beta=0.0))
     own_logger = logger is None
     logger = logger or RunLogger(Path(cfg.train.output_dir), cfg.wandb, cfg.to_dict(), job_type="sft")
-    pg = learner_placement_group(scfg)
-    learners = create_learners(scfg, prep.ckpt_dir, pg)
-    n = scfg.learner.num_learners
+    # SFT needs only the learners: the SFT learning rate, no reference model.
+    learners = LearnerGroup(cfg, prep.ckpt_dir, lr=cfg.sft.lr, with_reference=False)
+    n = cfg.learner.num_learners
     step = 0
     bar = progress(total=cfg.sft.epochs * math.ceil(len(records) / cfg.sft.batch_size), desc="SFT", unit="batch",
                    leave=True)
@@ -50,11 +46,9 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 if len(batch) < n:
                     continue
                 parts = split_even(len(batch), n)
-                num_micro = shared_micro_batches(parts, scfg.learner.micro_batch_size)
-                outs = ray.get([
-                    lr.sft_batch.remote([batch[j] for j in p], num_micro, cfg.data.use_video, cfg.data.use_audio)
-                    for lr, p in zip(learners, parts, strict=True)
-                ])
+                num_micro = shared_micro_batches(parts, cfg.learner.micro_batch_size)
+                outs = learners.sft([[batch[j] for j in p] for p in parts], num_micro, cfg.data.use_video,
+                                    cfg.data.use_audio)
                 errors = [o["error"] for o in outs if "error" in o]
                 if errors:  # data.on_error=raise: every rank stopped before training on the batch
                     raise DataError(next((e for e in errors if e), "an SFT record failed to load") +
@@ -71,11 +65,9 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))
         bar.close()
-        ray.get([lr.save_hf.remote(str(out)) for lr in learners])
+        learners.save_hf(str(out))
     finally:
-        for lr in learners:
-            ray.kill(lr)
-        ray.util.remove_placement_group(pg)
+        learners.shutdown()
         if own_logger:
             logger.finish()
     return str(out)

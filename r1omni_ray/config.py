@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from r1omni_ray.data.prompts import INPUT_STYLES
+from r1omni_ray.grpo import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGS, LossConfig
 from r1omni_ray.model.towers import TowerPaths
 
 
@@ -79,6 +80,9 @@ class RolloutConfig:
     torch_threads: int = 1
     max_restarts: int = 3
     node_resource: str | None = None  # custom Ray resource that pins workers to nodes advertising it
+    # Per-token log-probs of the sampled tokens under the sampling distribution (for an importance-sampling
+    # correction); off by default: nothing in the GRPO loss reads them.
+    sampling_logprobs: bool = False
 
 
 @dataclass
@@ -100,6 +104,8 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
+    """The GRPO loss configuration (r1omni_ray.grpo validates the values and lists the allowed ones)."""
+
     advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
     advantage_eps: float = 1e-4
     clip_eps_low: float = 0.2
@@ -108,6 +114,12 @@ class GRPOConfig:
     beta: float = 0.04
     kl_estimator: str = "k3"
     loss_agg: str = "seq_mean_token_mean"
+
+    def loss_config(self, max_len: int, with_reference: bool = True) -> LossConfig:
+        """The loss maths' view of this section; no reference model means no KL term."""
+        return LossConfig(clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high,
+                          dual_clip=self.dual_clip, beta=self.beta if with_reference else 0.0,
+                          kl_estimator=self.kl_estimator, loss_agg=self.loss_agg, max_len=max_len)
 
 
 @dataclass
@@ -123,6 +135,9 @@ class LearnerConfig:
     torch_threads: int = 1
     use_reference: bool = True
     ref_offload: bool = False  # keep the frozen reference model in host memory between steps (GPU)
+    # On-policy steps take the old log-probs from the training forward itself (detached); true forces a
+    # separate no-grad pass every step (the two are equal up to kernel rounding).
+    recompute_old_logprobs: bool = False
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
@@ -191,9 +206,9 @@ _CHOICES = {
     "rollout.engine": {"hf", "vllm"},
     "data.on_error": {"skip", "raise"},
     "data.input_style": set(INPUT_STYLES),
-    "grpo.advantage_scale": {"group", "batch", "none"},
-    "grpo.kl_estimator": {"k1", "k2", "k3"},
-    "grpo.loss_agg": {"seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm"},
+    "grpo.advantage_scale": set(ADVANTAGE_SCALES),
+    "grpo.kl_estimator": set(KL_ESTIMATORS),
+    "grpo.loss_agg": set(LOSS_AGGS),
     "learner.zero_stage": {0, 1, 2, 3},
     "wandb.mode": {"auto", "online", "offline", "disabled"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.rollout import RolloutGroup, usable_groups
+from actors.rollout import PromptSamples, usable_samples
 from launch.train_rlvr import load_split
 from r1omni_ray.config import ConfigError, WandbConfig, config_from_dict, load_config
 from r1omni_ray.data.errors import DataError, MediaError
@@ -147,7 +147,7 @@ def bad_media(tmp_path_factory):
     ],
 )
 def test_bad_media_is_a_data_error_naming_the_file(proc, synth_data, bad_media, video, audio, expect):
-    """What a rollout worker catches (DataError -> RolloutGroup.error) instead of crashing."""
+    """What a rollout worker catches (DataError -> PromptSamples.error) instead of crashing."""
     rec = load_records(synth_data / "train.json", label_set=LABELS).records[0]
     paths = {"GOOD": rec.video, "MISSING": str(Path(rec.video).with_name("missing.mp4"))}
     v = paths.get(video) or str(bad_media[video])
@@ -157,17 +157,17 @@ def test_bad_media_is_a_data_error_naming_the_file(proc, synth_data, bad_media, 
     assert isinstance(ei.value, MediaError)
 
 
-def test_usable_groups_skip_counts_and_raise_names_the_file(caplog):
-    ok = RolloutGroup(0, "good", object(), [Completion([1], [0.0], "x", "stop")], worker=0)
-    bad = RolloutGroup(1, "rec-7", None, error="/data/v7.mp4: cannot open video: moov atom not found", worker=1)
-    empty = RolloutGroup(2, "rec-8", object(), [], worker=1)
+def test_usable_samples_skip_counts_and_raise_names_the_file(caplog):
+    ok = PromptSamples(0, "good", object(), [Completion([1], "x", "stop")], worker=0)
+    bad = PromptSamples(1, "rec-7", None, error="/data/v7.mp4: cannot open video: moov atom not found", worker=1)
+    empty = PromptSamples(2, "rec-8", object(), [], worker=1)
     with caplog.at_level(logging.WARNING, logger="r1omni_ray"):
-        good, skipped = usable_groups([ok, bad, empty], "skip")
+        good, skipped = usable_samples([ok, bad, empty], "skip")
     assert good == [ok] and skipped == [bad, empty]
     assert "rec-7" in caplog.text and "/data/v7.mp4" in caplog.text and "no completions" in caplog.text
     with pytest.raises(DataError, match=r"record 'rec-7' \(rollout worker 1\): /data/v7.mp4: cannot open video"):
-        usable_groups([ok, bad], "raise")
-    assert usable_groups([ok], "raise") == ([ok], [])
+        usable_samples([ok, bad], "raise")
+    assert usable_samples([ok], "raise") == ([ok], [])
 
 
 # ---------------------------------------------------------------------------------------------- security

@@ -22,7 +22,9 @@ import ray
 import torch
 import yaml
 
-from actors.pools import ActorCallError, ActorPools, shard_for_learners, wait_named
+from actors.calls import ActorCallError, wait_named
+from actors.groups import RLVRGroups
+from actors.learner_group import shard_for_learners
 from launch.common import Prepared
 from launch.train_rlvr import RLVRTrainer, run_rlvr
 from r1omni_ray.checkpointing import latest_checkpoint, read_state
@@ -30,6 +32,7 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.synthetic import make_corrupt_media
+from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.tracking import RunLogger
 from r1omni_ray.weight_sync import CollectiveError
@@ -70,7 +73,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def pools(ray_cluster, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
-    p = ActorPools(fault_cfg(out), str(tiny_ckpt), str(out), LABELS)
+    p = RLVRGroups.build(fault_cfg(out), str(tiny_ckpt), str(out), LABELS)
     yield p
     p.shutdown()
 
@@ -80,23 +83,23 @@ def records(synth_data):
     return load_records(synth_data / "train.json", label_set=LABELS).records
 
 
-def make_trainer(pools: ActorPools, records: list[Any], cfg: RunConfig | None = None) -> RLVRTrainer:
+def make_trainer(pools: RLVRGroups, records: list[Any], cfg: RunConfig | None = None) -> RLVRTrainer:
     cfg = cfg or pools.cfg
     logger = RunLogger(Path(cfg.train.output_dir), cfg.wandb, {})
     return RLVRTrainer(cfg, pools, records, None, LABELS, logger)
 
 
 def run_step(tr: RLVRTrainer, step: int) -> dict[str, float]:
-    groups = tr.pools.collect_rollout(tr.submit(step), tr._params_for(step))
+    groups = tr.groups.rollout.collect(tr.submit(step), tr._params_for(step))
     return tr.train_on(groups)
 
 
-def learner_states(pools: ActorPools) -> list[dict[str, torch.Tensor]]:
-    return ray.get([lr.full_state.remote() for lr in pools.learners])
+def learner_states(pools: RLVRGroups) -> list[dict[str, torch.Tensor]]:
+    return ray.get([lr.full_state.remote() for lr in pools.learners.actors])
 
 
-def assert_workers_hold(pools: ActorPools, state: dict[str, torch.Tensor]) -> None:
-    for i, w in enumerate(pools.workers):
+def assert_workers_hold(pools: RLVRGroups, state: dict[str, torch.Tensor]) -> None:
+    for i, w in enumerate(pools.rollout.workers):
         ws = ray.get(w.named_tensors.remote())
         for name, t in state.items():
             assert torch.equal(ws[name], t), f"rollout-worker-{i}: {name} differs from the learners'"
@@ -109,25 +112,25 @@ def assert_workers_hold(pools: ActorPools, state: dict[str, torch.Tensor]) -> No
 def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(pools, records, tiny_ckpt):
     tr = make_trainer(pools, records)
     m = run_step(tr, 0)  # a real update: the replacement must get these weights, not the checkpoint's
-    assert m["learner/skipped_update"] == 0.0 and pools.version >= 1
-    restarts, reissued = pools.stats.worker_restarts, pools.stats.reissued_prompts
-    pid = ray.get(pools.workers[0].info.remote())["pid"]
-    old = pools.workers[0]
+    assert m["learner/skipped_update"] == 0.0 and pools.sync.version >= 1
+    restarts, reissued = pools.rollout.restarts, pools.rollout.reissued
+    pid = ray.get(pools.rollout.workers[0].info.remote())["pid"]
+    old = pools.rollout.workers[0]
 
     pending = tr.submit(1)
     mine = [p for p in pending if p.worker_index == 0]
     assert mine and not ray.wait([mine[0].ref], timeout=0)[0], "worker 0's rollout should still be running"
     os.kill(pid, signal.SIGKILL)
-    groups = pools.collect_rollout(pending, tr._params_for(1))
+    groups = pools.rollout.collect(pending, tr._params_for(1))
 
     # Every prompt exactly once, each with its full G samples, all sampled with the current weights.
     assert [g.uid for g in groups] == list(range(pools.cfg.train.prompts_per_step))
     assert all(g.error is None and len(g.completions) == G for g in groups)
-    assert all(g.weight_version == pools.version for g in groups)
-    assert pools.stats.worker_restarts == restarts + 1
-    assert pools.stats.reissued_prompts == reissued + len(mine[0].items)
-    assert pools.workers[0] is not old
-    assert ray.get(pools.workers[0].info.remote())["pid"] != pid
+    assert all(g.weight_version == pools.sync.version for g in groups)
+    assert pools.rollout.restarts == restarts + 1
+    assert pools.rollout.reissued == reissued + len(mine[0].items)
+    assert pools.rollout.workers[0] is not old
+    assert ray.get(pools.rollout.workers[0].info.remote())["pid"] != pid
 
     # The new worker joined the rebuilt gloo group and holds the learners' weights bit for bit ...
     state = learner_states(pools)[0]
@@ -142,12 +145,12 @@ def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(pools,
 
 def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(pools, records):
     tr = make_trainer(pools, records)
-    restarts = pools.stats.worker_restarts
-    ray.kill(pools.workers[1], no_restart=True)
+    restarts = pools.rollout.restarts
+    ray.kill(pools.rollout.workers[1], no_restart=True)
     m = run_step(tr, 2)
     assert m["samples"] == pools.cfg.train.prompts_per_step * G
-    assert pools.stats.worker_restarts == restarts + 1
-    assert m["faults/worker_restarts"] == float(pools.stats.worker_restarts)
+    assert pools.rollout.restarts == restarts + 1
+    assert m["faults/worker_restarts"] == float(pools.rollout.restarts)
     assert_workers_hold(pools, learner_states(pools)[0])
 
 
@@ -156,19 +159,19 @@ def test_worker_killed_during_overlapped_rollout_and_broadcast(pools, records):
     worker dies then: the broadcast replaces it and redoes itself; collecting the overlapped rollout later
     re-issues the lost share without replacing the (already new) worker again."""
     tr = make_trainer(pools, records)
-    restarts, reissued = pools.stats.worker_restarts, pools.stats.reissued_prompts
-    groups = pools.collect_rollout(tr.submit(3), tr._params_for(3))
-    pid = ray.get(pools.workers[1].info.remote())["pid"]
+    restarts, reissued = pools.rollout.restarts, pools.rollout.reissued
+    groups = pools.rollout.collect(tr.submit(3), tr._params_for(3))
+    pid = ray.get(pools.rollout.workers[1].info.remote())["pid"]
     pending = tr.submit(4)
     lost = sum(len(p.items) for p in pending if p.worker_index == 1)
     os.kill(pid, signal.SIGKILL)
-    version = pools.version
+    version = pools.sync.version
     m = tr.train_on(groups)
-    assert pools.version == version + 1 and m["samples"] == len(groups) * G
-    assert pools.stats.worker_restarts == restarts + 1
-    nxt = pools.collect_rollout(pending, tr._params_for(4))
-    assert pools.stats.worker_restarts == restarts + 1  # not replaced twice
-    assert pools.stats.reissued_prompts == reissued + lost
+    assert pools.sync.version == version + 1 and m["samples"] == len(groups) * G
+    assert pools.rollout.restarts == restarts + 1
+    nxt = pools.rollout.collect(pending, tr._params_for(4))
+    assert pools.rollout.restarts == restarts + 1  # not replaced twice
+    assert pools.rollout.reissued == reissued + lost
     assert [g.uid for g in nxt] == list(range(pools.cfg.train.prompts_per_step))
     assert all(len(g.completions) == G for g in nxt)
     assert_workers_hold(pools, learner_states(pools)[0])
@@ -187,15 +190,15 @@ def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, rec
     assert "injected reward failure" in caplog.text
     assert m["learner/skipped_update"] == 0.0
 
-    restarts = pools.stats.reward_actor_restarts
-    ray.kill(pools.reward_actors[0], no_restart=True)
+    restarts = pools.rewards.restarts
+    ray.kill(pools.rewards.actors[0], no_restart=True)
     caplog.clear()
     with caplog.at_level("WARNING", logger="r1omni_ray"):
         m = run_step(tr, 6)
     # The dead reward actor: every sample scores 0 (all advantages 0), counted, the step still completes.
     assert m["reward/total_mean"] == 0.0 and m["reward/errors"] == n and m["samples"] == n
     assert "reward actor 0 failed" in caplog.text
-    assert pools.stats.reward_actor_restarts == restarts + 1
+    assert pools.rewards.restarts == restarts + 1
 
     m = run_step(tr, 7)  # the replacement actor scores again
     assert m["reward/errors"] == n  # only the always-raising reward's errors
@@ -206,19 +209,19 @@ def test_hung_reward_function_times_out_scores_zero_and_actor_is_replaced(pools)
     from actors.reward import RewardActor
 
     hung = RewardActor.remote([("test_hangs", 1.0)], None, ["tests.fault_rewards"])
-    old, pools.reward_actors[0] = pools.reward_actors[0], hung
+    old, pools.rewards.actors[0] = pools.rewards.actors[0], hung
     ray.kill(old, no_restart=True)
     saved = pools.cfg.reward.timeout_s
     pools.cfg.reward.timeout_s = 3.0
-    restarts = pools.stats.reward_actor_restarts
+    restarts = pools.rewards.restarts
     try:
-        rb = pools.score(["<think>a</think><answer>sad</answer>"] * 4, ["<answer>sad</answer>"] * 4)
+        rb = pools.rewards.score(["<think>a</think><answer>sad</answer>"] * 4, ["<answer>sad</answer>"] * 4)
     finally:
         pools.cfg.reward.timeout_s = saved
     assert rb.total == [0.0] * 4 and rb.errors == {"reward_actor_failed": 4}
     assert "GetTimeoutError" in rb.error_examples["reward_actor_failed"]
-    assert pools.stats.reward_actor_restarts == restarts + 1 and pools.reward_actors[0] is not hung
-    rb = pools.score(["<think>a</think><answer>sad</answer>"] * 2, ["<answer>sad</answer>"] * 2)
+    assert pools.rewards.restarts == restarts + 1 and pools.rewards.actors[0] is not hung
+    rb = pools.rewards.score(["<think>a</think><answer>sad</answer>"] * 2, ["<answer>sad</answer>"] * 2)
     assert "reward_actor_failed" not in rb.errors  # the replacement actor scores again
 
 
@@ -250,7 +253,7 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(pools, bad_
     recs, bad = bad_media_records
     cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=len(recs)))
     tr = make_trainer(pools, recs, cfg)
-    groups = pools.collect_rollout(tr.submit(0), tr._params_for(0))
+    groups = pools.rollout.collect(tr.submit(0), tr._params_for(0))
     errors = {g.record_id: g.error for g in groups if g.error}
     assert set(errors) == {r.id for r in recs if r.id.startswith("bad-")}
     assert str(bad["truncated_mp4"]) in errors["bad-truncated-video"]
@@ -279,10 +282,10 @@ def test_step_whose_records_all_fail_is_skipped_not_fatal(pools, bad_media_recor
     bad_only = [r for r in recs if r.id.startswith("bad-")]
     cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=2, steps=1))
     tr = make_trainer(pools, bad_only, cfg)
-    version = pools.version
+    version = pools.sync.version
     hist = tr.fit()
     assert hist[0]["data/skipped_records"] == 2.0 and hist[0]["data/skipped_steps"] == 1.0
-    assert pools.version == version  # no update, no broadcast
+    assert pools.sync.version == version  # no update, no broadcast
 
 
 def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records, tiny_ckpt):
@@ -292,7 +295,7 @@ def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records,
     good = [r for r in recs if not r.id.startswith("bad-")]
     bad = [r for r in recs if r.id.startswith("bad-")]
     shards = [[good[0], bad[0]], [good[1], bad[1]]]
-    outs = ray.get([lr.sft_batch.remote(sh, 1) for lr, sh in zip(pools.learners, shards, strict=True)])
+    outs = ray.get([lr.sft_batch.remote(sh, 1) for lr, sh in zip(pools.learners.actors, shards, strict=True)])
     assert [o["skipped_records"] for o in outs] == [1.0, 1.0]
     assert all(bad[r].id in outs[r]["skipped_reasons"][0] for r in range(2))
     assert all(math.isfinite(o["sft_loss"]) and o["sft_loss"] > 0 and o["skipped_update"] == 0.0 for o in outs)
@@ -306,25 +309,23 @@ def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records,
 # ---------------------------------------------------------------------------------------------- numerics
 
 
-def _prepared_batches(pools: ActorPools, records: list[Any], adv: list[float]):
+def _prepared_batches(pools: RLVRGroups, records: list[Any], adv: list[float]):
     tr = make_trainer(pools, records)
-    groups = pools.collect_rollout(tr.submit(6), tr._params_for(6))
-    batches, num_micro = shard_for_learners(groups, adv, len(pools.learners), pools.cfg.learner.micro_batch_size)
-    for b, lp in zip(batches, pools.learner_call("compute_logprobs", batches, num_micro), strict=True):
-        b.old_logp, b.ref_logp = lp["old"], lp["ref"] or None
-    lens = [len(c) for b in batches for c in b.completions]
-    return batches, (num_micro, sum(lens), len(lens), pools.cfg.rollout.max_new_tokens)
+    groups = pools.rollout.collect(tr.submit(6), tr._params_for(6))
+    shards, num_micro = shard_for_learners(groups, adv, len(pools.learners.actors), pools.cfg.learner.micro_batch_size)
+    lens = [len(c) for b in shards for c in b.completions]
+    return shards, StepSpec(num_micro, sum(lens), len(lens), pools.cfg.rollout.max_new_tokens)
 
 
 def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, records):
     n = pools.cfg.train.prompts_per_step * G
     adv = [1.0, -1.0] * (n // 2)
-    batches, args = _prepared_batches(pools, records, adv)
+    batches, spec = _prepared_batches(pools, records, adv)
     before = learner_states(pools)
 
     # 1. A NaN advantage on rank 1 only -> a NaN loss there; rank 0's loss and gradients are finite.
     batches[1].advantages[0] = math.nan
-    outs = pools.learner_call("train_step", batches, *args)
+    outs = pools.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
     assert outs[1]["nonfinite_microbatches"] >= 1 and outs[0]["nonfinite_microbatches"] == 0
     after = learner_states(pools)
@@ -333,8 +334,8 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, recor
 
     # 2. A non-finite gradient (finite loss) injected on rank 1 only.
     batches[1].advantages[0] = 1.0
-    ray.get(pools.learners[1].debug_inject_nonfinite_grad.remote(math.inf))
-    outs = pools.learner_call("train_step", batches, *args)
+    ray.get(pools.learners.actors[1].debug_inject_nonfinite_grad.remote(math.inf))
+    outs = pools.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
     assert outs[0]["skipped_updates"] == outs[1]["skipped_updates"] >= 2
     after = learner_states(pools)
@@ -342,14 +343,14 @@ def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, recor
         assert all(torch.equal(before[r][k], after[r][k]) for k in before[r]), f"rank {r} weights changed"
 
     # The broadcast after a skipped update sends the unchanged, finite weights.
-    pools.broadcast(pools.version + 1)
+    pools.sync.broadcast(pools.sync.version + 1)
     assert_workers_hold(pools, after[0])
 
     # 3. The next clean update is applied again (the skip gate and the grad check were reset).
-    outs = pools.learner_call("train_step", batches, *args)
+    outs = pools.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [0.0, 0.0]
     assert any(not torch.equal(before[0][k], v) for k, v in learner_states(pools)[0].items())
-    pools.broadcast(pools.version + 1)
+    pools.sync.broadcast(pools.sync.version + 1)
 
 
 # ---------------------------------------------------------------------------------------------- driver death
@@ -418,18 +419,18 @@ def test_driver_killed_between_steps_resumes_like_an_uninterrupted_run(ray_clust
 def test_hung_collectives_time_out_naming_the_actor(pools, records):
     """Runs last: it leaves the DP and broadcast groups of the module's pool broken."""
     n = pools.cfg.train.prompts_per_step * G
-    batches, args = _prepared_batches(pools, records, [1.0, -1.0] * (n // 2))
+    batches, spec = _prepared_batches(pools, records, [1.0, -1.0] * (n // 2))
 
     # A weight broadcast that the learner never sends: the waiting worker gives up after dist_timeout_s.
     t0 = time.monotonic()
-    w = pools.workers[1]
+    w = pools.rollout.workers[1]
     with pytest.raises(ActorCallError, match="rollout-worker-1.receive_weights") as ei:
-        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.metas, pools.buckets))])
+        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.sync.metas, pools.sync.buckets))])
     assert isinstance(ei.value.cause, CollectiveError) and "timed out" in str(ei.value)
     assert time.monotonic() - t0 < TIMEOUT_S + 30
 
     # A data-parallel step that only rank 0 enters: its collective times out; the error names learner-0.
     t0 = time.monotonic()
-    with pytest.raises(ActorCallError, match="learner-0.train_step"):
-        wait_named([("learner-0", "train_step", pools.learners[0].train_step.remote(batches[0], *args))])
+    with pytest.raises(ActorCallError, match="learner-0.train"):
+        wait_named([("learner-0", "train", pools.learners.actors[0].train.remote(batches[0], spec))])
     assert time.monotonic() - t0 < TIMEOUT_S + 30

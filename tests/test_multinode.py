@@ -4,7 +4,7 @@ different nodes, ZeRO-3: training steps run and the weight broadcast crosses the
 import pytest
 import ray
 
-from actors.pools import ActorPools
+from actors.groups import RLVRGroups
 from launch.train_rlvr import RLVRTrainer
 from r1omni_ray.config import WandbConfig
 from r1omni_ray.data.records import load_records
@@ -23,17 +23,17 @@ def test_two_node_cluster_zero3_training_and_broadcast(tiny_ckpt, synth_data, tm
     try:
         cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
                         rollout={"node_resource": "rollout_node"})
-        pools = ActorPools(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+        pools = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
         try:
-            lnodes = {i["node_id"] for i in ray.get([lr.info.remote() for lr in pools.learners])}
-            wnodes = {i["node_id"] for i in ray.get([w.info.remote() for w in pools.workers])}
+            lnodes = {i["node_id"] for i in ray.get([lr.info.remote() for lr in pools.learners.actors])}
+            wnodes = {i["node_id"] for i in ray.get([w.info.remote() for w in pools.rollout.workers])}
             assert len(lnodes) == 1 and len(wnodes) == 1 and lnodes.isdisjoint(wnodes)
             recs = load_records(synth_data / "train.json").records
             logger = RunLogger(tmp_path, WandbConfig(mode="disabled"), {})
             hist = RLVRTrainer(cfg, pools, recs, None, LABELS, logger).fit()
-            assert len(hist) == 2 and pools.version == 2
+            assert len(hist) == 2 and pools.sync.version == 2
             assert all(h["samples"] == 16 for h in hist)
-            assert all(v == 2 for v in (i["version"] for i in ray.get([w.info.remote() for w in pools.workers])))
+            assert all(v == 2 for v in (i["version"] for i in ray.get([w.info.remote() for w in pools.rollout.workers])))
             assert_workers_match_learners(pools)
         finally:
             pools.shutdown()

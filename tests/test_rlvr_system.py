@@ -7,11 +7,13 @@ import pytest
 import ray
 import torch
 
-from actors.pools import ActorPools, shard_for_learners
+from actors.groups import RLVRGroups
+from actors.learner_group import shard_for_learners
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.learner.grpo_trainer import StepSpec
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 pytestmark = pytest.mark.slow
@@ -31,11 +33,11 @@ def small_cfg(out: Path, zero: int, **sections) -> "object":
     return config_from_dict(d)
 
 
-def assert_workers_match_learners(pools: ActorPools) -> None:
+def assert_workers_match_learners(pools: RLVRGroups) -> None:
     # full_state is collective under ZeRO-3: every learner rank takes part in the gather.
-    learner_state = ray.get([lr.full_state.remote() for lr in pools.learners])[0]
+    learner_state = pools.learners.full_states()[0]
     assert learner_state
-    for w in pools.workers:
+    for w in pools.rollout.workers:
         wstate = ray.get(w.named_tensors.remote())
         for name, t in learner_state.items():
             assert torch.equal(wstate[name], t), f"{name} differs on a rollout worker"
@@ -55,31 +57,29 @@ def test_split_even_balances():
 
 def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path):
     cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.04})
-    pools = ActorPools(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    pools = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
     try:
         recs = load_records(synth_data / "train.json").records
         params = SamplingParams(n=4, max_new_tokens=12, seed=0)
-        groups = pools.collect_rollout(pools.submit_rollout(list(enumerate(recs[:4])), params), params)
+        groups = pools.rollout.collect(pools.rollout.submit(list(enumerate(recs[:4])), params), params)
         assert all(len(g.completions) == 4 and g.weight_version == 0 for g in groups)
         # Hand-made advantages: the first two samples of every group are good, the last two bad.
         adv = [1.0, 1.0, -1.0, -1.0] * len(groups)
-        batches, num_micro = shard_for_learners(groups, adv, 2, cfg.learner.micro_batch_size)
-        before = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches, strict=True)])
-        for b, lp in zip(batches, before, strict=True):
-            b.old_logp, b.ref_logp = lp["old"], lp["ref"]
-        lens = [len(c) for b in batches for c in b.completions]
-        ray.get([lr.train_step.remote(b, num_micro, sum(lens), len(lens), 12) for lr, b in zip(pools.learners, batches, strict=True)])
-        after = ray.get([lr.compute_logprobs.remote(b, num_micro) for lr, b in zip(pools.learners, batches, strict=True)])
+        shards, num_micro = shard_for_learners(groups, adv, 2, cfg.learner.micro_batch_size)
+        before = pools.learners.logprobs(shards, num_micro)
+        lens = [len(c) for b in shards for c in b.completions]
+        pools.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
+        after = pools.learners.logprobs(shards, num_micro)
         up = down = 0.0
-        for b, lb, la in zip(batches, before, after, strict=True):
-            for a, x, y in zip(b.advantages, lb["old"], la["old"], strict=True):
+        for b, lb, la in zip(shards, before, after, strict=True):
+            for a, x, y in zip(b.advantages, lb, la, strict=True):
                 delta = sum(y) - sum(x)
                 up += delta if a > 0 else 0.0
                 down += delta if a < 0 else 0.0
         assert up > 0 > down, (up, down)
-        pools.broadcast(1)
+        pools.sync.broadcast(1)
         assert_workers_match_learners(pools)
-        groups = pools.collect_rollout(pools.submit_rollout(list(enumerate(recs[:2])), params), params)
+        groups = pools.rollout.collect(pools.rollout.submit(list(enumerate(recs[:2])), params), params)
         assert all(g.weight_version == 1 for g in groups)
     finally:
         pools.shutdown()

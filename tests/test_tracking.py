@@ -7,8 +7,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from actors.pools import PoolStats
-from actors.rollout import RolloutGroup
+from actors.rollout import PromptSamples
+from actors.rollout_group import PendingRollout
 from launch.train_rlvr import RLVRTrainer
 from r1omni_ray.config import WandbConfig, config_from_dict
 from r1omni_ray.data.records import OmniRecord
@@ -30,36 +30,51 @@ LEARNER_OUT = {"loss": 0.1, "policy_loss": 0.08, "kl_loss": 0.02, "kl": 0.5, "cl
 GOOD = "<think>bright red and a high voice</think> <answer>happy</answer>"
 
 
-class FakePools:
-    """Just enough of ActorPools for RLVRTrainer: completions alternate right/wrong within each group."""
-
+class FakeRollout:
     def __init__(self):
-        self.version, self.stats, self.workers = 0, PoolStats(), [None]
+        self.workers, self.restarts, self.reissued = [None], 0, 0
+        self.version = 0
 
-    def submit_rollout(self, items, params, use_video=True, use_audio=True):
-        return [(0, items, None)]
+    def submit(self, items, params, use_video=True, use_audio=True):
+        return [PendingRollout(0, items, None, [])]
 
-    def collect_rollout(self, pending, params, use_video=True, use_audio=True):
-        groups = []
+    def collect(self, pending, params, use_video=True, use_audio=True):
+        samples = []
         for uid, rec in pending[0][1]:
-            comps = [Completion([5] * (3 + j), [-0.5] * (3 + j), GOOD if j % 2 == 0 else "sad", "stop" if j else "length")
+            comps = [Completion([5] * (3 + j), GOOD if j % 2 == 0 else "sad", "stop" if j else "length")
                      for j in range(params.n)]
             inputs = SimpleNamespace(label=rec.label, solution=rec.solution)
-            groups.append(RolloutGroup(uid, rec.id, inputs, comps, weight_version=self.version, worker=0))
-        return groups
+            samples.append(PromptSamples(uid, rec.id, inputs, comps, weight_version=self.version, worker=0))
+        return samples
+
+
+class FakeRewards:
+    restarts = 0
 
     def score(self, texts, sols):
         return score_completions(texts, sols, [RewardSpec("accuracy", 1.0), RewardSpec("format", 1.0)])
 
-    def learner_call(self, method, shards, *args):
-        if method == "compute_logprobs":
-            return [{"old": [[-0.5] * len(c) for c in b.completions], "ref": [[-0.6] * len(c) for c in b.completions]}
-                    for b in shards]
-        return [dict(LEARNER_OUT) for _ in shards]
+
+class FakeLearners:
+    def train(self, shards, spec):
+        return dict(LEARNER_OUT, frozen_logprob_s=0.01, update_s=0.02)
+
+
+class FakeSync:
+    def __init__(self, rollout):
+        self.version, self.rollout = 0, rollout
 
     def broadcast(self, version):
-        self.version = version
+        self.version = self.rollout.version = version
         return {"broadcast_wall_s": 0.01}
+
+
+class FakeGroups:
+    """Just enough of RLVRGroups for RLVRTrainer: completions alternate right/wrong within each prompt."""
+
+    def __init__(self):
+        self.rollout, self.rewards, self.learners = FakeRollout(), FakeRewards(), FakeLearners()
+        self.sync = FakeSync(self.rollout)
 
 
 def offline_run_dir(out: Path) -> Path:
@@ -76,7 +91,7 @@ def test_driver_metrics_and_samples_table_reach_wandb_and_jsonl(tmp_path):
     })
     records = [OmniRecord(f"r{i}", None, None, "q", "happy", "<answer>happy</answer>") for i in range(4)]
     logger = RunLogger(tmp_path, cfg.wandb, cfg.to_dict())
-    trainer = RLVRTrainer(cfg, FakePools(), records, None, ["happy", "sad"], logger)
+    trainer = RLVRTrainer(cfg, FakeGroups(), records, None, ["happy", "sad"], logger)
     history = trainer.fit()
     run_id = logger.run_id
     logger.finish()

@@ -26,7 +26,10 @@ def test_split_lm_weights_routes_front_end_to_the_worker():
 
 def test_sampling_kwargs():
     kw = sampling_kwargs(SamplingParams(n=8, temperature=0.9, top_p=0.95, max_new_tokens=33, seed=3))
-    assert kw == dict(n=8, temperature=0.9, top_p=0.95, top_k=-1, max_tokens=33, logprobs=0, seed=3)
+    # Sampling log-probs only when asked for (rollout.sampling_logprobs): nothing in the loss reads them.
+    assert kw == dict(n=8, temperature=0.9, top_p=0.95, top_k=-1, max_tokens=33, logprobs=None, seed=3)
+    kw = sampling_kwargs(SamplingParams(n=8, max_new_tokens=33, seed=3, logprobs=True))
+    assert kw["logprobs"] == 0  # vLLM: 0 = the sampled token's own log-prob only
     g = sampling_kwargs(SamplingParams(greedy=True, max_new_tokens=5))
     assert g["n"] == 1 and g["temperature"] == 0.0
 
@@ -74,7 +77,7 @@ def test_vllm_engine_generates_and_loads_weights(tiny_ckpt, synth_data, tmp_path
     model = load_policy(tiny_ckpt, "bfloat16").cuda()
     eng = VLLMEngine(model, proc.tokenizer, tmp_path, gpu_memory_utilization=0.3, max_model_len=1024)
     rec = load_records(synth_data / "train.json").records[0]
-    out = eng.generate([proc.process(rec)], SamplingParams(n=4, max_new_tokens=8, seed=0))
+    out = eng.generate([proc.process(rec)], SamplingParams(n=4, max_new_tokens=8, seed=0, logprobs=True))
     assert len(out) == 1 and len(out[0]) == 4
     assert all(len(c.logprobs) == len(c.token_ids) for c in out[0])
     named = [(n, p.detach() * 0.5) for n, p in model.named_parameters()]

@@ -22,7 +22,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,18 @@ def tokenize_with_placeholders(text: str, tokenizer) -> list[int]:
 
 
 @dataclass
+class PromptMedia:
+    """The heavy part of a processed prompt: what travels by object reference, never through the driver."""
+
+    pixel_values: torch.Tensor | None
+    audio_features: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.pixel_values, self.audio_features) if t is not None)
+
+
+@dataclass
 class OmniInputs:
     record_id: str
     prompt_ids: list[int]
@@ -80,6 +92,15 @@ class OmniInputs:
     solution: str
     response: str | None = None
     prompt: str = ""  # the rendered prompt text (with the <video>/<audio> placeholders)
+
+    def split_media(self) -> tuple[OmniInputs, PromptMedia]:
+        """(these inputs without their tensors, the tensors)."""
+        return replace(self, pixel_values=None, audio_features=None), PromptMedia(self.pixel_values, self.audio_features)
+
+    def with_media(self, media: PromptMedia | None) -> OmniInputs:
+        if media is None:
+            return self
+        return replace(self, pixel_values=media.pixel_values, audio_features=media.audio_features)
 
 
 class OmniProcessor:

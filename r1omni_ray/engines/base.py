@@ -25,14 +25,15 @@ class SamplingParams:
     max_new_tokens: int = 64
     greedy: bool = False
     seed: int | None = None
+    logprobs: bool = False  # return each sampled token's log-prob (rollout.sampling_logprobs)
 
 
 @dataclass
 class Completion:
     token_ids: list[int]
-    logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
     text: str
     finish_reason: str  # "stop" (eos) or "length"
+    logprobs: list[float] | None = None  # each sampled token's log-prob, when SamplingParams.logprobs
 
 
 class RolloutEngine(Protocol):

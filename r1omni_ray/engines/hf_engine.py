@@ -10,6 +10,34 @@ from r1omni_ray.engines.base import Completion, SamplingParams, trim_at_eos
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 
 
+class ChosenTokenLogprobs:
+    """A logits processor that records each sampled token's log-prob under ``softmax(logits / temperature)``
+    one step at a time: it holds only the last step's [rows, V] log-softmax until the next call shows which
+    token was drawn, never the [rows, steps, V] of ``output_logits``."""
+
+    def __init__(self, temperature: float) -> None:
+        self.temperature = temperature
+        self.prev: torch.Tensor | None = None
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.prev is not None:  # input_ids now ends with the token drawn from it (empty at the first step)
+            self._take(input_ids[:, -1])
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _take(self, chosen: torch.Tensor) -> None:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(-1, chosen[:, None]).squeeze(-1))
+            self.prev = None
+
+    def finish(self, sequences: torch.Tensor) -> torch.Tensor:
+        """[rows, new tokens] log-probs; ``sequences`` holds only the new tokens."""
+        if self.prev is not None:
+            self._take(sequences[:, len(self.steps)])
+        return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros(sequences.shape, dtype=torch.float)
+
+
 class HFEngine:
     def __init__(self, model: HumanOmniQwen2ForCausalLM, tokenizer, max_batch_prompts: int = 16) -> None:
         self.model = model.eval()
@@ -37,7 +65,9 @@ class HFEngine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         n = 1 if params.greedy else params.n
-        out = self.model.generate(
+        temp = 1.0 if params.greedy else params.temperature
+        recorder = ChosenTokenLogprobs(temp) if params.logprobs else None
+        seqs = self.model.generate(
             inputs_embeds=x,
             attention_mask=att,
             max_new_tokens=params.max_new_tokens,
@@ -48,13 +78,9 @@ class HFEngine:
             num_return_sequences=n,
             eos_token_id=list(self.eos_ids),
             pad_token_id=self.pad_id,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        seqs = out.sequences  # only new tokens when generating from inputs_embeds
-        temp = 1.0 if params.greedy else params.temperature
-        logits = torch.stack(out.logits, dim=1).float() / temp  # [B*n, new, V]
-        lp = torch.log_softmax(logits, -1).gather(-1, seqs[:, : logits.shape[1], None]).squeeze(-1)
+            logits_processor=[recorder] if recorder is not None else None,
+        )  # only new tokens when generating from inputs_embeds
+        lp = recorder.finish(seqs) if recorder is not None else None
         groups: list[list[Completion]] = []
         for i in range(len(prompts)):
             group = []
@@ -64,7 +90,7 @@ class HFEngine:
                 text = self.tokenizer.decode(
                     [t for t in ids if t not in self.eos_ids], skip_special_tokens=True
                 )
-                group.append(Completion(ids, lp[r, : len(ids)].tolist(), text, reason))
+                group.append(Completion(ids, text, reason, lp[r, : len(ids)].tolist() if lp is not None else None))
             groups.append(group)
         return groups
 

@@ -32,12 +32,13 @@ def split_lm_weights(
 
 
 def sampling_kwargs(params: SamplingParams) -> dict[str, Any]:
-    """Arguments for vllm.SamplingParams; logprobs=0 returns the sampled token's log-prob."""
+    """Arguments for vllm.SamplingParams; logprobs=0 returns the sampled token's log-prob, None none."""
+    lp = 0 if params.logprobs else None
     if params.greedy:
-        return dict(n=1, temperature=0.0, max_tokens=params.max_new_tokens, logprobs=0, seed=params.seed)
+        return dict(n=1, temperature=0.0, max_tokens=params.max_new_tokens, logprobs=lp, seed=params.seed)
     return dict(
         n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=-1,
-        max_tokens=params.max_new_tokens, logprobs=0, seed=params.seed,
+        max_tokens=params.max_new_tokens, logprobs=lp, seed=params.seed,
     )
 
 
@@ -117,7 +118,7 @@ class VLLMEngine:
                 ids, reason = trim_at_eos(list(c.token_ids), self.eos_ids, self.pad_id)
                 lps = [next(iter(d.values())).logprob for d in (c.logprobs or [])][: len(ids)]
                 text = self.tokenizer.decode([t for t in ids if t not in self.eos_ids], skip_special_tokens=True)
-                group.append(Completion(ids, lps, text, reason))
+                group.append(Completion(ids, text, reason, lps if params.logprobs else None))
             groups.append(group)
         return groups
 

@@ -33,6 +33,7 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from r1omni_ray.grpo import entropy_from_logits, sequence_logprobs
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
 from r1omni_ray.model.projectors import AllInOneSmall, sampled_side
@@ -360,12 +361,9 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             mask[i, :cl] = 1.0
             targets[i, :cl] = torch.tensor(list(completions[i]), dtype=torch.long)
         h = torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-        logits = self.lm_head(h).float() / temperature
-        logsm = torch.log_softmax(logits, dim=-1)
-        logp = torch.gather(logsm, -1, targets[..., None]).squeeze(-1) * mask
-        ent = None
-        if with_entropy:
-            ent = -(logsm.exp() * logsm).sum(-1) * mask
+        logits = self.lm_head(h)
+        logp = sequence_logprobs(logits, targets, temperature) * mask
+        ent = entropy_from_logits(logits, temperature) * mask if with_entropy else None
         return logp, mask, ent
 
 

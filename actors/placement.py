@@ -1,0 +1,68 @@
+"""Placement groups for the role groups: one bundle per actor, waited for with a deadline that names what
+the run asked for and what the cluster has."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from r1omni_ray.config import RunConfig
+
+
+def bundles(n: int, cpus: float, gpus: float, node_resource: str | None = None) -> list[dict[str, float]]:
+    b: dict[str, float] = {"CPU": cpus}
+    if gpus > 0:
+        b["GPU"] = gpus
+    if node_resource:
+        b[node_resource] = 0.001
+    return [dict(b) for _ in range(n)]
+
+
+def required_cpus(cfg: RunConfig) -> float:
+    return (cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
+            + cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker
+            + cfg.reward.num_actors * cfg.reward.num_cpus_per_actor)
+
+
+def rollout_gpus_per_worker(cfg: RunConfig) -> float:
+    rc = cfg.rollout
+    return rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
+
+
+def create_placement_group(bundle_list: list[dict[str, float]], cfg: RunConfig) -> Any:
+    pg = placement_group(bundle_list, strategy=cfg.ray.placement_strategy)
+    try:
+        ray.get(pg.ready(), timeout=cfg.ray.placement_timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(
+            f"placement group {bundle_list[:1]} x {len(bundle_list)} not schedulable within "
+            f"{cfg.ray.placement_timeout_s:.0f}s: the run needs {required_cpus(cfg):g} CPUs (learner.num_learners x "
+            f"num_cpus_per_learner + rollout.num_workers x num_cpus_per_worker + reward actors) and GPUs as "
+            f"configured; cluster has {ray.cluster_resources()}"
+        ) from None
+    return pg
+
+
+def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:
+    return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
+
+
+def remove(pg: Any) -> None:
+    try:
+        remove_placement_group(pg)
+    except Exception:  # noqa: BLE001 - already gone with the cluster
+        pass
+
+
+@ray.remote(num_cpus=0)
+def _node_ip_in_bundle() -> str:
+    return ray.util.get_node_ip_address()
+
+
+def node_ip_of_bundle(pg: Any, index: int) -> str:
+    return ray.get(_node_ip_in_bundle.options(scheduling_strategy=in_bundle(pg, index), num_cpus=0).remote())

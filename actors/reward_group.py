@@ -1,0 +1,73 @@
+"""The reward actors as one group: scoring spread over them, a failed or hung actor's samples scored 0 and
+counted, and the actor replaced."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from actors.reward import RewardActor
+from r1omni_ray.config import RunConfig
+from r1omni_ray.data.sampler import split_even
+from r1omni_ray.rewards import RewardBatch, RewardSpec, check_reward_specs, score_completions
+
+log = logging.getLogger("r1omni_ray")
+
+
+class RewardGroup:
+    def __init__(self, cfg: RunConfig, label_set: Sequence[str] | None) -> None:
+        self.cfg = cfg
+        self.label_set = list(label_set) if label_set else None
+        self.specs = [RewardSpec(r.name, r.weight) for r in cfg.reward.rewards]
+        # Before any actor exists: an unknown reward name is a config error, not a mid-run actor crash.
+        check_reward_specs(self.specs, cfg.reward.modules)
+        self.restarts = 0
+        self.actors = [self._make() for _ in range(max(0, cfg.reward.num_actors))]
+
+    def _make(self) -> Any:
+        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor).remote(
+            [(s.name, s.weight) for s in self.specs], self.label_set, list(self.cfg.reward.modules))
+
+    def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
+        """Rewards of every completion, in order. With no reward actors the driver scores them itself."""
+        if not self.actors:
+            return score_completions(texts, solutions, self.specs, label_set=self.label_set)
+        parts = [p for p in split_even(len(texts), len(self.actors))]
+        refs = [(i, part, self.actors[i].score.remote([texts[j] for j in part], [solutions[j] for j in part]))
+                for i, part in enumerate(parts) if len(part)]
+        deadline = time.monotonic() + self.cfg.reward.timeout_s
+        batches: list[RewardBatch] = []
+        for i, part, ref in refs:  # parts are contiguous and in order: concatenation keeps sample order
+            try:
+                batches.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
+            except (RayActorError, RayTaskError, GetTimeoutError) as e:
+                batches.append(self._failed(i, len(part), e))
+        out = batches[0]
+        for b in batches[1:]:
+            out = out.merge(b)
+        return out
+
+    def _failed(self, i: int, n: int, e: BaseException) -> RewardBatch:
+        """The step goes on: these samples score 0 and the failure is counted; a dead or hung actor is replaced."""
+        log.warning("reward actor %d failed (%s); %d samples score 0", i, type(e).__name__, n)
+        if isinstance(e, GetTimeoutError):  # a hung reward function
+            ray.kill(self.actors[i], no_restart=True)
+        if isinstance(e, RayActorError | GetTimeoutError):
+            self.actors[i] = self._make()
+            self.restarts += 1
+        what = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:200]}"
+        return RewardBatch(total=[0.0] * n, per_reward={s.name: [0.0] * n for s in self.specs},
+                           errors={"reward_actor_failed": n}, diagnostics={},
+                           error_examples={"reward_actor_failed": what})
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001
+                pass

@@ -1,0 +1,97 @@
+"""Weight sync from the learners to the rollout workers: the broadcast process group (learner rank 0 is
+rank 0, worker i is rank i + 1), the bucket plan, and the weight version the workers hold."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from actors.calls import ActorCallError, Attempt, raise_first_error, retry_replacing, settle
+from actors.common import free_port
+from actors.learner_group import LearnerGroup
+from actors.rollout_group import RolloutGroup
+from r1omni_ray.config import RunConfig
+from r1omni_ray.weight_sync import plan_buckets
+
+
+class WeightSync:
+    def __init__(self, cfg: RunConfig, learners: LearnerGroup, rollout: RolloutGroup) -> None:
+        self.cfg, self.learners, self.rollout = cfg, learners, rollout
+        self.metas = ray.get(learners.actors[0].sync_metas.remote())
+        self.bucket_bytes = int(cfg.learner.broadcast_bucket_mb * 2**20)
+        self.buckets = plan_buckets(self.metas, self.bucket_bytes)
+        self.version = 0
+        rollout.after_replace = self._resync
+        self.init_group()
+
+    def _dead(self, results: list[Any], offset: int = 0) -> list[int]:
+        return [i for i, r in enumerate(results[offset:]) if isinstance(r, RayActorError)]
+
+    def init_group(self) -> None:
+        """(Re)build the broadcast group. Workers are pinged first (a new one is still loading its model; a
+        dead one would stall the rendezvous until the timeout): dead ones are replaced before anyone joins."""
+        lc = self.cfg.learner
+        backend = "nccl" if lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0 else "gloo"
+        host = ray.get(self.learners.actors[0].info.remote())["node_ip"]
+        workers = self.rollout
+
+        def attempt() -> Attempt:
+            pings = [(n, "info", w.info.remote()) for n, w in zip(workers.names(), workers.workers, strict=True)]
+            results = settle(pings)
+            if dead := self._dead(results):
+                return Attempt(False, dead)
+            raise_first_error(pings, results)
+            port, world = free_port(), len(workers.workers) + 1
+            calls = [("learner-0", "init_sync_group",
+                      self.learners.actors[0].init_sync_group.remote(backend, host, port, world, lc.dist_timeout_s))]
+            calls += [(n, "init_sync_group", w.init_sync_group.remote(backend, host, port, i + 1, world,
+                                                                      lc.dist_timeout_s))
+                      for i, (n, w) in enumerate(zip(workers.names(), workers.workers, strict=True))]
+            results = settle(calls)
+            if dead := self._dead(results, 1):
+                return Attempt(False, dead)
+            raise_first_error(calls, results)
+            return Attempt(True, [])
+
+        retry_replacing(attempt, lambda dead: workers.replace(dead, resync=False),
+                        self.cfg.rollout.max_restarts, "init_sync_group")
+
+    def broadcast(self, version: int) -> dict[str, float]:
+        """Send the learners' weights to every worker. A worker that dies meanwhile is replaced and the
+        broadcast redone for the new group; any other failure (a hung collective) is raised, naming the actor."""
+        t0 = time.perf_counter()
+        learners, workers = self.learners, self.rollout
+
+        def attempt() -> Attempt:
+            calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.bucket_bytes))
+                     for r, lr in enumerate(learners.actors)]
+            calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.buckets))
+                      for n, w in zip(workers.names(), workers.workers, strict=True)]
+            results = settle(calls)
+            if dead := self._dead(results, len(learners.actors)):
+                return Attempt(False, dead)
+            raise_first_error(calls, results)
+            got = results[len(learners.actors):]
+            if any(v != version for v in got):
+                raise ActorCallError("rollout-workers", "receive_weights",
+                                     RuntimeError(f"weight version mismatch after broadcast: {got} != {version}"))
+            return Attempt(True, [], dict(results[0]))
+
+        def replace(dead: list[int]) -> None:
+            # Peers of the dead worker failed or timed out in the collective: rebuild the group and redo.
+            workers.replace(dead, resync=False)
+            self.init_group()
+
+        out = retry_replacing(attempt, replace, self.cfg.rollout.max_restarts, "broadcast")
+        self.version = version
+        out["broadcast_wall_s"] = time.perf_counter() - t0
+        return out
+
+    def _resync(self, _replaced: list[int]) -> None:
+        """New workers hold their checkpoint's weights: rebuild the group (its membership is fixed) and resend
+        the current weights (also at version 0: the learners may hold weights restored from a checkpoint)."""
+        self.init_group()
+        self.broadcast(self.version)

@@ -1,0 +1,134 @@
+"""One GRPO update on one data-parallel rank: reference log-probs, old log-probs only when the batch is
+off-policy, then the clipped policy loss over micro-batches. Ray-free; the learner actor wraps it."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from r1omni_ray.config import RunConfig
+from r1omni_ray.grpo import policy_loss
+from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
+from r1omni_ray.step_metrics import GLOBALLY_NORMALISED
+
+
+@dataclass
+class TrainBatch:
+    """One rank's share of a step: prompts (media resolved) and the completions that refer to them."""
+
+    prompts: list[Any]  # OmniInputs
+    prompt_index: list[int]
+    completions: list[list[int]]
+    advantages: list[float]
+
+    def sub(self, sl: slice) -> TrainBatch:
+        idx = self.prompt_index[sl]
+        used = sorted(set(idx))
+        remap = {p: j for j, p in enumerate(used)}
+        return TrainBatch([self.prompts[p] for p in used], [remap[p] for p in idx], self.completions[sl],
+                          self.advantages[sl])
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What every rank must agree on (ZeRO-3 forwards are collective): micro-batches per rank, whether the
+    old log-probs need their own pass, and the global counts the loss divides by."""
+
+    num_micro: int
+    num_global_tokens: int
+    num_global_seqs: int
+    max_len: int
+    # True when any sample came from other weights than the learners' (overlap mode, a re-issued prompt)
+    # or learner.recompute_old_logprobs asks for it; else the training forward's own log-probs are used.
+    recompute_old: bool = False
+
+
+class GRPOTrainer:
+    def __init__(self, policy: DeepSpeedPolicy, reference: Any | None, cfg: RunConfig) -> None:
+        self.policy, self.reference, self.cfg = policy, reference, cfg
+        lc = cfg.learner
+        # With learner.ref_offload the frozen reference is parked in host memory between uses.
+        self.ref_home = torch.device("cpu") if lc.ref_offload else policy.device
+
+    def _logprobs(self, model: Any, batch: TrainBatch, with_entropy: bool = False):
+        return model.completion_logprobs(batch.prompts, batch.prompt_index, batch.completions,
+                                         temperature=self.cfg.rollout.temperature, with_entropy=with_entropy)
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, model: Any, batch: TrainBatch, slices: Sequence[slice]) -> list[torch.Tensor]:
+        out = []
+        for sl in slices:
+            lp, _, _ = self._logprobs(model, batch.sub(sl))
+            out.append(lp)
+        return out
+
+    def logprobs(self, batch: TrainBatch, num_micro: int) -> list[list[float]]:
+        """Each completion's log-probs under the current weights (eval mode, no update)."""
+        self.policy.module.eval()
+        out: list[list[float]] = []
+        for sl in micro_slices(len(batch.completions), num_micro):
+            with torch.no_grad():
+                lp, mask, _ = self._logprobs(self.policy.module, batch.sub(sl))
+            out += [lp[i, : int(mask[i].sum())].tolist() for i in range(lp.shape[0])]
+        return out
+
+    def train(self, batch: TrainBatch, spec: StepSpec) -> dict[str, float]:
+        """Returns this rank's metrics (token means, or globally normalised loss terms)."""
+        t0 = time.perf_counter()
+        slices = micro_slices(len(batch.completions), spec.num_micro)
+        module = self.policy.module
+        ref: list[torch.Tensor] | None = None
+        if self.reference is not None:
+            if self.ref_home != self.policy.device:
+                self.reference.to(self.policy.device)
+            ref = self._frozen_logprobs(self.reference, batch, slices)
+            if self.ref_home != self.policy.device:
+                self.reference.to(self.ref_home)
+        old: list[torch.Tensor] | None = None
+        if spec.recompute_old:
+            module.eval()
+            old = self._frozen_logprobs(module, batch, slices)
+        t_frozen = time.perf_counter() - t0
+        loss_cfg = self.cfg.grpo.loss_config(spec.max_len, with_reference=ref is not None)
+        scale = self.policy.begin_update(spec.num_micro)
+        sums: dict[str, float] = {}
+        summed: dict[str, float] = {}
+        total_loss, nonfinite, skipped = 0.0, 0, False
+        for k, sl in enumerate(slices):
+            sub = batch.sub(sl)
+            lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
+            # On-policy the sampling weights are these weights: the old log-probs are this forward's own.
+            old_lp = old[k].to(lp) if old is not None else lp.detach()
+            ref_lp = ref[k].to(lp) if ref is not None else None
+            adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
+            loss, metrics = policy_loss(lp, old_lp, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
+                                        num_global_tokens=spec.num_global_tokens,
+                                        num_global_seqs=spec.num_global_seqs)
+            loss, bad, step_skipped = self.policy.backward_micro(loss, lp, scale, nonfinite > 0)
+            nonfinite += bad
+            skipped = step_skipped or skipped
+            total_loss += float(loss.detach())
+            w = float(mask.sum())
+            for name, v in metrics.items():
+                if not (isinstance(v, float) and math.isfinite(v)):
+                    continue
+                if name in GLOBALLY_NORMALISED:  # already divided by global counts: they add up
+                    summed[name] = summed.get(name, 0.0) + v
+                else:
+                    sums[name] = sums.get(name, 0.0) + v * w
+            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+        tokens = max(sums.pop("_tokens", 1.0), 1.0)
+        out = {k: v / tokens for k, v in sums.items()} | summed
+        out["loss"] = total_loss
+        out |= self.policy.end_update()
+        out["nonfinite_microbatches"] = float(nonfinite)
+        out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
+        out["recomputed_old_logprobs"] = float(spec.recompute_old)
+        out["frozen_logprob_s"] = t_frozen
+        out["update_s"] = time.perf_counter() - t0 - t_frozen
+        return out
