@@ -12,7 +12,12 @@ import torch
 def setup_process(torch_threads: int) -> None:
     torch.set_num_threads(max(1, torch_threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        # Name DeepSpeed's accelerator instead of letting it warn, in every actor, that it fell back to CPU.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    logging.getLogger("deepspeed").setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging
 

@@ -4,8 +4,10 @@ fetching a step's media by reference, and the sending side of the weight broadca
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
+import io
 import os
 import time
 from collections.abc import Sequence
@@ -61,10 +63,12 @@ class LearnerActor:
 
         # The rendezvous waits for every rank to start (imports, model loading on a busy node): at least
         # 5 minutes; the collectives themselves get learner.dist_timeout_s (set_dp_timeouts).
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-            timeout=datetime.timedelta(seconds=max(lc.dist_timeout_s, 300.0)),
-        )
+        # DeepSpeed print()s "deepspeed_shm_comm_op built successfully" from every rank while it sets up.
+        with contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(
+                dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                timeout=datetime.timedelta(seconds=max(lc.dist_timeout_s, 300.0)),
+            )
         self.device = device()
         mc = self.cfg.model
         model = load_policy(ckpt_dir, mc.dtype, mc.towers())

@@ -26,7 +26,8 @@ class LearnerGroup:
         lc = cfg.learner
         self.cfg = cfg
         self.pg = create_placement_group(
-            bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource), cfg)
+            bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource), cfg,
+            "learner group (learner.num_learners x num_cpus/gpus_per_learner)")
         master_addr, master_port = node_ip_of_bundle(self.pg, 0), free_port()
         ref = lc.use_reference and cfg.grpo.beta > 0 if with_reference is None else with_reference
         self.actors = [

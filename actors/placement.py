@@ -10,7 +10,7 @@ from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from r1omni_ray.config import RunConfig
+from r1omni_ray.config import ConfigError, RunConfig
 
 
 def bundles(n: int, cpus: float, gpus: float, node_resource: str | None = None) -> list[dict[str, float]]:
@@ -33,17 +33,24 @@ def rollout_gpus_per_worker(cfg: RunConfig) -> float:
     return rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
 
 
-def create_placement_group(bundle_list: list[dict[str, float]], cfg: RunConfig) -> Any:
+class PlacementError(ConfigError):
+    """A role group's actors cannot be scheduled on this cluster: the run stops at start, naming the ask."""
+
+
+def create_placement_group(bundle_list: list[dict[str, float]], cfg: RunConfig, role: str) -> Any:
+    """A placement group for one role's actors, ready, or a PlacementError within ray.placement_timeout_s:
+    an actor that can never be scheduled must fail the run at start, not leave a call waiting forever."""
     pg = placement_group(bundle_list, strategy=cfg.ray.placement_strategy)
     try:
         ray.get(pg.ready(), timeout=cfg.ray.placement_timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
-        raise RuntimeError(
-            f"placement group {bundle_list[:1]} x {len(bundle_list)} not schedulable within "
-            f"{cfg.ray.placement_timeout_s:.0f}s: the run needs {required_cpus(cfg):g} CPUs (learner.num_learners x "
-            f"num_cpus_per_learner + rollout.num_workers x num_cpus_per_worker + reward actors) and GPUs as "
-            f"configured; cluster has {ray.cluster_resources()}"
+        total = {k: round(v, 3) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
+        free = {k: round(v, 3) for k, v in ray.available_resources().items() if not k.startswith("node:")}
+        raise PlacementError(
+            f"{role}: {len(bundle_list)} x {bundle_list[0]} not schedulable within {cfg.ray.placement_timeout_s:g}s "
+            f"(ray.placement_timeout_s); the whole run asks for {required_cpus(cfg):g} CPUs; cluster has {total}, "
+            f"free {free}"
         ) from None
     return pg
 

@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from actors.placement import bundles, create_placement_group, in_bundle, remove
 from actors.reward import RewardActor
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
@@ -27,10 +28,16 @@ class RewardGroup:
         # Before any actor exists: an unknown reward name is a config error, not a mid-run actor crash.
         check_reward_specs(self.specs, cfg.reward.modules)
         self.restarts = 0
-        self.actors = [self._make() for _ in range(max(0, cfg.reward.num_actors))]
+        n = max(0, cfg.reward.num_actors)
+        # In a placement group like every other role: an actor that cannot be scheduled fails the run at
+        # start instead of leaving every step to wait out reward.timeout_s and score 0.
+        self.pg = create_placement_group(bundles(n, cfg.reward.num_cpus_per_actor, 0.0), cfg,
+                                         "reward group (reward.num_actors x num_cpus_per_actor)") if n else None
+        self.actors = [self._make(i) for i in range(n)]
 
-    def _make(self) -> Any:
-        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor).remote(
+    def _make(self, i: int) -> Any:
+        return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor,
+                                   scheduling_strategy=in_bundle(self.pg, i)).remote(
             [(s.name, s.weight) for s in self.specs], self.label_set, list(self.cfg.reward.modules))
 
     def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
@@ -58,7 +65,7 @@ class RewardGroup:
         if isinstance(e, GetTimeoutError):  # a hung reward function
             ray.kill(self.actors[i], no_restart=True)
         if isinstance(e, RayActorError | GetTimeoutError):
-            self.actors[i] = self._make()
+            self.actors[i] = self._make(i)
             self.restarts += 1
         what = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:200]}"
         return RewardBatch(total=[0.0] * n, per_reward={s.name: [0.0] * n for s in self.specs},
@@ -71,3 +78,5 @@ class RewardGroup:
                 ray.kill(a)
             except Exception:  # noqa: BLE001
                 pass
+        if self.pg is not None:
+            remove(self.pg)

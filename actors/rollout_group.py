@@ -37,7 +37,8 @@ class RolloutGroup:
         rc = cfg.rollout
         self.gpus_per_worker = rollout_gpus_per_worker(cfg)
         self.pg = create_placement_group(
-            bundles(rc.num_workers, rc.num_cpus_per_worker, self.gpus_per_worker, rc.node_resource), cfg)
+            bundles(rc.num_workers, rc.num_cpus_per_worker, self.gpus_per_worker, rc.node_resource), cfg,
+            "rollout group (rollout.num_workers x num_cpus/gpus_per_worker)")
         self.workers = [self._make(i) for i in range(rc.num_workers)]
         self.restarts = 0
         self.reissued = 0

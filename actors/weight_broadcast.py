@@ -66,6 +66,11 @@ class WeightSync:
         learners, workers = self.learners, self.rollout
 
         def attempt() -> Attempt:
+            # A worker that died while idle would leave the collective waiting for learner.dist_timeout_s:
+            # ask every member first (a dead actor answers at once) and replace the dead before starting.
+            if dead := self._dead(settle([(n, "info", w.info.remote())
+                                          for n, w in zip(workers.names(), workers.workers, strict=True)])):
+                return Attempt(False, dead)
             calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.bucket_bytes))
                      for r, lr in enumerate(learners.actors)]
             calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.buckets))

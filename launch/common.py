@@ -21,6 +21,10 @@ def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "deepspeed", "wandb", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not sys.stderr.isatty():  # progress bars only on an interactive terminal, transformers' too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def base_parser(description: str) -> argparse.ArgumentParser:
@@ -48,6 +52,8 @@ def init_ray(cfg: RunConfig) -> None:
         else:
             from actors.placement import required_cpus
 
+            # Token authentication, chosen explicitly (Ray warns on every start when the mode is unset).
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
             # Logical CPUs are scheduling tokens: a small machine still runs the full actor layout.
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1)
             # address="local" always starts a private instance, never a `ray start` cluster found on the host.
@@ -73,8 +79,9 @@ def resolve_labels(cfg: RunConfig) -> list[str]:
     return list(named_label_set(cfg.data.label_set))
 
 
-def prepare(cfg: RunConfig) -> Prepared:
-    """Synthetic data when no dataset is given; a tiny random model when no checkpoint is given."""
+def prepare(cfg: RunConfig, init_ckpt: str | None = None) -> Prepared:
+    """Synthetic data when no dataset is given; a tiny random model when no checkpoint is given (neither
+    model.path nor init_ckpt). Needs no Ray: entry points call it before Ray starts."""
     out = Path(cfg.train.output_dir)
     labels = resolve_labels(cfg)
     train, ev, sft = cfg.data.train_path, cfg.data.eval_path, cfg.data.sft_path
@@ -89,7 +96,7 @@ def prepare(cfg: RunConfig) -> Prepared:
             make_synthetic_dataset(d, syn.num_eval, labels=labels, seed=syn.seed + 1, prefix="eval")
             make_synthetic_dataset(d, syn.num_sft, labels=labels, seed=syn.seed + 2, prefix="sft", with_reasoning=True)
         train, ev, sft = str(d / "train.json"), str(d / "eval.json"), str(d / "sft.json")
-    ckpt = cfg.model.path
+    ckpt = init_ckpt or cfg.model.path
     if ckpt is None:
         from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
         from r1omni_ray.model.loading import make_tiny_checkpoint

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from launch.common import base_parser, init_ray, parse_config, prepare, run_main, setup_logging
+from launch.preflight import preflight
 from launch.train_rlvr import run_rlvr
 from launch.train_sft import run_sft
 from r1omni_ray.tracking import RunLogger
@@ -21,8 +22,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = parse_config(args)
     t0 = time.time()
-    init_ray(cfg)
+    # The demo always starts afresh in its output dir (its synthetic data and init model are kept).
+    preflight(cfg, overwrite=True)
     prep = prepare(cfg)
+    init_ray(cfg)
     out = Path(cfg.train.output_dir)
     logger = RunLogger(out, cfg.wandb, cfg.to_dict(), job_type="demo")
     try:

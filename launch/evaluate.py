@@ -73,6 +73,9 @@ def plot_confusion(confusion: Any, labels: list[str], path: Path, title: str = "
     return path
 
 
+ATTRIBUTION_COLOURS = {"full": "tab:gray", "no video": "tab:blue", "no audio": "tab:orange"}
+
+
 def plot_attribution(rows: list[AttributionRow], path: Path) -> Path:
     """Accuracy per emotion under full / no-video / no-audio input, and the share of changed predictions."""
     import numpy as np
@@ -81,12 +84,14 @@ def plot_attribution(rows: list[AttributionRow], path: Path) -> Path:
     names = [r.label for r in rows]
     x = np.arange(len(rows))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(max(8.0, 1.4 * len(rows) + 4), 4))
+    # One colour per condition in both panels: "no video" left is "video removed" right, and so on.
     for k, (attr, lab) in enumerate([("acc_full", "full"), ("acc_no_video", "no video"), ("acc_no_audio", "no audio")]):
-        a1.bar(x + (k - 1) * 0.27, [getattr(r, attr) for r in rows], 0.27, label=lab)
+        a1.bar(x + (k - 1) * 0.27, [getattr(r, attr) for r in rows], 0.27, label=lab, color=ATTRIBUTION_COLOURS[lab])
     a1.set_title("accuracy per emotion")
     a1.set_ylim(0, 1)
-    for k, (attr, lab) in enumerate([("changed_no_video", "video removed"), ("changed_no_audio", "audio removed")]):
-        a2.bar(x + (k - 0.5) * 0.4, [getattr(r, attr) for r in rows], 0.4, label=lab)
+    for k, (attr, lab, key) in enumerate([("changed_no_video", "video removed", "no video"),
+                                         ("changed_no_audio", "audio removed", "no audio")]):
+        a2.bar(x + (k - 0.5) * 0.4, [getattr(r, attr) for r in rows], 0.4, label=lab, color=ATTRIBUTION_COLOURS[key])
     a2.set_title("share of predictions that changed")
     a2.set_ylim(0, 1)
     for ax in (a1, a2):
@@ -174,6 +179,8 @@ def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None =
     from launch.train_rlvr import load_split
 
     model_dir = resolve_model_dir(ckpt)
+    log.info("evaluating checkpoint %s (from --ckpt %s)", model_dir, ckpt)
+    print(f"checkpoint: {model_dir}")
     labels = list(named_label_set(label_set)) if label_set else resolve_labels(cfg)
     records = load_split(data, labels, cfg) or []
     if not records:

@@ -16,6 +16,7 @@ from actors.learner_group import shard_for_learners
 from actors.rollout import PromptSamples, usable_samples
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.evaluation import evaluate_records, wait_with_progress
+from launch.preflight import preflight
 from r1omni_ray.checkpointing import (
     DEEPSPEED_SUBDIR,
     HF_SUBDIR,
@@ -29,7 +30,7 @@ from r1omni_ray.checkpointing import (
     step_name,
 )
 from r1omni_ray.completions import split_reasoning
-from r1omni_ray.config import RunConfig
+from r1omni_ray.config import ConfigError, RunConfig, check_rlvr
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams
@@ -37,7 +38,7 @@ from r1omni_ray.grpo import group_advantages
 from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
 from r1omni_ray.timing import PhaseTimer
-from r1omni_ray.tracking import RunLogger, progress
+from r1omni_ray.tracking import RunLogger, progress, truncate_step_log
 
 log = logging.getLogger("r1omni_ray")
 
@@ -53,6 +54,9 @@ class RLVRTrainer:
         self.checkpointer: Checkpointer | None = None
         self.timer = PhaseTimer()
         self.inflight: list[Any] = []  # the overlapped next rollout, if any
+        self._table: tuple[list[str], list[list[Any]]] | None = None  # this step's sample table
+        self._diag_keys: set[str] = set()
+        self.skipped_at_load = 0  # records dropped when the dataset was read (set by run_rlvr)
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
                                      max_new_tokens=rc.max_new_tokens, logprobs=rc.sampling_logprobs)
@@ -123,7 +127,9 @@ class RLVRTrainer:
         samples, data_errors = usable_samples(samples, cfg.data.on_error)
         if not samples:
             log.warning("step %d: every record failed to load; no update this step", self.step + 1)
-            return {"data/skipped_records": float(len(data_errors)), "data/skipped_steps": 1.0}
+            # The same counters as any other row (a skipped step has no rewards: diagnostics count 0).
+            return self._counters(len(data_errors)) | {"data/skipped_steps": 1.0} | {
+                f"reward/diag_{k}": 0.0 for k in sorted(self._diag_keys)}
         completions = [c for g in samples for c in g.completions]
         with timer.phase("reward"):
             rb = groups.rewards.score([c.text for c in completions],
@@ -158,10 +164,9 @@ class RLVRTrainer:
         m["time/update"] = learner.get("update_s", 0.0)
         m["weight_version"] = float(learner_version + 1)
         m["weight_version_lag"] = float(learner_version - min(g.weight_version for g in samples))
-        m["data/skipped_records"] = float(len(data_errors))
-        m["faults/worker_restarts"] = float(groups.rollout.restarts)
-        m["faults/reissued_prompts"] = float(groups.rollout.reissued)
-        m["faults/reward_actor_restarts"] = float(groups.rewards.restarts)
+        m |= self._counters(len(data_errors))
+        m["data/skipped_steps"] = 0.0
+        self._diag_keys |= set(rb.diagnostics)
         # What crossed the driver this step (prompt metadata, completions, shards with refs) against the
         # media that went from the rollout workers to the learners by reference.
         m["data/driver_bytes"] = float(wire_bytes(samples) + wire_bytes(shards))
@@ -174,13 +179,19 @@ class RLVRTrainer:
         if m.get("learner/skipped_update"):
             log.warning("step %d: non-finite loss or gradient on a learner; update skipped on every rank, "
                         "weights unchanged", self.step + 1)
-        self._samples_table(samples, rb)
+        self._table = self._samples_table(samples, rb)
         return m
 
-    def _samples_table(self, samples: list[PromptSamples], rb) -> None:
+    def _counters(self, skipped_records: int) -> dict[str, float]:
+        g = self.groups
+        return {"data/skipped_records": float(skipped_records), "data/skipped_at_load": float(self.skipped_at_load),
+                "faults/worker_restarts": float(g.rollout.restarts), "faults/reissued_prompts": float(g.rollout.reissued),
+                "faults/reward_actor_restarts": float(g.rewards.restarts)}
+
+    def _samples_table(self, samples: list[PromptSamples], rb) -> tuple[list[str], list[list[Any]]] | None:
         n = self.cfg.train.log_samples
         if n <= 0:
-            return
+            return None
         rows, k = [], 0
         names = list(rb.per_reward)
         for g in samples:
@@ -191,13 +202,15 @@ class RLVRTrainer:
                                 + [rb.per_reward[x][k] for x in names])
                 k += 1
         cols = ["id", "label", "prediction", "reasoning", "completion", "reward"] + names
-        self.logger.log_table("completions", cols, rows, self.step + 1)  # not "samples": a metric has that key
+        return cols, rows
 
     def log(self, m: dict[str, float]) -> None:
         nan = float("nan")  # a step whose records all failed to load has no reward/response metrics
         m = dict(m, step=float(self.step))
         self.history.append(m)
-        self.logger.log(m, step=self.step)
+        # The step's sample table goes in the same W&B step ("completions": a metric is called "samples").
+        table, self._table = self._table, None
+        self.logger.log(m, step=self.step, tables={"completions": table} if table else None)
         log.info(
             "step %d | reward %.3f acc %.3f fmt %.3f | kl %.4f loss %.4f | len %.1f | %.1fs",
             self.step, m.get("reward/total_mean", nan), m.get("accuracy", nan), m.get("format_rate", nan),
@@ -205,13 +218,18 @@ class RLVRTrainer:
         )
 
 
-def load_split(path: str | None, labels: list[str], cfg: RunConfig) -> list[Any] | None:
+def load_split_counted(path: str | None, labels: list[str], cfg: RunConfig) -> tuple[list[Any] | None, int]:
+    """(records, how many were skipped at load time: malformed lines, unknown labels, missing files)."""
     if path is None:
-        return None
+        return None, 0
     res = load_records(path, root=cfg.data.root, label_set=labels, on_error=cfg.data.on_error)
     for idx, reason in res.skipped:
         log.warning("%s: skipped record %d: %s", path, idx, reason)
-    return res.records
+    return res.records, len(res.skipped)
+
+
+def load_split(path: str | None, labels: list[str], cfg: RunConfig) -> list[Any] | None:
+    return load_split_counted(path, labels, cfg)[0]
 
 
 class Checkpointer:
@@ -255,7 +273,7 @@ def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int
     got = (state.seed, state.prompts_per_step, state.num_records)
     want = (cfg.train.seed, cfg.train.prompts_per_step, num_records)
     if got != want:
-        raise ValueError(f"{ck}: saved (seed, prompts_per_step, records) {got} != this run's {want}; "
+        raise ConfigError(f"{ck}: saved (seed, prompts_per_step, records) {got} != this run's {want}; "
                          "resuming would change the data order")
     return ck, state
 
@@ -263,17 +281,24 @@ def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int
 def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | None = None,
              logger: RunLogger | None = None, eval_before: bool = False,
              resume: str | bool = False) -> dict[str, Any]:
-    """resume: False, True/"latest" (``<output_dir>/checkpoints/latest``) or a checkpoint dir."""
-    init_ray(cfg)
-    prep = prepared or prepare(cfg)
+    """resume: False, True/"latest" (``<output_dir>/checkpoints/latest``) or a checkpoint dir. Data and the
+    checkpoint to resume are read and checked before Ray starts."""
+    check_rlvr(cfg)
+    prep = prepared or prepare(cfg, init_ckpt)
     out = Path(cfg.train.output_dir)
-    records = load_split(prep.train_path, prep.labels, cfg)
+    records, skipped_at_load = load_split_counted(prep.train_path, prep.labels, cfg)
     eval_records = load_split(prep.eval_path, prep.labels, cfg)
     ck_dir, state = resume_state(cfg, out, resume, len(records)) if resume else (None, None)
+    init_ray(cfg)
     if state is not None and init_ckpt and str(Path(init_ckpt).resolve()) != state.init_ckpt:
         log.warning("--resume: learners start from the saved init checkpoint %s, not %s", state.init_ckpt, init_ckpt)
     # A resumed run rebuilds the learners (and the frozen reference) from the same init checkpoint.
     ckpt = state.init_ckpt if state is not None else str(Path(init_ckpt or prep.ckpt_dir).resolve())
+    if state is not None:
+        # Steps the interrupted run logged after its last checkpoint are replayed: drop their old rows.
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            if dropped := truncate_step_log(out / name, state.step):
+                log.info("--resume: dropped %d rows after step %d from %s", dropped, state.step, name)
     own_logger = logger is None
     logger = logger or RunLogger(out, cfg.wandb, cfg.to_dict(), resume_id=state.wandb_run_id if state else None,
                                  wandb_step=state.wandb_step if state else 0)
@@ -292,6 +317,7 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             result["resume_check"] = {"saved": state.weights_checksum, "loaded": sums}
         trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0)
+        trainer.skipped_at_load = skipped_at_load
         trainer.checkpointer = Checkpointer(cfg, groups, out, ckpt, logger)
         if eval_before and eval_records and state is None:
             ev = evaluate_records(groups.rollout, eval_records, prep.labels, cfg.rollout.max_new_tokens,
@@ -332,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
                              "version and W&B run")
     parser.add_argument("--resume-from", default=None, metavar="CKPT_DIR",
                         help="like --resume, from this checkpoint dir (<output_dir>/checkpoints/step_N)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's outputs in train.output_dir (refused without it)")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     cfg = parse_config(args)
+    check_rlvr(cfg)
+    preflight(cfg, args.init_ckpt, resume=bool(args.resume_from or args.resume), overwrite=args.overwrite)
     res = run_rlvr(cfg, init_ckpt=args.init_ckpt, resume=args.resume_from or args.resume)
     if "eval" in res:
         e = res["eval"]

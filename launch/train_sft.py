@@ -12,8 +12,9 @@ import numpy as np
 
 from actors.learner_group import LearnerGroup
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
+from launch.preflight import preflight
 from launch.train_rlvr import load_split
-from r1omni_ray.config import RunConfig
+from r1omni_ray.config import ConfigError, RunConfig
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.sampler import shared_micro_batches, split_even
 from r1omni_ray.tracking import RunLogger, progress
@@ -22,11 +23,11 @@ log = logging.getLogger("r1omni_ray")
 
 
 def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger | None = None) -> str:
-    init_ray(cfg)
     prep = prepared or prepare(cfg)
     if not prep.sft_path:
-        raise ValueError("data.sft_path: the SFT stage needs a dataset with reasoning responses")
-    records = load_split(prep.sft_path, prep.labels, cfg)
+        raise ConfigError("data.sft_path: the SFT stage needs a dataset with reasoning responses")
+    records = load_split(prep.sft_path, prep.labels, cfg)  # read and checked before Ray starts
+    init_ray(cfg)
     out = Path(cfg.train.output_dir) / "sft_model"
     own_logger = logger is None
     logger = logger or RunLogger(Path(cfg.train.output_dir), cfg.wandb, cfg.to_dict(), job_type="sft")
@@ -75,8 +76,12 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = base_parser(__doc__ or "").parse_args(argv)
+    parser = base_parser(__doc__ or "")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier run's outputs in train.output_dir (refused without it)")
+    args = parser.parse_intermixed_args(argv)
     cfg = parse_config(args)
+    preflight(cfg, overwrite=args.overwrite)
     print(f"SFT model: {run_sft(cfg)}")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -215,6 +216,38 @@ _CHOICES = {
 }
 
 
+# Lower bounds of numeric fields: (bound, inclusive). Checked with the types, before anything starts.
+_MIN: dict[str, tuple[float, bool]] = {
+    "rollout.num_workers": (0, True), "rollout.group_size": (1, True), "rollout.max_new_tokens": (1, True),
+    "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
+    "rollout.num_gpus_per_worker": (0, True), "rollout.num_cpus_per_worker": (0, False),
+    "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
+    "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False),
+    "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
+    "grpo.clip_eps_high": (0, True),
+    "learner.num_learners": (1, True), "learner.lr": (0, False), "learner.weight_decay": (0, True),
+    "learner.grad_clip": (0, True), "learner.micro_batch_size": (1, True), "learner.num_cpus_per_learner": (0, False),
+    "learner.num_gpus_per_learner": (0, True), "learner.torch_threads": (1, True),
+    "learner.dist_timeout_s": (0, False), "learner.broadcast_bucket_mb": (0, True),
+    "train.steps": (1, True), "train.prompts_per_step": (1, True), "train.eval_every": (0, True),
+    "train.log_samples": (0, True), "sft.epochs": (0, True), "sft.lr": (0, False), "sft.batch_size": (1, True),
+    "checkpoint.every": (0, True), "checkpoint.keep_last": (1, True),
+    "data.synthetic.num_train": (1, True), "data.synthetic.num_eval": (0, True), "data.synthetic.num_sft": (0, True),
+    "ray.placement_timeout_s": (0, False), "model.tiny_hidden_size": (1, True), "model.tiny_layers": (1, True),
+}
+# YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string; any float spelling Python accepts is a number here.
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def _check_min(path: str, value: Any) -> None:
+    bound = _MIN.get(path)
+    if bound is None or value is None:
+        return
+    lo, inclusive = bound
+    if value < lo or (not inclusive and value == lo):
+        raise ConfigError(f"{path}: {value!r} must be {'>=' if inclusive else '>'} {lo:g}")
+
+
 def _convert(tp: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
@@ -240,6 +273,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         (item,) = typing.get_args(tp)
         return [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is float:
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {type(value).__name__} ({value!r})")
         return float(value)
@@ -271,6 +306,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         allowed = _CHOICES.get(path)
         if allowed is not None and kwargs[name] not in allowed:
             raise ConfigError(f"{path}: {kwargs[name]!r} is not one of {sorted(allowed, key=str)}")
+        _check_min(path, kwargs[name])
     return cls(**kwargs)
 
 
@@ -310,6 +346,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         return _build(RunConfig, data, "")
     except ConfigError as e:
         raise ConfigError(f"{src}: {e}") from None
+
+
+def check_rlvr(cfg: RunConfig) -> None:
+    """What only the RLVR stage needs (an SFT config may well have no rollout workers)."""
+    if cfg.rollout.num_workers < 1:
+        raise ConfigError(f"rollout.num_workers: {cfg.rollout.num_workers} must be >= 1 for RLVR (rollouts need a worker)")
+    if cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker == 0 and cfg.rollout.tensor_parallel_size < 1:
+        raise ConfigError("rollout.tensor_parallel_size: must be >= 1 for the vllm engine")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

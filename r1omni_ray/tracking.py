@@ -54,6 +54,25 @@ def progress(iterable: Iterable[Any] | None = None, total: int | None = None, de
     return tqdm(iterable, total=total, desc=desc, **kw)
 
 
+def truncate_step_log(path: Path, step: int) -> int:
+    """Drop the training rows after ``step`` from a JSON-lines log (metrics.jsonl, completions.jsonl): a run
+    resumed from the checkpoint at ``step`` logs those steps again. SFT rows (keys ``sft/...``) stay.
+    Returns the number of rows dropped."""
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step", 0) > step and not any(k.startswith("sft/") for k in row):
+            dropped += 1
+        else:
+            keep.append(line)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.replace(path)
+    return dropped
+
+
 class RunLogger:
     def __init__(self, out_dir: str | Path, wandb_cfg: Any, run_config: dict[str, Any], job_type: str = "rlvr",
                  resume_id: str | None = None, wandb_step: int = 0) -> None:
@@ -96,21 +115,33 @@ class RunLogger:
             self.run.log(payload, step=self._wandb_step)
             self._wandb_step += 1
 
-    def log(self, metrics: dict[str, Any], step: int) -> None:
+    def log(self, metrics: dict[str, Any], step: int,
+            tables: dict[str, tuple[list[str], list[list[Any]]]] | None = None) -> None:
+        """One row: scalars to metrics.jsonl, tables to <key>.jsonl, and all of it as ONE W&B step."""
         clean = {k: v for k, v in metrics.items() if isinstance(v, int | float | str | bool)}
         record = {"step": step, **clean}
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        self._wandb_log({**metrics, "step": step})
+        payload = {**metrics, "step": step}
+        for key, (columns, rows) in (tables or {}).items():
+            payload |= self._table(key, columns, rows, step)
+        self._wandb_log(payload)
 
-    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+    def _table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> dict[str, Any]:
         with (self.out / f"{key.replace('/', '_')}.jsonl").open("a") as f:
             for r in rows:
                 f.write(json.dumps({"step": step, **dict(zip(columns, r, strict=True))}, default=str) + "\n")
-        if self.run is not None:
-            import wandb
+        if self.run is None:
+            return {}
+        import wandb
 
-            self._wandb_log({key: wandb.Table(columns=columns, data=rows), "step": step})
+        return {key: wandb.Table(columns=columns, data=rows)}
+
+    def log_table(self, key: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        """A table on its own W&B step (evaluation reports)."""
+        payload = self._table(key, columns, rows, step)
+        if payload:
+            self._wandb_log(payload | {"step": step})
 
     def log_images(self, images: dict[str, str | Path], step: int) -> None:
         """PNG files (confusion matrix, attribution plot) as W&B images."""

@@ -46,3 +46,34 @@ def test_bad_file_is_named(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match="cannot read config"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("spelling", ["1e-5", "1E-5", "1.0e-5", "0.00001", "+1e-05"])
+def test_any_float_spelling_is_a_number(spelling):
+    # PyYAML reads "1e-5" (no dot) as a string; the config must not reject what a user means as a number.
+    assert load_config(None, [f"learner.lr={spelling}"]).learner.lr == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.steps=-3", "train.steps: -3 must be >= 1"),
+        ("train.prompts_per_step=0", "train.prompts_per_step: 0 must be >= 1"),
+        ("rollout.num_workers=-1", "rollout.num_workers: -1 must be >= 0"),
+        ("rollout.group_size=0", "rollout.group_size: 0 must be >= 1"),
+        ("learner.lr=0", "learner.lr: 0.0 must be > 0"),
+        ("learner.num_learners=0", "learner.num_learners: 0 must be >= 1"),
+        ("rollout.temperature=-1", "rollout.temperature: -1.0 must be > 0"),
+    ],
+)
+def test_out_of_range_values_name_the_field(override, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert needle in str(e.value)
+
+
+def test_rlvr_needs_a_rollout_worker():
+    from r1omni_ray.config import check_rlvr
+
+    with pytest.raises(ConfigError, match="rollout.num_workers: 0 must be >= 1 for RLVR"):
+        check_rlvr(load_config(None, ["rollout.num_workers=0"]))

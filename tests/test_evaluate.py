@@ -22,6 +22,33 @@ def fake_result(preds, golds, errors=None):
     return EvalResult(emotion_metrics(preds, golds, LABELS), rows, sum(p is not None for p in preds) / len(preds))
 
 
+def test_attribution_colours_mean_one_condition_each(tmp_path, monkeypatch):
+    from launch import evaluate
+
+    colours = {}
+    orig = evaluate.plot_attribution
+
+    def spy(rows, path):
+        import matplotlib.axes
+
+        real_bar = matplotlib.axes.Axes.bar
+
+        def bar(self, x, h, w, label=None, color=None, **kw):
+            colours.setdefault(label, set()).add(color)
+            return real_bar(self, x, h, w, label=label, color=color, **kw)
+
+        monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+        return orig(rows, path)
+
+    golds = ["happy", "sad"]
+    full = fake_result(["happy", "sad"], golds)
+    monkeypatch.setattr(evaluate, "plot_attribution", spy)
+    write_report(tmp_path, full, LABELS, fake_result(["sad", "sad"], golds), fake_result(["happy", "happy"], golds), {})
+    # The removed modality has the same colour in the accuracy panel and the changed-share panel.
+    assert colours["no video"] == colours["video removed"] and colours["no audio"] == colours["audio removed"]
+    assert len({c for cs in colours.values() for c in cs}) == 3
+
+
 def test_write_report_files_and_rates(tmp_path):
     golds = ["happy", "happy", "sad", "angry"]
     full = fake_result(["happy", None, "sad", "bored"], golds, [None, None, None, None])
@@ -56,6 +83,7 @@ def test_evaluate_cli_with_attribution(tiny_ckpt, synth_data, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "WAR" in printed and "UAR" in printed and "| label | n |" in printed
+    assert f"checkpoint: {tiny_ckpt.resolve()}" in printed  # the checkpoint --ckpt resolved to
 
     m = json.loads((out / "metrics.json").read_text())
     assert m["n"] == 8 and 0.0 <= m["war"] <= 1.0 and 0.0 <= m["parse_failure_rate"] <= 1.0

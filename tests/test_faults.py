@@ -177,6 +177,40 @@ def test_worker_killed_during_overlapped_rollout_and_broadcast(pools, records):
     assert_workers_hold(pools, learner_states(pools)[0])
 
 
+def test_idle_worker_killed_between_steps_is_found_before_the_broadcast(ray_cluster, tiny_ckpt, records, tmp_path):
+    """A worker that dies after its rollout was collected: its media are still fetched by the learners (the
+    driver owns them), and the broadcast finds the dead member before the collective starts instead of
+    waiting out learner.dist_timeout_s."""
+    timeout = 120.0
+    cfg = fault_cfg(tmp_path, learner={"dist_timeout_s": timeout},
+                    reward={"num_actors": 0, "rewards": [{"name": "test_parity"}]})
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    try:
+        tr = make_trainer(groups, records)
+        samples = groups.rollout.collect(tr.submit(0), tr._params_for(0))
+        assert any(s.worker == 1 for s in samples)
+        ray.kill(groups.rollout.workers[1], no_restart=True)
+        t0 = time.monotonic()
+        m = tr.train_on(samples)
+        took = time.monotonic() - t0
+        assert took < timeout / 10, f"the step took {took:.1f}s: the dead worker was found late"
+        assert m["samples"] == len(samples) * G and groups.rollout.restarts == 1 and groups.sync.version == 1
+        assert_workers_hold(groups, learner_states(groups)[0])
+    finally:
+        groups.shutdown()
+
+
+def test_an_unschedulable_reward_actor_fails_the_run_at_start(ray_cluster, tmp_path):
+    from actors.placement import PlacementError
+    from actors.reward_group import RewardGroup
+
+    cfg = fault_cfg(tmp_path, reward={"num_cpus_per_actor": 64.0}, ray={"placement_timeout_s": 2.0})
+    t0 = time.monotonic()
+    with pytest.raises(PlacementError, match=r"reward group .*'CPU': 64\.0.* not schedulable within 2s.*cluster has"):
+        RewardGroup(cfg, LABELS)
+    assert time.monotonic() - t0 < 30
+
+
 # ---------------------------------------------------------------------------------------------- rewards
 
 

@@ -1,5 +1,6 @@
 """The documented cluster path: `ray start --head` + `ray job submit ... -- python -m launch.train_rlvr`,
-with Ray token authentication on and the dashboard bound to 127.0.0.1."""
+with Ray token authentication on and the dashboard bound to 127.0.0.1, on a 2-CPU head (every actor of
+configs/tiny_cpu.yaml must fit, reward actors included)."""
 
 import os
 import signal
@@ -42,7 +43,7 @@ def test_ray_job_submit_runs_rlvr_end_to_end(tmp_path):
     gcs, dash, agent, agent_grpc, metrics = (_port() for _ in range(5))
     # --block keeps the head in our process group, so tearing it down never touches other Ray instances.
     head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=6",
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--num-cpus=2",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--metrics-export-port={metrics}"],

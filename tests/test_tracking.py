@@ -116,6 +116,8 @@ def test_driver_metrics_and_samples_table_reach_wandb_and_jsonl(tmp_path):
     steps = [h["_step"] for h in run["history"]]
     assert steps == sorted(steps) and len(set(steps)) == len(steps)  # W&B's step only moves forward
 
+    # One W&B step per training step: the sample table rides in the metrics row.
+    assert len(run["history"]) == 2 and all("completions" in h for h in run["history"])
     tables = [h["completions"] for h in run["history"] if "completions" in h]
     assert len(tables) == 2 and tables[0]["_type"] == "table-file"
     table_file = sorted((offline_run_dir(tmp_path) / "files").rglob("completions_*.table.json"))[0]
