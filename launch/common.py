@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,14 +53,17 @@ def init_ray(cfg: RunConfig) -> None:
         else:
             from actors.placement import required_cpus
 
-            # Token authentication, chosen explicitly (Ray warns on every start when the mode is unset).
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # A private instance on this machine: Ray's "token authentication is enabled" notice on every
+            # start says nothing here (RAY_AUTH_MODE must not be set now: Ray read it when imported).
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # Logical CPUs are scheduling tokens: a small machine still runs the full actor layout.
             cpus = cfg.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(required_cpus(cfg)) + 1)
             # address="local" always starts a private instance, never a `ray start` cluster found on the host.
             ray.init(address="local", num_cpus=cpus, runtime_env=env, include_dashboard=False, log_to_driver=True)
     else:
         ray.init(address=addr, runtime_env=env)
+    if _stop_handler_wanted:  # an entry point's process (not a library caller): Ray just replaced it
+        install_stop_handler()
 
 
 @dataclass
@@ -113,14 +117,34 @@ def prepare(cfg: RunConfig, init_ckpt: str | None = None) -> Prepared:
                     str(Path(ev).resolve()) if ev else None, str(Path(sft).resolve()) if sft else None, labels)
 
 
+def _stop(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_stop_handler_wanted = False
+
+
+def install_stop_handler() -> None:
+    """`ray job stop` sends SIGTERM: unwind through the finally blocks (actors, placement groups, W&B) and
+    exit with one line. ray.init installs its own fatal-signal handler (a stack dump, then abort), so
+    init_ray installs this one again after it."""
+    global _stop_handler_wanted
+    _stop_handler_wanted = True
+    signal.signal(signal.SIGTERM, _stop)
+
+
 def run_main(main: Callable[[], int]) -> None:
     """Entry-point wrapper: configuration and data errors end the process with their message (which
     names the file/field) and exit status 2, not a traceback."""
     from r1omni_ray.data.errors import DataError
 
+    install_stop_handler()
     try:
         code = main()
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except KeyboardInterrupt as e:
+        print(f"stopped ({e or 'SIGINT'}); the last committed checkpoint can be resumed with --resume", file=sys.stderr)
+        code = 130
     sys.exit(code)

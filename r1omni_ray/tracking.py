@@ -158,8 +158,12 @@ class RunLogger:
 
     def finish(self) -> None:
         if self.run is not None:
-            self.run.finish()
-            self.run = None
+            run, self.run = self.run, None
+            try:
+                run.finish()
+            except Exception as e:  # noqa: BLE001 - e.g. its service already gone when a job is stopped
+                log.warning("W&B run %s did not finish cleanly (%s: %s); its files stay in %s",
+                            run.id, type(e).__name__, e, self.out)
 
 
 # ---------------------------------------------------------------------------------------------

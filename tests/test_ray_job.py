@@ -70,6 +70,9 @@ def test_ray_job_submit_runs_rlvr_end_to_end(tmp_path):
         assert "final model:" in log
         assert (out / "final_model" / "model.safetensors").is_file()
         assert (out / "metrics.jsonl").read_text().count('"step"') >= 2
+        # Quiet logs: no per-actor DeepSpeed banners, no progress bars in a job's (non-TTY) log.
+        for noise in ("Setting accelerator to CPU", "built successfully", "Writing model shards", "Loading weights"):
+            assert noise not in log, noise
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         try:

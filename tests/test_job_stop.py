@@ -1,0 +1,40 @@
+"""Stopping a run (SIGTERM, what `ray job stop` sends) unwinds cleanly: one line, a non-zero exit, no
+traceback, the actors and W&B run closed by the driver's own finally blocks."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def test_sigterm_stops_the_driver_with_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded, private local Ray
+    log = tmp_path / "driver.log"
+    args = [sys.executable, "-m", "launch.train_rlvr", "--config", "configs/tiny_cpu.yaml",
+            f"train.output_dir={tmp_path / 'run'}", "train.steps=500", "train.prompts_per_step=2",
+            "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.num_workers=1", "learner.num_learners=1",
+            "data.synthetic.num_train=4", "data.synthetic.num_eval=2", "data.synthetic.num_sft=2",
+            "wandb.mode=offline"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and "step 2 |" not in log.read_text():
+            assert proc.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "step 2 |" in log.read_text(), log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "stopped (SIGTERM)" in text and "Traceback" not in text, text[-3000:]
