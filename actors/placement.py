@@ -29,8 +29,11 @@ def required_cpus(cfg: RunConfig) -> float:
 
 
 def rollout_gpus_per_worker(cfg: RunConfig) -> float:
+    """rollout.num_gpus_per_worker, or by default one per tensor-parallel rank for vLLM and none for HF."""
     rc = cfg.rollout
-    return rc.num_gpus_per_worker or (float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0)
+    if rc.num_gpus_per_worker is not None:
+        return rc.num_gpus_per_worker
+    return float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0
 
 
 class PlacementError(ConfigError):

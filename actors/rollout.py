@@ -76,7 +76,7 @@ class RolloutWorker:
 
             self.engine = VLLMEngine(
                 model, self.processor.tokenizer, work_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
-                dtype=str(model.dtype).removeprefix("torch."),
+                dtype=str(model.dtype).removeprefix("torch."), max_model_len=rc.max_model_len,
             )
         else:
             from r1omni_ray.engines.hf_engine import HFEngine
@@ -113,21 +113,41 @@ class RolloutWorker:
             media.append(m)
             full_inputs.append((len(samples) - 1, inp))
         if full_inputs:
-            outs = self.engine.generate([inp for _, inp in full_inputs], params)
+            outs = self.engine.generate([inp for _, inp in full_inputs], params,
+                                        [samples[k].uid for k, _ in full_inputs])
             for (k, _), comps in zip(full_inputs, outs, strict=True):
                 samples[k].completions = comps
         self.busy_s += time.perf_counter() - t0
         return (samples, *media)
 
     # ---- weights ----
+    def sync_ranks(self) -> int:
+        """Ranks of this worker in the broadcast group: itself, plus one per vLLM worker process."""
+        return 1 + (self.engine.extra_sync_ranks() if hasattr(self.engine, "extra_sync_ranks") else 0)
+
     def init_sync_group(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
         self.sync_group = None
-        self.sync_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s, name=f"rollout-worker-{self.index}")
+
+        def join_own() -> None:
+            self.sync_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s,
+                                             name=f"rollout-worker-{self.index}")
+
+        if hasattr(self.engine, "join_sync"):  # vLLM: its workers join as ranks rank+1 .. rank+TP
+            self.engine.join_sync(join_own, backend, host, port, rank + 1, world_size, timeout_s)
+        else:
+            join_own()
         return True
 
     def receive_weights(self, version: int, metas: list[ParamMeta], buckets: list[list[int]]) -> int:
         assert self.sync_group is not None, "init_sync_group first"
-        receive_buckets(self.sync_group, metas, buckets, self.engine.load_weights, device())
+
+        def receive_own() -> None:
+            receive_buckets(self.sync_group, metas, buckets, self.engine.load_weights, device())
+
+        if hasattr(self.engine, "receive"):  # vLLM: its workers receive the LM's tensors meanwhile
+            self.engine.receive(receive_own, metas, buckets)
+        else:
+            receive_own()
         self.version = version
         return version
 

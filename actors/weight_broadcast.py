@@ -17,6 +17,16 @@ from r1omni_ray.config import RunConfig
 from r1omni_ray.weight_sync import plan_buckets
 
 
+def rank_offsets(ranks_per_worker: list[int]) -> tuple[list[int], int]:
+    """(first rank of each rollout worker, world size): learner rank 0 is rank 0, then each worker's ranks
+    (the actor, and one per vLLM worker process) in worker order."""
+    first, nxt = [], 1
+    for n in ranks_per_worker:
+        first.append(nxt)
+        nxt += n
+    return first, nxt
+
+
 class WeightSync:
     def __init__(self, cfg: RunConfig, learners: LearnerGroup, rollout: RolloutGroup) -> None:
         self.cfg, self.learners, self.rollout = cfg, learners, rollout
@@ -34,20 +44,23 @@ class WeightSync:
         """(Re)build the broadcast group. Workers are pinged first (a new one is still loading its model; a
         dead one would stall the rendezvous until the timeout): dead ones are replaced before anyone joins."""
         lc = self.cfg.learner
-        backend = "nccl" if lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0 else "gloo"
+        # NCCL needs one GPU per rank; a vLLM worker shares its GPU with its rollout actor, so vLLM is on gloo.
+        gpus = lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0
+        backend = "nccl" if gpus and self.cfg.rollout.engine == "hf" else "gloo"
         host = ray.get(self.learners.actors[0].info.remote())["node_ip"]
         workers = self.rollout
 
         def attempt() -> Attempt:
-            pings = [(n, "info", w.info.remote()) for n, w in zip(workers.names(), workers.workers, strict=True)]
+            pings = [(n, "sync_ranks", w.sync_ranks.remote()) for n, w in zip(workers.names(), workers.workers, strict=True)]
             results = settle(pings)
             if dead := self._dead(results):
                 return Attempt(False, dead)
             raise_first_error(pings, results)
-            port, world = free_port(), len(workers.workers) + 1
+            first, world = rank_offsets(results)
+            port = free_port()
             calls = [("learner-0", "init_sync_group",
                       self.learners.actors[0].init_sync_group.remote(backend, host, port, world, lc.dist_timeout_s))]
-            calls += [(n, "init_sync_group", w.init_sync_group.remote(backend, host, port, i + 1, world,
+            calls += [(n, "init_sync_group", w.init_sync_group.remote(backend, host, port, first[i], world,
                                                                       lc.dist_timeout_s))
                       for i, (n, w) in enumerate(zip(workers.names(), workers.workers, strict=True))]
             results = settle(calls)

@@ -33,7 +33,7 @@ from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import ConfigError, RunConfig, check_rlvr
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import batch_indices
-from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import group_advantages
 from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
@@ -71,8 +71,8 @@ class RLVRTrainer:
 
     def _params_for(self, step: int) -> SamplingParams:
         p = self.params
-        return SamplingParams(p.n, p.temperature, p.top_p, p.max_new_tokens, seed=self.cfg.train.seed * 100003 + step,
-                              logprobs=p.logprobs)
+        return SamplingParams(p.n, p.temperature, p.top_p, p.max_new_tokens,
+                              seed=step_seed(self.cfg.train.seed, step), logprobs=p.logprobs)
 
     def fit(self) -> list[dict[str, float]]:
         total = self.cfg.train.steps

@@ -75,7 +75,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     tensor_parallel_size: int = 1
-    num_gpus_per_worker: float = 0.0
+    num_gpus_per_worker: float | None = None  # None: tensor_parallel_size GPUs for vllm, none for hf
+    max_model_len: int | None = None  # vllm: prompt + completion tokens; None takes the model's limit
     num_cpus_per_worker: float = 1.0
     gpu_memory_utilization: float = 0.6
     torch_threads: int = 1
@@ -220,7 +221,7 @@ _CHOICES = {
 _MIN: dict[str, tuple[float, bool]] = {
     "rollout.num_workers": (0, True), "rollout.group_size": (1, True), "rollout.max_new_tokens": (1, True),
     "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
-    "rollout.num_gpus_per_worker": (0, True), "rollout.num_cpus_per_worker": (0, False),
+    "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
@@ -352,8 +353,11 @@ def check_rlvr(cfg: RunConfig) -> None:
     """What only the RLVR stage needs (an SFT config may well have no rollout workers)."""
     if cfg.rollout.num_workers < 1:
         raise ConfigError(f"rollout.num_workers: {cfg.rollout.num_workers} must be >= 1 for RLVR (rollouts need a worker)")
-    if cfg.rollout.engine == "vllm" and cfg.rollout.num_gpus_per_worker == 0 and cfg.rollout.tensor_parallel_size < 1:
-        raise ConfigError("rollout.tensor_parallel_size: must be >= 1 for the vllm engine")
+    rc = cfg.rollout
+    if rc.engine == "vllm" and rc.num_gpus_per_worker is not None and rc.num_gpus_per_worker < rc.tensor_parallel_size:
+        raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
+                          f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "
+                          "(leave it unset to get tensor_parallel_size)")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -78,7 +78,7 @@ class BroadcastGroup:
     def __init__(
         self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float, name: str
     ) -> None:
-        self.rank, self.world_size, self.name = rank, world_size, name
+        self.rank, self.world_size, self.name, self.backend = rank, world_size, name, backend
         self.buffers: dict[tuple[torch.dtype, str], torch.Tensor] = {}
         self.timeout = datetime.timedelta(seconds=timeout_s)
         try:

@@ -48,6 +48,11 @@ def test_resume_matches_uninterrupted_run(local_ray, tiny_ckpt, synth_data, tmp_
     s1, s2 = read_state(a / "checkpoints" / "step_1"), read_state(a / "checkpoints" / "step_2")
     assert (s2.step, s2.weight_version, s2.wandb_run_id) == (2, 2, first["wandb_run_id"])
     assert (a / "checkpoints" / "step_2" / "hf" / "config.json").is_file()  # end-of-run export
+    from transformers import AutoTokenizer
+
+    gen = json.loads((a / "checkpoints" / "step_2" / "hf" / "generation_config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(tiny_ckpt)  # the export stops on the tokenizer's eos, pads with its pad
+    assert (gen["eos_token_id"], gen["pad_token_id"]) == (tok.eos_token_id, tok.pad_token_id)
     assert not (a / "checkpoints" / "step_1" / "hf").exists()
     assert s1.weights_checksum != s2.weights_checksum  # the weights did move between checkpoints
 

@@ -29,3 +29,40 @@ def test_sampling_logprobs_only_on_request_and_equal_to_the_policys(tiny_ckpt, s
         assert len(c.logprobs) == len(c.token_ids)
         # Incremental decoding (KV cache) against one full forward: fp32 tolerance.
         torch.testing.assert_close(torch.tensor(c.logprobs), lp[i, : len(comps[i])], rtol=1e-4, atol=1e-4)
+
+
+def test_each_sample_has_its_own_seed_whatever_batch_it_is_in(tiny_ckpt, synth_data):
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    engine = HFEngine(load_policy(tiny_ckpt, "float32"), proc.tokenizer)
+    recs = load_records(synth_data / "train.json").records
+    a, b = proc.process(recs[0]), proc.process(recs[1])
+    params = SamplingParams(n=3, max_new_tokens=6, seed=11, temperature=1.0)
+    both = engine.generate([a, b], params, uids=[4, 7])
+    alone = engine.generate([b], params, uids=[7])
+    # Prompt uid 7's samples depend on (step seed, uid, index) only, not on the batch it shared.
+    assert [c.token_ids for c in alone[0]] == [c.token_ids for c in both[1]]
+    again = engine.generate([a, b], params, uids=[4, 7])
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in both]
+    other_step = engine.generate([a, b], SamplingParams(n=3, max_new_tokens=6, seed=12), uids=[4, 7])
+    assert [[c.token_ids for c in g] for g in other_step] != [[c.token_ids for c in g] for g in both]
+
+
+@torch.no_grad()
+def test_per_sample_sampler_draws_from_the_tempered_nucleus():
+    """The sampler's statistics, not exact tokens: first tokens over many seeds follow softmax(logits / T)
+    restricted to the top-p nucleus."""
+    from r1omni_ray.engines.hf_engine import PerSampleSampler
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0, -3.0]])
+    rows, temp, top_p = 4000, 0.8, 0.9
+    s = PerSampleSampler(list(range(rows)), temp, top_p, torch.device("cpu"))
+    out = s(torch.zeros(rows, 0, dtype=torch.long), logits.expand(rows, -1).clone())
+    assert torch.isfinite(out).sum(dim=1).eq(1).all()  # one token left per row
+    counts = torch.bincount(out.argmax(dim=1), minlength=5).float() / rows
+    p = torch.softmax(logits[0] / temp, -1)
+    keep = (p.sort(descending=True).values.cumsum(0) - p.sort(descending=True).values) < top_p
+    want = torch.zeros(5)
+    want[p.sort(descending=True).indices[keep]] = p.sort(descending=True).values[keep]
+    want /= want.sum()
+    assert counts[want == 0].sum() == 0  # nothing outside the nucleus
+    torch.testing.assert_close(counts, want, atol=0.03, rtol=0)  # 4000 draws: a few 1e-2 of sampling noise

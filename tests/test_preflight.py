@@ -80,3 +80,12 @@ def test_cli_errors_are_one_line_and_come_before_ray(tmp_path, args, needle):
     assert lines == [needle] or (len(lines) == 1 and lines[0].startswith(needle)), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "Started a local Ray" not in proc.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_no_throw_away_init_model_when_a_checkpoint_is_given(tmp_path, tiny_ckpt):
+    from launch.common import prepare
+
+    c = config_from_dict({"train": {"output_dir": str(tmp_path)}, "data": {"synthetic": {"num_train": 2,
+                          "num_eval": 1, "num_sft": 1}}})
+    prep = prepare(c, init_ckpt=str(tiny_ckpt))
+    assert prep.ckpt_dir == str(Path(tiny_ckpt).resolve()) and not (tmp_path / "init_model").exists()

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from r1omni_ray.model.modeling import MMPrompt
 
-# Parameter-name prefixes of the multimodal front end (everything that is not the Qwen2 LM).
-MM_PREFIXES = (
-    "model.vision_tower.", "model.audio_tower.", "model.mm_projector.", "model.audio_projector.",
-    "model.bert_model.", "model.bert_gate.",
-)
+# The Qwen2 LM's own parameters, by allow-list: what a plain Qwen2 checkpoint (and vLLM's Qwen2 model)
+# has. Everything else is the multimodal front end, whatever new module it grows.
+_LM_PARAM = re.compile(r"^(model\.(embed_tokens|norm)\.|model\.layers\.\d+\.|lm_head\.)")
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class SamplingParams:
     top_p: float = 1.0
     max_new_tokens: int = 64
     greedy: bool = False
-    seed: int | None = None
+    seed: int | None = None  # the step's seed (step_seed); each sample derives its own (sample_seed)
     logprobs: bool = False  # return each sampled token's log-prob (rollout.sampling_logprobs)
 
 
@@ -37,8 +37,10 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
-    def generate(self, prompts: Sequence[MMPrompt], params: SamplingParams) -> list[list[Completion]]:
-        """params.n completions for each prompt."""
+    def generate(self, prompts: Sequence[MMPrompt], params: SamplingParams,
+                 uids: Sequence[int] | None = None) -> list[list[Completion]]:
+        """params.n completions for each prompt; sample j of prompt uid is drawn with sample_seed(params.seed,
+        uid, j) (uids default to the prompts' positions)."""
         ...
 
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
@@ -51,7 +53,19 @@ class RolloutEngine(Protocol):
 
 
 def is_lm_param(name: str) -> bool:
-    return not name.startswith(MM_PREFIXES)
+    return _LM_PARAM.match(name) is not None
+
+
+def step_seed(run_seed: int, step: int) -> int:
+    """The sampling seed of one training step (what SamplingParams.seed carries)."""
+    return int(np.random.SeedSequence([run_seed, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def sample_seed(seed: int, uid: int, index: int) -> int:
+    """A seed of its own for sample ``index`` of prompt ``uid`` under the step seed ``seed``, in both engines.
+    (vLLM's n samples of one request draw seed, seed+1, ...: every prompt of a step would share them, and
+    step s+1's sample j would repeat step s's sample j+1.)"""
+    return int(np.random.SeedSequence([seed, uid, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def trim_at_eos(ids: Sequence[int], eos_ids: set[int], pad_id: int | None) -> tuple[list[int], str]:

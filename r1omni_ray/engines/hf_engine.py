@@ -6,8 +6,29 @@ from collections.abc import Sequence
 
 import torch
 
-from r1omni_ray.engines.base import Completion, SamplingParams, trim_at_eos
+from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, trim_at_eos
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
+
+
+class PerSampleSampler:
+    """A logits processor that draws each row's next token itself, with that row's own generator (one seed
+    per sample), from softmax(logits / temperature) cut to the top-p nucleus, and leaves only that token:
+    generate() runs greedy, so it takes it. transformers samples every row from one global generator, which
+    would tie each sample to the batch it happened to share."""
+
+    def __init__(self, seeds: list[int], temperature: float, top_p: float, device: torch.device) -> None:
+        self.temperature, self.top_p = temperature, top_p
+        self.gens = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            outside = sorted_p.cumsum(-1) - sorted_p >= self.top_p  # mass before a token already reached top_p
+            probs = probs.scatter(-1, order, sorted_p.masked_fill(outside, 0.0))
+        chosen = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.gens)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen[:, None], 0.0)
 
 
 class ChosenTokenLogprobs:
@@ -48,13 +69,17 @@ class HFEngine:
         self._params = dict(self.model.named_parameters())
 
     @torch.no_grad()
-    def generate(self, prompts: Sequence[MMPrompt], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompts: Sequence[MMPrompt], params: SamplingParams,
+                 uids: Sequence[int] | None = None) -> list[list[Completion]]:
+        uids = list(range(len(prompts))) if uids is None else list(uids)
         results: list[list[Completion]] = []
         for start in range(0, len(prompts), self.max_batch_prompts):
-            results.extend(self._generate_batch(prompts[start : start + self.max_batch_prompts], params))
+            end = start + self.max_batch_prompts
+            results.extend(self._generate_batch(prompts[start:end], params, uids[start:end]))
         return results
 
-    def _generate_batch(self, prompts: Sequence[MMPrompt], params: SamplingParams) -> list[list[Completion]]:
+    def _generate_batch(self, prompts: Sequence[MMPrompt], params: SamplingParams,
+                        uids: Sequence[int]) -> list[list[Completion]]:
         embeds = self.model.embed_prompts(prompts)
         width = max(e.shape[0] for e in embeds)
         x = embeds[0].new_zeros(len(embeds), width, embeds[0].shape[1])
@@ -62,23 +87,26 @@ class HFEngine:
         for i, e in enumerate(embeds):  # left padding: generation continues from the right edge
             x[i, width - e.shape[0] :] = e
             att[i, width - e.shape[0] :] = 1
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
         n = 1 if params.greedy else params.n
         temp = 1.0 if params.greedy else params.temperature
+        processors: list = []
         recorder = ChosenTokenLogprobs(temp) if params.logprobs else None
+        if recorder is not None:
+            processors.append(recorder)  # first: it sees the logits before the sampler masks them
+        if not params.greedy:
+            base = params.seed if params.seed is not None else 0
+            # Rows are prompt-major: row i * n + j is sample j of prompt i.
+            seeds = [sample_seed(base, uid, j) for uid in uids for j in range(n)]
+            processors.append(PerSampleSampler(seeds, params.temperature, params.top_p, x.device))
         seqs = self.model.generate(
-            inputs_embeds=x,
-            attention_mask=att,
+            # Each prompt repeated n times, prompt-major (what num_return_sequences did, which greedy refuses).
+            inputs_embeds=x.repeat_interleave(n, dim=0),
+            attention_mask=att.repeat_interleave(n, dim=0),
             max_new_tokens=params.max_new_tokens,
-            do_sample=not params.greedy,
-            temperature=params.temperature if not params.greedy else None,
-            top_p=params.top_p if not params.greedy else None,
-            top_k=0 if not params.greedy else None,
-            num_return_sequences=n,
+            do_sample=False,  # greedy over the sampler's one-hot scores, or plain greedy decoding
             eos_token_id=list(self.eos_ids),
             pad_token_id=self.pad_id,
-            logits_processor=[recorder] if recorder is not None else None,
+            logits_processor=processors or None,
         )  # only new tokens when generating from inputs_embeds
         lp = recorder.finish(seqs) if recorder is not None else None
         groups: list[list[Completion]] = []

@@ -47,7 +47,13 @@ def save_hf(policy: DeepSpeedPolicy, src_ckpt: str, out_dir: str) -> str | None:
         full.pop("lm_head.weight", None)
     save_file(full, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     model.config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
+    # Every export names the tokenizer's eos and pad, so no reader (vLLM included) derives other stops.
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp))
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id = tok.eos_token_id, tok.pad_token_id
+    gen.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return str(out)
