@@ -12,8 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-def pytest_report_header(config) -> str:
-    """Name the versions a run used, so a failure report says what it ran on."""
+def deps_line() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
@@ -23,6 +22,14 @@ def pytest_report_header(config) -> str:
         except PackageNotFoundError:
             parts.append(f"{pkg} absent")
     return "r1omni-ray deps: " + ", ".join(parts)
+
+
+def pytest_sessionstart(session) -> None:
+    """Name the versions a run used at its top, so a failure report says what it ran on (also under -q,
+    which hides pytest's own header)."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(deps_line())
 
 
 @pytest.fixture(scope="session")
