@@ -180,7 +180,7 @@ def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None =
 
     model_dir = resolve_model_dir(ckpt)
     log.info("evaluating checkpoint %s (from --ckpt %s)", model_dir, ckpt)
-    print(f"checkpoint: {model_dir}")
+    print(f"checkpoint: {Path(model_dir).resolve()}")
     labels = list(named_label_set(label_set)) if label_set else resolve_labels(cfg)
     records = load_split(data, labels, cfg) or []
     if not records:
