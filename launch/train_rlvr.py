@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 
 from actors.calls import wire_bytes
@@ -149,8 +150,6 @@ class RLVRTrainer:
         if self.inflight:
             # A worker takes weights only between rollouts: the overlapped rollout must end first.
             with timer.phase("rollout_wait"):
-                import ray
-
                 ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
             self.inflight = []
         with timer.phase("broadcast"):
