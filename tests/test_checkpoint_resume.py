@@ -56,6 +56,9 @@ def test_resume_matches_uninterrupted_run(local_ray, tiny_ckpt, synth_data, tmp_
     assert not (a / "checkpoints" / "step_1" / "hf").exists()
     assert s1.weights_checksum != s2.weights_checksum  # the weights did move between checkpoints
 
+    # As if the interrupted driver had logged a step after its last checkpoint: the resume replays it.
+    with (a / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "weight_version": 3.0, "reward/total_mean": 9.9}) + "\n")
     resumed = run_rlvr(cfg_for(a, tiny_ckpt, 3, "offline"), prep, resume=True)
     assert resumed["resumed_from"] == str(a / "checkpoints" / "step_2")
     check = resumed["resume_check"]
@@ -74,5 +77,5 @@ def test_resume_matches_uninterrupted_run(local_ray, tiny_ckpt, synth_data, tmp_
     assert [h["step"] for h in resumed["history"]] == [3.0]
     assert resumed["history"][0]["weight_version_lag"] == 0.0  # workers held version 2 when sampling step 3
     # metrics.jsonl continues across the resume
-    steps = [json.loads(x)["step"] for x in (a / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
+    rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward/total_mean"] != 9.9  # no step twice

@@ -24,6 +24,9 @@ REQUIRED = [
     "response/length_mean", "response/length_max", "response/clipped_frac",
     "time/rollout", "time/reward", "time/logprob", "time/update", "time/broadcast", "time/step",
     "throughput/tokens_per_s", "throughput/samples_per_s", "weight_version", "weight_version_lag",
+    # counters, on every row (issue #15)
+    "faults/worker_restarts", "faults/reissued_prompts", "faults/reward_actor_restarts",
+    "data/skipped_records", "data/skipped_at_load", "data/skipped_steps", "reward/errors",
 ]
 LEARNER_OUT = {"loss": 0.1, "policy_loss": 0.08, "kl_loss": 0.02, "kl": 0.5, "clip_frac": 0.1, "entropy": 2.0,
                "grad_norm": 0.7, "lr": 1e-5, "approx_kl": 0.01}
