@@ -5,12 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import ray
-
 from actors.calls import wait_named
 from actors.common import free_port
 from actors.learner import LearnerActor, LearnerShard
-from actors.placement import bundles, create_placement_group, in_bundle, node_ip_of_bundle, remove
+from actors.placement import bundles, create_placement_group, in_bundle, node_ip_of_bundle, release
 from actors.rollout import PromptSamples
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import shared_micro_batches, split_even
@@ -78,12 +76,7 @@ class LearnerGroup:
         self._all("save_hf", out_dir)
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001
-                pass
-        remove(self.pg)
+        release(self.actors, self.pg)
 
 
 def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_learners: int,

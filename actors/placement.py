@@ -62,11 +62,18 @@ def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:
     return PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)
 
 
-def remove(pg: Any) -> None:
-    try:
-        remove_placement_group(pg)
-    except Exception:  # noqa: BLE001 - already gone with the cluster
-        pass
+def release(actors: list[Any], pg: Any | None) -> None:
+    """A role group's shutdown: kill its actors, then free their placement group."""
+    for a in actors:
+        try:
+            ray.kill(a)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+    if pg is not None:
+        try:
+            remove_placement_group(pg)
+        except Exception:  # noqa: BLE001 - already gone with the cluster
+            pass
 
 
 @ray.remote(num_cpus=0)

@@ -11,7 +11,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from actors.placement import bundles, create_placement_group, in_bundle, remove
+from actors.placement import bundles, create_placement_group, in_bundle, release
 from actors.reward import RewardActor
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
@@ -73,10 +73,4 @@ class RewardGroup:
                            error_examples={"reward_actor_failed": what})
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                ray.kill(a)
-            except Exception:  # noqa: BLE001
-                pass
-        if self.pg is not None:
-            remove(self.pg)
+        release(self.actors, self.pg)

@@ -12,7 +12,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.calls import ActorCallError, Attempt, retry_replacing
-from actors.placement import bundles, create_placement_group, in_bundle, remove, rollout_gpus_per_worker
+from actors.placement import bundles, create_placement_group, in_bundle, release, rollout_gpus_per_worker
 from actors.rollout import PromptSamples, RolloutWorker
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
@@ -123,9 +123,4 @@ class RolloutGroup:
             self.after_replace(list(indices))
 
     def shutdown(self) -> None:
-        for w in self.workers:
-            try:
-                ray.kill(w)
-            except Exception:  # noqa: BLE001
-                pass
-        remove(self.pg)
+        release(self.workers, self.pg)
