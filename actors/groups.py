@@ -11,7 +11,6 @@ from actors.reward_group import RewardGroup
 from actors.rollout_group import RolloutGroup
 from actors.weight_broadcast import WeightSync
 from r1omni_ray.config import RunConfig
-from r1omni_ray.rewards import RewardSpec, check_reward_specs
 
 
 @dataclass
@@ -24,11 +23,11 @@ class RLVRGroups:
 
     @classmethod
     def build(cls, cfg: RunConfig, ckpt_dir: str, work_dir: str, label_set: Sequence[str] | None) -> RLVRGroups:
-        # Before any actor exists: an unknown reward name is a config error, not a mid-run actor crash.
-        check_reward_specs([RewardSpec(r.name, r.weight) for r in cfg.reward.rewards], cfg.reward.modules)
+        # Rewards first: RewardGroup checks the reward names before any actor exists (an unknown one is a
+        # config error, not a mid-run crash), and its actors are the cheapest to start.
+        rewards = RewardGroup(cfg, label_set)
         learners = LearnerGroup(cfg, ckpt_dir)
         rollout = RolloutGroup(cfg, ckpt_dir, work_dir)
-        rewards = RewardGroup(cfg, label_set)
         return cls(cfg, learners, rollout, rewards, WeightSync(cfg, learners, rollout))
 
     def shutdown(self) -> None:
