@@ -1,5 +1,6 @@
 """Weight sync from the learners to the rollout workers: the broadcast process group (learner rank 0 is
-rank 0, worker i is rank i + 1), the bucket plan, and the weight version the workers hold."""
+rank 0, then each rollout worker's ranks: see rank_offsets), the bucket plan, and the weight version the
+workers hold."""
 
 from __future__ import annotations
 

@@ -70,11 +70,10 @@ class GRPOTrainer:
     def logprobs(self, batch: TrainBatch, num_micro: int) -> list[list[float]]:
         """Each completion's log-probs under the current weights (eval mode, no update)."""
         self.policy.module.eval()
+        slices = micro_slices(len(batch.completions), num_micro)
         out: list[list[float]] = []
-        for sl in micro_slices(len(batch.completions), num_micro):
-            with torch.no_grad():
-                lp, mask, _ = self._logprobs(self.policy.module, batch.sub(sl))
-            out += [lp[i, : int(mask[i].sum())].tolist() for i in range(lp.shape[0])]
+        for sl, lp in zip(slices, self._frozen_logprobs(self.policy.module, batch, slices), strict=True):
+            out += [lp[i, : len(c)].tolist() for i, c in enumerate(batch.completions[sl])]
         return out
 
     def train(self, batch: TrainBatch, spec: StepSpec) -> dict[str, float]:
