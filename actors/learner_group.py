@@ -11,7 +11,7 @@ from actors.learner import LearnerActor, LearnerShard
 from actors.placement import bundles, create_placement_group, in_bundle, node_ip_of_bundle, release
 from actors.rollout import PromptSamples
 from r1omni_ray.config import RunConfig
-from r1omni_ray.data.sampler import shared_micro_batches, split_even
+from r1omni_ray.data.sampler import shared_micro_batches, split_by_groups
 from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.step_metrics import reduce_learner_metrics
 
@@ -81,13 +81,14 @@ class LearnerGroup:
 
 def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_learners: int,
                        micro: int) -> tuple[list[LearnerShard], int]:
-    """Split all completions evenly across learners (completion granularity, so every rank runs the same
-    number of micro-batches, as ZeRO-3's collective forward requires); each shard carries its prompts'
-    metadata and media refs. Returns (shards, micro-batches per rank)."""
+    """Split all completions across learners, balanced and cut between prompt groups where one is near
+    (a prompt's shared-prefix forward then runs on one rank); every rank runs the same number of
+    micro-batches, as ZeRO-3's collective forward requires. Each shard carries its prompts' metadata and
+    media refs. Returns (shards, micro-batches per rank)."""
     flat = [(gi, c) for gi, g in enumerate(samples) for c in g.completions]
-    parts = split_even(len(flat), n_learners)
-    if min(len(p) for p in parts) == 0:
+    if len(flat) < n_learners:
         raise ValueError(f"{len(flat)} samples cannot feed {n_learners} learners")
+    parts = split_by_groups([gi for gi, _ in flat], n_learners)
     num_micro = shared_micro_batches(parts, micro)
     shards = []
     for part in parts:

@@ -26,6 +26,7 @@ from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
 
 log = logging.getLogger("r1omni_ray")
+TOWER_CHUNK = 8  # prompts per tower forward: bounds the activations of Whisper-large over 30 s clips
 
 
 @dataclass
@@ -71,6 +72,8 @@ class RolloutWorker:
             ckpt_dir, towers=mc.towers(), input_style=self.cfg.data.input_style
         )
         model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
+        self.model = model  # the engine's front end: its frozen towers give the features shipped to learners
+        self.ship_vision, self.ship_audio = mc.shipped_tower_features()
         if rc.engine == "vllm":
             from r1omni_ray.engines.vllm_engine import VLLMEngine
 
@@ -107,11 +110,13 @@ class RolloutWorker:
                 samples.append(PromptSamples(uid, rec.id, None, error=str(e), worker=self.index))
                 media.append(None)
                 continue
-            meta, m = inp.split_media()
-            samples.append(PromptSamples(uid, rec.id, meta, weight_version=self.version, worker=self.index,
-                                         media_bytes=m.nbytes))
-            media.append(m)
+            samples.append(PromptSamples(uid, rec.id, None, weight_version=self.version, worker=self.index))
+            media.append(None)
             full_inputs.append((len(samples) - 1, inp))
+        full_inputs = self._with_tower_features(full_inputs)
+        for k, inp in full_inputs:
+            samples[k].inputs, media[k] = inp.split_media()
+            samples[k].media_bytes = media[k].nbytes
         if full_inputs:
             outs = self.engine.generate([inp for _, inp in full_inputs], params,
                                         [samples[k].uid for k, _ in full_inputs])
@@ -119,6 +124,19 @@ class RolloutWorker:
                 samples[k].completions = comps
         self.busy_s += time.perf_counter() - t0
         return (samples, *media)
+
+    def _with_tower_features(self, inputs: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+        """Frozen towers run here, once per prompt: their outputs replace the raw media, both for this
+        worker's own generation and for what the learners fetch (on the CPU, for the object store)."""
+        if not (self.ship_vision or self.ship_audio) or not inputs:
+            return inputs
+        out = []
+        for start in range(0, len(inputs), TOWER_CHUNK):
+            chunk = inputs[start : start + TOWER_CHUNK]
+            feats = self.model.tower_features([inp for _, inp in chunk], self.ship_vision, self.ship_audio)
+            for (k, inp), (v, a) in zip(chunk, feats, strict=True):
+                out.append((k, inp.with_tower_features(None if v is None else v.cpu(), None if a is None else a.cpu())))
+        return out
 
     # ---- weights ----
     def sync_ranks(self) -> int:

@@ -36,8 +36,18 @@ class ModelConfig:
     audio_tower_path: str | None = None
     bert_path: str | None = None
 
+    # A frozen tower runs once per prompt, on the rollout worker, which ships its output to the learners
+    # instead of the raw media; the learners and the reference then run only projectors, gate and LM. A
+    # trainable tower always gets the raw media and runs on the learners.
+    ship_frozen_tower_features: bool = True
+
     def towers(self) -> TowerPaths:
         return TowerPaths(self.vision_tower_path, self.audio_tower_path, self.bert_path)
+
+    def shipped_tower_features(self) -> tuple[bool, bool]:
+        """(vision, audio): which towers' outputs the rollout workers ship instead of the raw media."""
+        ship = self.ship_frozen_tower_features
+        return ship and self.freeze_vision_tower, ship and self.freeze_audio_tower
 
 
 @dataclass
@@ -140,6 +150,9 @@ class LearnerConfig:
     # On-policy steps take the old log-probs from the training forward itself (detached); true forces a
     # separate no-grad pass every step (the two are equal up to kernel rounding).
     recompute_old_logprobs: bool = False
+    # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
+    # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
+    shared_prefix: bool = True
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it

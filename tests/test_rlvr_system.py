@@ -11,7 +11,7 @@ from actors.groups import RLVRGroups
 from actors.learner_group import shard_for_learners
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
-from r1omni_ray.data.sampler import split_even
+from r1omni_ray.data.sampler import split_by_groups, split_even
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.learner.grpo_trainer import StepSpec
 
@@ -55,14 +55,42 @@ def test_split_even_balances():
     assert sizes == [4, 3, 3] and sum(sizes) == 10
 
 
-def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path):
-    cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.04})
+def _parts(keys, n):
+    return [(r.start, r.stop) for r in split_by_groups(keys, n)]
+
+
+def test_split_by_groups_cuts_between_prompt_groups_and_always_gives_n_parts():
+    g8 = [k for k in range(4) for _ in range(8)]  # 4 prompts x G=8
+    assert _parts(g8, 4) == [(0, 8), (8, 16), (16, 24), (24, 32)]
+    assert _parts(g8, 2) == [(0, 16), (16, 32)]
+    assert _parts(g8, 3) == [(0, 11), (11, 24), (24, 32)]  # 8 is too far from 11: balance wins there
+    assert _parts([0] * 8 + [1] * 8, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]  # more parts than groups
+    assert _parts([0] * 5, 5) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
+    for keys, n in [(g8, 5), ([0, 0, 1, 1, 1, 2, 2], 3), ([0, 1, 1, 1, 1, 1, 1], 2)]:
+        parts = split_by_groups(keys, n)
+        assert len(parts) == n and all(len(p) > 0 for p in parts)
+        assert [i for p in parts for i in p] == list(range(len(keys)))
+    with pytest.raises(ValueError, match="cannot split 2 items into 3"):
+        split_by_groups([0, 1], 3)
+
+
+@pytest.mark.parametrize("vision_trainable", [False, True], ids=["frozen-towers", "trainable-vision"])
+def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path,
+                                                                         vision_trainable):
+    cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.04}, model={"freeze_vision_tower": not vision_trainable})
     pools = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
     try:
         recs = load_records(synth_data / "train.json").records
         params = SamplingParams(n=4, max_new_tokens=12, seed=0)
         groups = pools.rollout.collect(pools.rollout.submit(list(enumerate(recs[:4])), params), params)
         assert all(len(g.completions) == 4 and g.weight_version == 0 for g in groups)
+        # A frozen tower's output travels instead of its raw input; a trainable tower gets the raw input and
+        # runs on the learners (its weights are trained and broadcast).
+        for media in ray.get([g.media_ref for g in groups]):
+            assert media.audio_feats is not None and media.audio_features is None
+            assert (media.pixel_values is not None) == vision_trainable
+            assert (media.vision_feats is None) == vision_trainable
+        assert any(m.name.startswith("model.vision_tower.") for m in pools.sync.metas) == vision_trainable
         # Hand-made advantages: the first two samples of every group are good, the last two bad.
         adv = [1.0, 1.0, -1.0, -1.0] * len(groups)
         shards, num_micro = shard_for_learners(groups, adv, 2, cfg.learner.micro_batch_size)

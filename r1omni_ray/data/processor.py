@@ -71,14 +71,22 @@ def tokenize_with_placeholders(text: str, tokenizer) -> list[int]:
 
 @dataclass
 class PromptMedia:
-    """The heavy part of a processed prompt: what travels by object reference, never through the driver."""
+    """The heavy part of a processed prompt: what travels by object reference, never through the driver.
+    For a frozen tower it is the tower's output (computed once, on the rollout worker) instead of its raw
+    input; see ModelConfig.ship_frozen_tower_features."""
 
     pixel_values: torch.Tensor | None
     audio_features: torch.Tensor | None
+    vision_feats: torch.Tensor | None = None
+    audio_feats: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.pixel_values, self.audio_features, self.vision_feats, self.audio_feats)
+                if t is not None]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.pixel_values, self.audio_features) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 @dataclass
@@ -92,15 +100,28 @@ class OmniInputs:
     solution: str
     response: str | None = None
     prompt: str = ""  # the rendered prompt text (with the <video>/<audio> placeholders)
+    vision_feats: torch.Tensor | None = None  # a frozen vision tower's output, in place of pixel_values
+    audio_feats: torch.Tensor | None = None  # a frozen audio tower's pooled output, in place of audio_features
 
     def split_media(self) -> tuple[OmniInputs, PromptMedia]:
         """(these inputs without their tensors, the tensors)."""
-        return replace(self, pixel_values=None, audio_features=None), PromptMedia(self.pixel_values, self.audio_features)
+        media = PromptMedia(self.pixel_values, self.audio_features, self.vision_feats, self.audio_feats)
+        return replace(self, pixel_values=None, audio_features=None, vision_feats=None, audio_feats=None), media
 
     def with_media(self, media: PromptMedia | None) -> OmniInputs:
         if media is None:
             return self
-        return replace(self, pixel_values=media.pixel_values, audio_features=media.audio_features)
+        return replace(self, pixel_values=media.pixel_values, audio_features=media.audio_features,
+                       vision_feats=media.vision_feats, audio_feats=media.audio_feats)
+
+    def with_tower_features(self, vision: torch.Tensor | None, audio: torch.Tensor | None) -> OmniInputs:
+        """These inputs with the given tower outputs in place of their raw media (None keeps the raw one)."""
+        out = self
+        if vision is not None:
+            out = replace(out, pixel_values=None, vision_feats=vision)
+        if audio is not None:
+            out = replace(out, audio_features=None, audio_feats=audio)
+        return out
 
 
 class OmniProcessor:

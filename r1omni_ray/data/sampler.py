@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 
@@ -31,6 +34,24 @@ def split_even(n_items: int, n_parts: int) -> list[range]:
         out.append(range(start, start + size))
         start += size
     return out
+
+
+def split_by_groups(keys: Sequence[Any], n_parts: int) -> list[range]:
+    """Contiguous split into exactly ``n_parts`` non-empty parts (needs ``len(keys) >= n_parts``) whose
+    boundaries fall where ``keys`` changes (between prompt groups, so a prompt is embedded and run once per
+    part) when one lies within a quarter of a balanced part of the balanced boundary; else the balanced one."""
+    n = len(keys)
+    if not 0 < n_parts <= n:
+        raise ValueError(f"cannot split {n} items into {n_parts} non-empty parts")
+    changes = [i for i in range(1, n) if keys[i] != keys[i - 1]]
+    slack = n / n_parts / 4
+    bounds = [0]
+    for k, r in enumerate(split_even(n, n_parts)[1:], start=1):
+        lo, hi = bounds[-1] + 1, n - (n_parts - k)  # every part keeps at least one item
+        near = [c for c in changes if lo <= c <= hi and abs(c - r.start) <= slack]
+        bounds.append(min(near, key=lambda c: (abs(c - r.start), c)) if near else min(max(r.start, lo), hi))
+    bounds.append(n)
+    return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def shared_micro_batches(parts: list[range], micro_batch_size: int) -> int:

@@ -57,7 +57,8 @@ class GRPOTrainer:
 
     def _logprobs(self, model: Any, batch: TrainBatch, with_entropy: bool = False):
         return model.completion_logprobs(batch.prompts, batch.prompt_index, batch.completions,
-                                         temperature=self.cfg.rollout.temperature, with_entropy=with_entropy)
+                                         temperature=self.cfg.rollout.temperature, with_entropy=with_entropy,
+                                         shared_prefix=self.cfg.learner.shared_prefix)
 
     @torch.no_grad()
     def _frozen_logprobs(self, model: Any, batch: TrainBatch, slices: Sequence[slice]) -> list[torch.Tensor]:
@@ -70,7 +71,7 @@ class GRPOTrainer:
     def logprobs(self, batch: TrainBatch, num_micro: int) -> list[list[float]]:
         """Each completion's log-probs under the current weights (eval mode, no update)."""
         self.policy.module.eval()
-        slices = micro_slices(len(batch.completions), num_micro)
+        slices = micro_slices(len(batch.completions), num_micro, batch.prompt_index)
         out: list[list[float]] = []
         for sl, lp in zip(slices, self._frozen_logprobs(self.policy.module, batch, slices), strict=True):
             out += [lp[i, : len(c)].tolist() for i, c in enumerate(batch.completions[sl])]
@@ -79,7 +80,7 @@ class GRPOTrainer:
     def train(self, batch: TrainBatch, spec: StepSpec) -> dict[str, float]:
         """Returns this rank's metrics (token means, or globally normalised loss terms)."""
         t0 = time.perf_counter()
-        slices = micro_slices(len(batch.completions), spec.num_micro)
+        slices = micro_slices(len(batch.completions), spec.num_micro, batch.prompt_index)
         module = self.policy.module
         ref: list[torch.Tensor] | None = None
         if self.reference is not None:

@@ -5,22 +5,25 @@ and the non-finite skip that every rank decides together. Owns the engine; knows
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from r1omni_ray.config import RunConfig
-from r1omni_ray.data.sampler import split_even
+from r1omni_ray.data.sampler import split_by_groups, split_even
 from r1omni_ray.grpo import grad_scale_for_framework
 from r1omni_ray.model.loading import set_train_mode
 from r1omni_ray.safe_load import install_safe_checkpoint_loading
 from r1omni_ray.weight_sync import CollectiveError
 
 
-def micro_slices(n: int, num_micro: int) -> list[slice]:
-    """Exactly num_micro contiguous, balanced slices: every DP rank must run the same number of
-    forward/backward passes (ZeRO-3 gathers parameters collectively inside each forward)."""
-    return [slice(r.start, r.stop) for r in split_even(n, num_micro)]
+def micro_slices(n: int, num_micro: int, groups: Sequence[Any] | None = None) -> list[slice]:
+    """Exactly num_micro contiguous slices: every DP rank must run the same number of forward/backward
+    passes (ZeRO-3 gathers parameters collectively inside each forward). Balanced; with ``groups`` (each
+    item's prompt) cut between prompt groups where one is near, so a prompt's forward is shared whole."""
+    parts = split_even(n, num_micro) if groups is None else split_by_groups(groups, num_micro)
+    return [slice(r.start, r.stop) for r in parts]
 
 
 def set_dp_timeouts(timeout: datetime.timedelta) -> None:

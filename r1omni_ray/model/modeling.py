@@ -43,12 +43,16 @@ GATED_PROJECTORS = ("gated_mlp", "all_in_one_small")  # projectors whose branche
 
 
 class MMPrompt(Protocol):
-    """What the model needs of one processed prompt (r1omni_ray.data.processor.OmniInputs fits)."""
+    """What the model needs of one processed prompt (r1omni_ray.data.processor.OmniInputs fits). A frozen
+    tower's output may come precomputed (``vision_feats`` / ``audio_feats``, see ``tower_features``), so the
+    tower does not run again; otherwise the raw ``pixel_values`` / ``audio_features`` go through it."""
 
     prompt_ids: list[int]
     pixel_values: torch.Tensor | None
     audio_features: torch.Tensor | None
     bert_input_ids: list[int]
+    vision_feats: torch.Tensor | None  # [T, patches, C]: the vision tower's output for the projector
+    audio_feats: torch.Tensor | None  # [tokens, d]: the audio tower's output, pooled, for the projector
 
 
 def _sub_config(cls: type, embedded: dict[str, Any] | None, what: str) -> Any:
@@ -225,14 +229,20 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         cls = m.bert_model(input_ids=ids, attention_mask=att).last_hidden_state[:, 0]
         return torch.softmax(m.bert_gate(cls), dim=-1)
 
-    def encode_video(self, pixel_values: torch.Tensor, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor:
-        """pixel_values [B, T, 3, H, W] -> visual tokens [B, T * pooled patches, hidden]."""
-        m = self.model
+    def vision_tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values [B, T, 3, H, W] -> the vision tower's output [B, T, patches, C] (projector input)."""
         b, t = pixel_values.shape[:2]
-        feats = m.vision_tower(pixel_values.flatten(0, 1).to(self.device))
-        feats = feats.view(b, t, feats.shape[1], feats.shape[2])
+        feats = self.model.vision_tower(pixel_values.flatten(0, 1).to(self.device))
+        return feats.view(b, t, feats.shape[1], feats.shape[2])
+
+    def project_video(self, feats: torch.Tensor, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Tower output [B, T, patches, C] -> visual tokens [B, T * pooled patches, hidden]."""
+        m = self.model
+        b, t = feats.shape[:2]
+        feats = feats.to(self.device)
         if isinstance(m.mm_projector, AllInOneSmall):
             return self._encode_all_in_one(feats, bert_ids)
+        feats = feats.to(next(m.mm_projector.parameters()).dtype)
         if isinstance(m.mm_projector, GatedVisionProjector):
             gate = self._vision_gate(bert_ids)
             proj = m.mm_projector(feats, gate)
@@ -240,10 +250,15 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             proj = m.mm_projector(feats)
         return self._pool_frames(proj, b, t)
 
+    def encode_video(self, pixel_values: torch.Tensor, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+        """pixel_values [B, T, 3, H, W] -> visual tokens [B, T * pooled patches, hidden]."""
+        return self.project_video(self.vision_tower_features(pixel_values), bert_ids)
+
     def _pool_frames(self, proj: torch.Tensor, b: int, t: int) -> torch.Tensor:
         """Spatial pooling per frame as HumanOmni's get_2dPool (bilinear to ceil(side / stride)):
         proj [B, T, side*side, H] (or [B*T, ...]) -> [B, T * pooled patches, H]."""
-        side = self.model.vision_tower.patches_per_side
+        vc = self.config.vision_config  # not the tower module: a reference model may hold no towers
+        side = vc["image_size"] // vc["patch_size"]
         s = self.config.vision_pool_stride
         x = proj.reshape(b * t, side, side, -1).permute(0, 3, 1, 2)
         if s > 1:
@@ -266,27 +281,63 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         gate = self._vision_gate(bert_ids).to(video.dtype)  # [B, 3] softmax weights
         return video * gate[:, 0, None, None] + body * gate[:, 1, None, None] + face * gate[:, 2, None, None]
 
+    def audio_tower_features(self, features: torch.Tensor) -> torch.Tensor:
+        """features [B, n_mels, frames] -> the audio tower's output pooled by audio_pool_stride
+        [B, frames / 2 / stride, d] (projector input; a third of Whisper's last_hidden_state at stride 3)."""
+        h = self.model.audio_tower(features.to(self.device)).transpose(1, 2)
+        h = F.avg_pool1d(h, kernel_size=self.config.audio_pool_stride, stride=self.config.audio_pool_stride)
+        return h.transpose(1, 2)
+
+    def project_audio(self, feats: torch.Tensor) -> torch.Tensor:
+        proj = self.model.audio_projector
+        return proj(feats.to(device=self.device, dtype=proj[0].weight.dtype))
+
     def encode_audio(self, features: torch.Tensor) -> torch.Tensor:
         """features [B, n_mels, frames] -> audio tokens [B, frames / 2 / stride, hidden]."""
-        m = self.model
-        h = m.audio_tower(features.to(self.device)).transpose(1, 2)
-        h = F.avg_pool1d(h, kernel_size=self.config.audio_pool_stride, stride=self.config.audio_pool_stride)
-        return m.audio_projector(h.transpose(1, 2).to(m.audio_projector[0].weight.dtype))
+        return self.project_audio(self.audio_tower_features(features))
+
+    @torch.no_grad()
+    def tower_features(self, prompts: Sequence[MMPrompt], vision: bool, audio: bool
+                       ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+        """Each prompt's (vision, audio) tower output, for the towers asked (None where not asked or the prompt
+        has no such input): what a rollout worker ships instead of the raw media when the towers are frozen."""
+        vis = [i for i, p in enumerate(prompts) if vision and p.pixel_values is not None]
+        aud = [i for i, p in enumerate(prompts) if audio and p.audio_features is not None]
+        out: list[list[torch.Tensor | None]] = [[None, None] for _ in prompts]
+        if vis:
+            vf = self.vision_tower_features(torch.stack([prompts[i].pixel_values for i in vis]))
+            for i, f in zip(vis, vf, strict=True):
+                out[i][0] = f
+        if aud:
+            af = self.audio_tower_features(torch.stack([prompts[i].audio_features for i in aud]))
+            for i, f in zip(aud, af, strict=True):
+                out[i][1] = f
+        return [(v, a) for v, a in out]
+
+    def _modality_tokens(self, prompts: Sequence[MMPrompt], kind: str) -> dict[int, torch.Tensor]:
+        """Projected tokens of one modality per prompt index, from shipped tower features where a prompt has
+        them, else by running the tower on its raw input (both kinds may share a batch)."""
+        raw_name, feat_name = ("pixel_values", "vision_feats") if kind == "video" else ("audio_features", "audio_feats")
+        tower = self.vision_tower_features if kind == "video" else self.audio_tower_features
+        shipped = [i for i, p in enumerate(prompts) if getattr(p, feat_name, None) is not None]
+        raw = [i for i, p in enumerate(prompts) if i not in shipped and getattr(p, raw_name) is not None]
+        if not shipped and not raw:
+            return {}
+        feats = {i: getattr(prompts[i], feat_name).to(self.device) for i in shipped}
+        if raw:
+            feats |= dict(zip(raw, tower(torch.stack([getattr(prompts[i], raw_name) for i in raw])), strict=True))
+        order = sorted(feats)
+        stacked = torch.stack([feats[i].to(feats[order[0]].dtype) for i in order])
+        if kind == "video":
+            out = self.project_video(stacked, [prompts[i].bert_input_ids for i in order])
+        else:
+            out = self.project_audio(stacked)
+        return dict(zip(order, out, strict=True))
 
     def embed_prompts(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor]:
         """Token embeddings with video/audio features spliced in at the placeholder ids: list of [L_i, H]."""
-        with_video = [i for i, p in enumerate(prompts) if p.pixel_values is not None]
-        with_audio = [i for i, p in enumerate(prompts) if p.audio_features is not None]
-        vfeat: dict[int, torch.Tensor] = {}
-        afeat: dict[int, torch.Tensor] = {}
-        if with_video:
-            pv = torch.stack([prompts[i].pixel_values for i in with_video])
-            out = self.encode_video(pv, [prompts[i].bert_input_ids for i in with_video])
-            vfeat = dict(zip(with_video, out, strict=True))
-        if with_audio:
-            af = torch.stack([prompts[i].audio_features for i in with_audio])
-            out = self.encode_audio(af)
-            afeat = dict(zip(with_audio, out, strict=True))
+        vfeat = self._modality_tokens(prompts, "video")
+        afeat = self._modality_tokens(prompts, "audio")
         embed = self.get_input_embeddings()
         result = []
         for i, p in enumerate(prompts):
@@ -341,30 +392,77 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         completions: Sequence[Sequence[int]],
         temperature: float = 1.0,
         with_entropy: bool = False,
+        shared_prefix: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Log-probs of each completion token given its multimodal prompt.
 
         Returns (logp [N, C], mask [N, C], entropy [N, C] or None), C = longest completion.
+        With ``shared_prefix`` each prompt runs through the LM once and its KV cache is expanded to its
+        completions (G completions of a prompt: the ~1k-token omni prompt once, not G times); otherwise every
+        completion is packed behind its own copy of the prompt. Both give the same values and gradients.
         Only completion positions go through lm_head, so memory stays O(N*C*V), not O(N*L*V).
         """
         pe = self.embed_prompts(prompts)
-        batch = self.pack(pe, prompt_index, completions)
-        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        if shared_prefix:
+            h = self._shared_prefix_hidden(pe, prompt_index, completions)
+        else:
+            h = self._packed_hidden(pe, prompt_index, completions)
         n = len(completions)
-        cmax = max(max(batch.completion_lens), 1)
-        idx = torch.zeros(n, cmax, dtype=torch.long, device=self.device)
+        cmax = max(max((len(c) for c in completions), default=1), 1)
         mask = torch.zeros(n, cmax, dtype=torch.float32, device=self.device)
         targets = torch.zeros(n, cmax, dtype=torch.long, device=self.device)
-        for i, (pl, cl) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
-            # hidden state at position t predicts token t+1
-            idx[i, :cl] = torch.arange(pl - 1, pl - 1 + cl, device=self.device)
-            mask[i, :cl] = 1.0
-            targets[i, :cl] = torch.tensor(list(completions[i]), dtype=torch.long)
-        h = torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        for i, comp in enumerate(completions):
+            mask[i, : len(comp)] = 1.0
+            targets[i, : len(comp)] = torch.tensor(list(comp), dtype=torch.long)
         logits = self.lm_head(h)
         logp = sequence_logprobs(logits, targets, temperature) * mask
         ent = entropy_from_logits(logits, temperature) * mask if with_entropy else None
         return logp, mask, ent
+
+    def _packed_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
+                       completions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Per-completion forward: the hidden states that predict each completion token, [N, C, H]."""
+        batch = self.pack(pe, prompt_index, completions)
+        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        cmax = max(max(batch.completion_lens), 1)
+        idx = torch.zeros(len(completions), cmax, dtype=torch.long, device=self.device)
+        for i, (pl, cl) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
+            idx[i, :cl] = torch.arange(pl - 1, pl - 1 + cl, device=self.device)  # state t predicts token t+1
+        return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+    def _shared_prefix_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
+                              completions: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Shared-prefix forward, same result as ``_packed_hidden``: the prompts (right-padded) run once with
+        a KV cache; the cache rows are gathered per completion (a differentiable index, so gradients flow back
+        into the shared prompt); the completions then attend to it, positions continuing at each prompt's own
+        length past the padding gap, which the attention mask hides."""
+        dev = self.device
+        plens = [e.shape[0] for e in pe]
+        x = pe[0].new_zeros(len(pe), max(plens), pe[0].shape[1])
+        pmask = torch.zeros(len(pe), max(plens), dtype=torch.long, device=dev)
+        for i, e in enumerate(pe):
+            x[i, : e.shape[0]] = e
+            pmask[i, : e.shape[0]] = 1
+        ppos = torch.arange(max(plens), device=dev).expand(len(pe), -1)
+        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, use_cache=True)
+        index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
+        last = torch.tensor([plens[p] - 1 for p in prompt_index], device=dev)
+        first = out.last_hidden_state[index, last][:, None]  # the prompt's last state predicts token 0
+        steps = max(len(c) for c in completions) - 1  # the last token is only a target, never an input
+        if steps <= 0:
+            return first
+        cache = out.past_key_values
+        cache.batch_select_indices(index)
+        embed = self.get_input_embeddings()
+        ids = torch.zeros(len(completions), steps, dtype=torch.long, device=dev)
+        cmask = torch.zeros_like(ids)
+        for i, c in enumerate(completions):
+            ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
+            cmask[i, : len(c) - 1] = 1
+        cpos = torch.tensor([plens[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
+        hidden = self.model(inputs_embeds=embed(ids).to(x.dtype), attention_mask=torch.cat([pmask[index], cmask], 1),
+                            position_ids=cpos, past_key_values=cache, use_cache=True).last_hidden_state
+        return torch.cat([first, hidden], dim=1)
 
 
 AutoConfig.register(HumanOmniQwen2Config.model_type, HumanOmniQwen2Config, exist_ok=True)
