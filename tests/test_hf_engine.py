@@ -66,3 +66,38 @@ def test_per_sample_sampler_draws_from_the_tempered_nucleus():
     want /= want.sum()
     assert counts[want == 0].sum() == 0  # nothing outside the nucleus
     torch.testing.assert_close(counts, want, atol=0.03, rtol=0)  # 4000 draws: a few 1e-2 of sampling noise
+
+
+@torch.no_grad()
+def test_prompt_is_prefilled_once_and_samples_are_those_of_per_sample_prefill(tiny_ckpt, synth_data):
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    model = load_policy(tiny_ckpt, "float32")
+    recs = load_records(synth_data / "train.json").records
+    # Prompts of different lengths (audio-only vs both): left padding and its positions matter.
+    prompts = [proc.process(recs[0]), proc.process(recs[1], use_video=False)]
+    widths = sorted(len(model.embed_prompts([p])[0]) for p in prompts)
+    assert widths[0] < widths[1]
+    params = SamplingParams(n=8, max_new_tokens=8, seed=3, temperature=1.0, logprobs=True)
+
+    seen: list[tuple[int, int]] = []
+    inner_forward = model.model.forward
+
+    def record(*args, **kwargs):
+        x = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else kwargs["input_ids"]
+        seen.append(tuple(x.shape[:2]))
+        return inner_forward(*args, **kwargs)
+
+    model.model.forward = record
+    once = HFEngine(model, proc.tokenizer).generate(prompts, params)
+    model.model.forward = inner_forward
+    # One prefill of the 2 prompts (all but their last position), then only single positions for 16 rows.
+    assert seen[0] == (2, widths[1] - 1) and all(s[1] == 1 and s[0] == 16 for s in seen[1:])
+
+    each = HFEngine(model, proc.tokenizer, prefill_once=False).generate(prompts, params)
+    pairs = [(a, b) for ga, gb in zip(once, each, strict=True) for a, b in zip(ga, gb, strict=True)]
+    # Same per-sample generators over the same distributions: a token can differ only where a uniform draw
+    # falls within float rounding of a cumulative-probability boundary, so nearly all must agree.
+    same = [(a, b) for a, b in pairs if a.token_ids == b.token_ids]
+    assert len(same) >= 15, f"{len(same)}/16 samples agree"
+    for a, b in same:
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
