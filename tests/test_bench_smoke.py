@@ -58,3 +58,50 @@ def test_weight_broadcast_benchmark_runs(capsys):
     rows = [r for r in recs if "kind" not in r]
     assert sorted(r["bucket_mb"] for r in rows) == [0.0, 1.0]
     assert all(r["receivers"] == 1 and r["bytes"] > 0 and r["seconds_median"] > 0 for r in rows)
+
+
+def _run_module(module: str, argv: list[str], timeout: int) -> list[dict]:
+    """A benchmark in its own process: bench.omni_shape starts torch.distributed in-process, and TRL's
+    trainer changes global torch settings; neither belongs in the test process."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", module, *argv], capture_output=True, text=True, timeout=timeout,
+                         env={**__import__("os").environ, "TOKENIZERS_PARALLELISM": "false"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json_lines(out.stdout)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_omni_shape_benchmark_runs():
+    argv = TINY_LM + ["--tower-hidden", "16", "--prompts", "1", "--group-size", "2", "--new-tokens", "4",
+                      "--warmup", "0", "--steps", "1", "--engine-repeats", "1"]
+    recs = _run_module("bench.omni_shape", argv, 280)
+    assert recs[0]["kind"] == "config" and recs[0]["prompt_tokens"] == 392 + 500 + 80
+    engine = [r for r in recs if r.get("part") == "engine"]
+    assert [r["variant"] for r in engine] == ["prefill_per_sample", "prefill_once"]
+    assert all(r["completion_tokens"] == [4, 4] for r in engine)  # exactly new_tokens each
+    learner = [r for r in recs if r.get("part") == "learner"]
+    assert len(learner) == 4 and all(r["completion_tokens_per_s"] > 0 for r in learner)
+    # The reference holds no towers when their features are shipped.
+    by = {r["variant"]: r for r in learner}
+    assert by["shared_prefix+tower_features"]["reference_params"] < by["shared_prefix+raw_media"]["reference_params"]
+    summary = recs[-1]
+    assert summary["kind"] == "summary" and "engine_speedup_prefill_once" in summary
+    assert set(summary["learner_speedup_vs_per_completion_raw"]) == {r["variant"] for r in learner[1:]}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_compare_trl_benchmark_runs_both_systems():
+    pytest.importorskip("trl")
+    argv = TINY_GRPO + ["--layouts", "1w1l-sync", "--trl-threads", "1"]
+    recs = _run_module("bench.compare_trl", argv, 380)
+    trl_rows = [r for r in recs if r.get("system") == "trl"]
+    ours = [r for r in recs if r.get("layout")]
+    assert len(trl_rows) == 1 and trl_rows[0]["completions_per_s"] > 0
+    assert trl_rows[0]["completion_tokens_mean"] == 4  # the same exact completion length on both sides
+    assert len(ours) == 1 and ours[0]["samples_per_step"] == [4] and ours[0]["completion_tokens_mean"] == 4
+    summary = recs[-1]
+    assert summary["kind"] == "summary" and summary["speedup_vs_trl_best"] > 0

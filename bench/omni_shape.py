@@ -1,0 +1,219 @@
+"""The learner step and the transformers engine at R1-Omni's prompt shape, before and after the omni paths.
+
+Shape (per prompt): 8 frames -> 392 visual tokens (14x14 patches pooled 2x2, 49 per frame), 30 s of audio
+-> 3000 mel frames -> 500 audio tokens (Whisper's 1500 states pooled by 3), 80 text tokens: 972 prompt
+tokens, G completions of exactly --new-tokens tokens. The LM is tiny-width (bench.common.TinyLMArgs), the
+towers are tiny too (--tower-hidden) but run at the real sequence lengths.
+
+learner: one GRPO update (frozen-reference log-probs, then forward + backward + DeepSpeed step, world size
+1 on gloo) through the real DeepSpeedPolicy and GRPOTrainer, in four variants side by side on the same
+weights: per-completion forward on raw media (what the learner did before), shared prefix only, shipped
+tower features only, both (the default now). It prints completion tokens/s and the ratio to the first.
+
+engine: HFEngine.generate of the same prompts, G samples each, with every sample prefilling its own copy of
+the prompt (before) and with each prompt prefilled once (now); generated tokens/s and the ratio.
+
+Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from bench.common import (
+    TinyLMArgs,
+    add_tiny_lm_flags,
+    emit,
+    machine_info,
+    median,
+    rounded,
+    tiny_lm_from_flags,
+)
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+
+VIDEO_SIDE_PATCHES = 14  # x 8 px patches = 112 px frames; pooled 2x2 -> 7x7 = 49 tokens per frame
+MEL_FRAMES = 3000  # 30 s: Whisper -> 1500 states, pooled by 3 -> 500 tokens
+TEXT_TOKENS = 80
+LEARNER_VARIANTS = (  # (name, shared_prefix, shipped tower features)
+    ("per_completion+raw_media", False, False),
+    ("shared_prefix+raw_media", True, False),
+    ("per_completion+tower_features", False, True),
+    ("shared_prefix+tower_features", True, True),
+)
+
+
+def omni_model(lm: TinyLMArgs, vocab_size: int, tower_hidden: int, seed: int):
+    from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+    from r1omni_ray.model.tiny import TinySizes, tiny_config
+
+    sizes = TinySizes(
+        hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
+        num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
+        image_size=VIDEO_SIDE_PATCHES * 8, patch_size=8, vision_hidden=tower_hidden, num_mel_bins=128,
+        audio_frames=MEL_FRAMES, audio_hidden=tower_hidden, num_frames=8,
+    )
+    torch.manual_seed(seed)
+    cfg = tiny_config(vocab_size, sizes, vision_pool_stride=2, audio_pool_stride=3)
+    return HumanOmniQwen2ForCausalLM(cfg).eval()
+
+
+def omni_prompts(n: int, vocab_ids: list[int], seed: int) -> list[SimpleNamespace]:
+    """Prompts in the R1-Omni layout: text, <video>, text, <audio>, text (80 text tokens in all)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def text(k: int) -> list[int]:
+        return [vocab_ids[int(i)] for i in torch.randint(len(vocab_ids), (k,), generator=g)]
+
+    side = VIDEO_SIDE_PATCHES * 8
+    return [SimpleNamespace(
+        prompt_ids=text(40) + [VIDEO_TOKEN_INDEX] + text(20) + [AUDIO_TOKEN_INDEX] + text(TEXT_TOKENS - 60),
+        pixel_values=torch.randn(8, 3, side, side, generator=g), audio_features=torch.randn(128, MEL_FRAMES, generator=g),
+        bert_input_ids=[1] + text(30) + [2], vision_feats=None, audio_feats=None,
+    ) for _ in range(n)]
+
+
+def with_features(model, prompts: list[SimpleNamespace]) -> list[SimpleNamespace]:
+    feats = model.tower_features(prompts, vision=True, audio=True)
+    return [SimpleNamespace(**{**vars(p), "pixel_values": None, "audio_features": None, "vision_feats": v,
+                               "audio_feats": a}) for p, (v, a) in zip(prompts, feats, strict=True)]
+
+
+def _init_dist() -> None:
+    import deepspeed
+
+    from actors.common import free_port
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+    deepspeed.init_distributed(dist_backend="gloo")
+
+
+def bench_learner(args: argparse.Namespace, model, prompts, vocab_ids: list[int]) -> list[dict[str, Any]]:
+    from r1omni_ray.config import config_from_dict
+    from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
+    from r1omni_ray.learner.policy import DeepSpeedPolicy
+    from r1omni_ray.learner.reference import frozen_reference
+    from r1omni_ray.model.loading import freeze_modules
+
+    _init_dist()
+    freeze_modules(model, vision=True, audio=True, bert=True)
+    g = args.group_size
+    n = len(prompts) * g
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    comps = [[vocab_ids[int(i)] for i in torch.randint(len(vocab_ids), (args.new_tokens,), generator=gen)]
+             for _ in range(n)]
+    index = [i // g for i in range(n)]
+    adv = torch.randn(n, generator=gen).tolist()
+    spec = StepSpec(num_micro=len(prompts), num_global_tokens=n * args.new_tokens, num_global_seqs=n,
+                    max_len=args.new_tokens)
+    base = {"learner": {"num_learners": 1, "zero_stage": args.zero_stage, "micro_batch_size": g, "lr": 1e-6,
+                        "torch_threads": args.threads}, "grpo": {"beta": 0.04}}
+    cfg = config_from_dict(base)
+    policy = DeepSpeedPolicy(model, cfg, 1e-6, 0, 1, torch.device("cpu"))
+    featured = with_features(model, prompts)
+    out = []
+    for name, shared, feats in LEARNER_VARIANTS:
+        vcfg = config_from_dict(base | {"learner": base["learner"] | {"shared_prefix": shared}})
+        reference = frozen_reference(model, feats, feats, torch.device("cpu"))
+        trainer = GRPOTrainer(policy, reference, vcfg)
+        batch = TrainBatch(featured if feats else prompts, index, comps, adv)
+        times = []
+        for k in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            trainer.train(batch, spec)
+            if k >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        step = median(times)
+        out.append({"bench": "omni_shape", "part": "learner", "variant": name, "shared_prefix": shared,
+                    "tower_features": feats, "step_s_median": rounded(step), "step_s_all": [rounded(t, 3) for t in times],
+                    "completion_tokens_per_s": rounded(n * args.new_tokens / step),
+                    "reference_params": sum(p.numel() for p in reference.parameters())})
+        emit(out[-1])
+        del reference, trainer
+    return out
+
+
+@torch.no_grad()
+def bench_engine(args: argparse.Namespace, model, tokenizer, prompts) -> list[dict[str, Any]]:
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.hf_engine import HFEngine
+
+    # Every sample exactly new_tokens long: eos masked until then, pad never sampled.
+    model.generation_config.min_new_tokens = args.new_tokens
+    model.generation_config.suppress_tokens = [int(tokenizer.pad_token_id)]
+    params = SamplingParams(n=args.group_size, max_new_tokens=args.new_tokens, seed=args.seed)
+    featured = with_features(model, prompts)  # the rollout worker runs the towers once either way
+    out = []
+    for name, once in (("prefill_per_sample", False), ("prefill_once", True)):
+        engine = HFEngine(model, tokenizer, prefill_once=once)
+        times, lengths = [], []
+        for k in range(args.engine_warmup + args.engine_repeats):
+            t0 = time.perf_counter()
+            groups = engine.generate(featured, params)
+            if k >= args.engine_warmup:
+                times.append(time.perf_counter() - t0)
+            lengths = [len(c.token_ids) for grp in groups for c in grp]
+        t = median(times)
+        out.append({"bench": "omni_shape", "part": "engine", "variant": name, "generate_s_median": rounded(t),
+                    "generate_s_all": [rounded(x, 3) for x in times], "completions": len(lengths),
+                    "completion_tokens": [min(lengths), max(lengths)],
+                    "gen_tokens_per_s": rounded(sum(lengths) / t)})
+        emit(out[-1])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tiny_lm_flags(p)
+    p.add_argument("--tower-hidden", type=int, default=64, help="SigLIP / Whisper width (tiny, real lengths)")
+    p.add_argument("--prompts", type=int, default=2)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--zero-stage", type=int, default=2, choices=(0, 1, 2, 3))
+    p.add_argument("--warmup", type=int, default=1, help="learner steps before the measured ones")
+    p.add_argument("--steps", type=int, default=3, help="measured learner steps per variant")
+    p.add_argument("--engine-warmup", type=int, default=0)
+    p.add_argument("--engine-repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (a learner or worker has 1 by default)")
+    p.add_argument("--parts", default="engine,learner")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from r1omni_ray.data.tokenizer import build_tiny_tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = build_tiny_tokenizer(d)
+    specials = set(tok.all_special_ids)
+    vocab_ids = [i for i in range(len(tok)) if i not in specials]
+    lm = tiny_lm_from_flags(args)
+    model = omni_model(lm, len(tok), args.tower_hidden, args.seed)
+    prompts = omni_prompts(args.prompts, vocab_ids, args.seed)
+    plen = len(model.embed_prompts(prompts[:1])[0])
+    emit({"bench": "omni_shape", "kind": "config", "machine": machine_info(), "lm": asdict(lm),
+          "tower_hidden": args.tower_hidden, "prompt_tokens": plen, "prompts": args.prompts,
+          "group_size": args.group_size, "new_tokens": args.new_tokens, "threads": args.threads,
+          "zero_stage": args.zero_stage})
+    parts = {s.strip() for s in args.parts.split(",")}
+    summary: dict[str, Any] = {"bench": "omni_shape", "kind": "summary"}
+    if "engine" in parts:
+        eng = bench_engine(args, model, tok, prompts)
+        summary["engine_speedup_prefill_once"] = rounded(eng[1]["gen_tokens_per_s"] / eng[0]["gen_tokens_per_s"], 3)
+    if "learner" in parts:
+        res = bench_learner(args, model, prompts, vocab_ids)
+        summary["learner_speedup_vs_per_completion_raw"] = {
+            r["variant"]: rounded(r["completion_tokens_per_s"] / res[0]["completion_tokens_per_s"], 3) for r in res[1:]}
+    emit(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
