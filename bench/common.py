@@ -19,6 +19,11 @@ from typing import Any
 
 import torch
 
+if not torch.cuda.is_available():
+    # transformers (with accelerate installed) imports DeepSpeed in the driver too, whose CPU-fallback notice
+    # goes to stdout, where only JSON lines belong; naming the accelerator silences it (as actors/common does).
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
 # ----------------------------------------------------------------------------- output
 
 

@@ -51,15 +51,14 @@ def _trl_rewards():
     return [accuracy, fmt]
 
 
-def run_trl(lm_dir: Path, prompts: list[str], solutions: list[str], args: argparse.Namespace, threads: int,
-            out_dir: Path) -> dict[str, Any]:
+def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], args: argparse.Namespace,
+            threads: int, out_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
     wl = workload_from_flags(args)
-    tok = AutoTokenizer.from_pretrained(str(lm_dir))
     steps: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -84,6 +83,7 @@ def run_trl(lm_dir: Path, prompts: list[str], solutions: list[str], args: argpar
     data = Dataset.from_dict({"prompt": prompts, "solution": solutions})
     trainer = GRPOTrainer(model=str(lm_dir), reward_funcs=_trl_rewards(), args=cfg, train_dataset=data,
                           processing_class=tok, callbacks=[StepTimer()])
+    trainer.remove_callback(PrinterCallback)  # it print()s every log row; stdout is for JSON lines
     trainer.train()
     measured = steps[wl.warmup_steps:]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         ckpt = build_bench_checkpoint(work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed)
         proc = OmniProcessor.from_pretrained(ckpt)
-        # The same LM weights and tokenizer for TRL: the checkpoint's LM as a plain Qwen2 directory.
+        # The same LM weights for TRL (the checkpoint's LM as a plain Qwen2 directory) and the very tokenizer
+        # object we use: AutoTokenizer on that directory would pick Qwen2's class for the word-level vocab.
         lm_dir = export_lm_dir(load_policy(str(ckpt), "float32"), proc.tokenizer, work / "lm")
         records = text_only_records(ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
         prompts = [proc.process(r, use_video=False, use_audio=False).prompt for r in records]
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                            "lm": vars(wl.lm), "labels": BENCH_LABELS}})
         trl_runs = []
         for t in [int(x) for x in args.trl_threads.split(",") if x.strip()]:
-            trl_runs.append(run_trl(lm_dir, prompts, solutions, args, t, work / f"trl-t{t}"))
+            trl_runs.append(run_trl(lm_dir, proc.tokenizer, prompts, solutions, args, t, work / f"trl-t{t}"))
             emit(trl_runs[-1])
         torch.set_num_threads(max(1, args.driver_threads))
         args.work_dir = str(work / "ours")

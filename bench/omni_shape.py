@@ -19,6 +19,8 @@ Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -94,7 +96,8 @@ def _init_dist() -> None:
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")
-    deepspeed.init_distributed(dist_backend="gloo")
+    with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed print()s its shm op build: not a JSON line
+        deepspeed.init_distributed(dist_backend="gloo")
 
 
 def bench_learner(args: argparse.Namespace, model, prompts, vocab_ids: list[int]) -> list[dict[str, Any]]:
