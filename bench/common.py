@@ -6,6 +6,7 @@ Nothing here imports Ray: the weight-broadcast benchmark's spawned receivers imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -23,6 +24,9 @@ if not torch.cuda.is_available():
     # transformers (with accelerate installed) imports DeepSpeed in the driver too, whose CPU-fallback notice
     # goes to stdout, where only JSON lines belong; naming the accelerator silences it (as actors/common does).
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+with contextlib.redirect_stdout(sys.stderr):  # stdout is for JSON lines only
+    import transformers.integrations.integration_utils  # noqa: F401  - print()s a W&B notice on import
 
 # ----------------------------------------------------------------------------- output
 

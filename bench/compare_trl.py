@@ -17,6 +17,7 @@ Run: python -m bench.compare_trl   (a JSON line per TRL thread count and per lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -81,10 +82,12 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], ar
         remove_unused_columns=False, log_completions=False,
     )
     data = Dataset.from_dict({"prompt": prompts, "solution": solutions})
-    trainer = GRPOTrainer(model=str(lm_dir), reward_funcs=_trl_rewards(), args=cfg, train_dataset=data,
-                          processing_class=tok, callbacks=[StepTimer()])
-    trainer.remove_callback(PrinterCallback)  # it print()s every log row; stdout is for JSON lines
-    trainer.train()
+    # TRL and its integrations print() notices (e.g. W&B's offline mode); stdout is for JSON lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        trainer = GRPOTrainer(model=str(lm_dir), reward_funcs=_trl_rewards(), args=cfg, train_dataset=data,
+                              processing_class=tok, callbacks=[StepTimer()])
+        trainer.remove_callback(PrinterCallback)  # it print()s every log row
+        trainer.train()
     measured = steps[wl.warmup_steps:]
     lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
     step = median(measured)
