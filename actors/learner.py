@@ -37,13 +37,14 @@ class LearnerShard:
     prompt_index: list[int]
     completions: list[list[int]]
     advantages: list[float]
+    sampling_logprobs: list[list[float]] | None = None
 
     def resolve(self) -> TrainBatch:
         refs = [r for r in self.media_refs if r is not None]
         fetched = iter(ray.get(refs) if refs else [])
         media = [next(fetched) if r is not None else None for r in self.media_refs]
         prompts = [p.with_media(m) for p, m in zip(self.prompts, media, strict=True)]
-        return TrainBatch(prompts, self.prompt_index, self.completions, self.advantages)
+        return TrainBatch(prompts, self.prompt_index, self.completions, self.advantages, self.sampling_logprobs)
 
 
 @ray.remote

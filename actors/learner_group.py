@@ -103,5 +103,7 @@ def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_
             shard.prompt_index.append(used[gi])
             shard.completions.append(c.token_ids)
             shard.advantages.append(advantages[j])
+        lps = [flat[j][1].logprobs for j in part]
+        shard.sampling_logprobs = lps if all(lp is not None for lp in lps) else None
         shards.append(shard)
     return shards, num_micro

@@ -186,7 +186,7 @@ def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, 
         "workers": layout.workers,
         "learners": layout.learners,
         "mode": "overlap" if layout.overlap else "sync",
-        "old_logprobs": "separate pass" if layout.recompute or layout.overlap else "training forward",
+        "old_logprobs": old_logprobs_source(measured),
         "rollout_threads": layout.rollout_threads,
         "learner_threads": layout.learner_threads,
         "measured_steps": len(measured),
@@ -209,6 +209,15 @@ def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, 
         "samples_per_step": sorted(samples),
         "weight_version_lag_max": max((h.get("weight_version_lag", 0.0) for h in measured), default=0.0),
     }
+
+
+def old_logprobs_source(rows: Sequence[dict[str, Any]]) -> str:
+    """Where the measured steps' old log-probs came from (the learners report it every step)."""
+    if median([h.get("learner/recomputed_old_logprobs", 0.0) for h in rows]) > 0.5:
+        return "separate pass"
+    if median([h.get("learner/rollout_old_logprobs", 0.0) for h in rows]) > 0.5:
+        return "rollout engine"
+    return "training forward"
 
 
 # ----------------------------------------------------------------------------- driver

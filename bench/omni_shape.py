@@ -11,7 +11,10 @@ weights: per-completion forward on raw media (what the learner did before), shar
 tower features only, both (the default now). It prints completion tokens/s and the ratio to the first.
 
 engine: HFEngine.generate of the same prompts, G samples each, with every sample prefilling its own copy of
-the prompt (before) and with each prompt prefilled once (now); generated tokens/s and the ratio.
+the prompt (before) and with each prompt prefilled once (now); generated tokens/s and the ratio. At tiny
+width decoding dominates (each of the 128 steps attends over ~1.1k cached positions per row); with
+--lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights) and the prompt's prefill dominates,
+as it does for R1-Omni-0.5B.
 
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """
@@ -32,6 +35,7 @@ from typing import Any
 import torch
 
 from bench.common import (
+    QWEN25_05B,
     TinyLMArgs,
     add_tiny_lm_flags,
     emit,
@@ -54,6 +58,7 @@ LEARNER_VARIANTS = (  # (name, shared_prefix, shipped tower features)
 
 
 def omni_model(lm: TinyLMArgs, vocab_size: int, tower_hidden: int, seed: int):
+    """HumanOmni with the given LM dimensions and tiny towers at R1-Omni's sequence lengths."""
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
     from r1omni_ray.model.tiny import TinySizes, tiny_config
 
@@ -188,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--engine-repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=1, help="torch threads (a learner or worker has 1 by default)")
     p.add_argument("--parts", default="engine,learner")
+    p.add_argument("--lm-width", choices=("tiny", "0.5b"), default="tiny",
+                   help="tiny: the --hidden-size... flags; 0.5b: Qwen2.5-0.5B's LM dimensions (use with --parts engine)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -197,14 +204,18 @@ def main(argv: list[str] | None = None) -> int:
         tok = build_tiny_tokenizer(d)
     specials = set(tok.all_special_ids)
     vocab_ids = [i for i in range(len(tok)) if i not in specials]
-    lm = tiny_lm_from_flags(args)
-    model = omni_model(lm, len(tok), args.tower_hidden, args.seed)
+    lm, vocab = tiny_lm_from_flags(args), len(tok)
+    if args.lm_width == "0.5b":
+        q = QWEN25_05B
+        lm = TinyLMArgs(q.hidden_size, q.intermediate_size, q.num_layers, q.num_heads, q.num_kv_heads)
+        vocab = q.vocab_size
+    model = omni_model(lm, vocab, args.tower_hidden, args.seed)
     prompts = omni_prompts(args.prompts, vocab_ids, args.seed)
     plen = len(model.embed_prompts(prompts[:1])[0])
     emit({"bench": "omni_shape", "kind": "config", "machine": machine_info(), "lm": asdict(lm),
           "tower_hidden": args.tower_hidden, "prompt_tokens": plen, "prompts": args.prompts,
           "group_size": args.group_size, "new_tokens": args.new_tokens, "threads": args.threads,
-          "zero_stage": args.zero_stage})
+          "zero_stage": args.zero_stage, "lm_width": args.lm_width, "lm_vocab": vocab})
     parts = {s.strip() for s in args.parts.split(",")}
     summary: dict[str, Any] = {"bench": "omni_shape", "kind": "summary"}
     if "engine" in parts:

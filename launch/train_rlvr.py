@@ -60,7 +60,8 @@ class RLVRTrainer:
         self.skipped_at_load = 0  # records dropped when the dataset was read (set by run_rlvr)
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                                     max_new_tokens=rc.max_new_tokens, logprobs=rc.sampling_logprobs)
+                                     max_new_tokens=rc.max_new_tokens,
+                                     logprobs=rc.sampling_logprobs or cfg.old_logprobs_from_rollout())
 
     def items_for(self, step: int) -> list[tuple[int, Any]]:
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
@@ -142,9 +143,11 @@ class RLVRTrainer:
         shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
                                                cfg.learner.micro_batch_size)
         learner_version = groups.sync.version
+        off_policy = any(g.weight_version != learner_version for g in samples)
+        from_rollout = off_policy and cfg.old_logprobs_from_rollout() and not cfg.learner.recompute_old_logprobs
         spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens,
-                        recompute_old=cfg.learner.recompute_old_logprobs
-                        or any(g.weight_version != learner_version for g in samples))
+                        recompute_old=cfg.learner.recompute_old_logprobs or (off_policy and not from_rollout),
+                        rollout_old=from_rollout)
         with timer.phase("train"):
             learner = groups.learners.train(shards, spec)
         if self.inflight:

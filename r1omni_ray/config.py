@@ -150,6 +150,11 @@ class LearnerConfig:
     # On-policy steps take the old log-probs from the training forward itself (detached); true forces a
     # separate no-grad pass every step (the two are equal up to kernel rounding).
     recompute_old_logprobs: bool = False
+    # Off-policy samples (overlap mode) need the sampling weights' log-probs. "rollout": the engine's own,
+    # recorded as it sampled (the hf engine: fp32 log-softmax of the very logits it drew from), no extra
+    # pass; "recompute": a no-grad pass on the learners; "auto": rollout with the hf engine, recompute with
+    # vLLM (whose returned log-probs are taken before temperature by default).
+    old_logprobs: str = "auto"
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
     shared_prefix: bool = True
@@ -216,6 +221,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def old_logprobs_from_rollout(self) -> bool:
+        """Whether off-policy steps take the old log-probs from the rollout engine (see learner.old_logprobs)."""
+        src = self.learner.old_logprobs
+        return src == "rollout" or (src == "auto" and self.rollout.engine == "hf")
+
 
 _CHOICES = {
     "rollout.engine": {"hf", "vllm"},
@@ -225,6 +235,7 @@ _CHOICES = {
     "grpo.kl_estimator": set(KL_ESTIMATORS),
     "grpo.loss_agg": set(LOSS_AGGS),
     "learner.zero_stage": {0, 1, 2, 3},
+    "learner.old_logprobs": {"auto", "rollout", "recompute"},
     "wandb.mode": {"auto", "online", "offline", "disabled"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
 }
@@ -371,6 +382,9 @@ def check_rlvr(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
                           f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "
                           "(leave it unset to get tensor_parallel_size)")
+    if rc.engine == "vllm" and cfg.learner.old_logprobs == "rollout" and rc.temperature != 1.0:
+        raise ConfigError(f"learner.old_logprobs: 'rollout' with rollout.engine=vllm and rollout.temperature="
+                          f"{rc.temperature:g}: vLLM returns log-probs taken before temperature; use 'recompute'")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -29,11 +29,14 @@ def bench_ray():
 def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
     from bench import grpo_step, overlap
 
-    assert grpo_step.main(TINY_GRPO + ["--layouts", "1w1l-sync,1w1l-overlap"]) == 0
+    # 3 measured steps: an overlapped run's first step after the warm-up is still on-policy.
+    assert grpo_step.main(TINY_GRPO + ["--layouts", "1w1l-sync,1w1l-overlap", "--steps", "3"]) == 0
     recs = json_lines(capsys.readouterr().out)
     assert recs[0]["kind"] == "config" and recs[-1]["kind"] == "summary"
     steps = [r for r in recs if r.get("layout")]
     assert [r["mode"] for r in steps] == ["sync", "overlap"]
+    # Off-policy (overlap) steps take the old log-probs the hf engine recorded while sampling: no extra pass.
+    assert [r["old_logprobs"] for r in steps] == ["training forward", "rollout engine"]
     for r in steps:
         assert r["samples_per_step"] == [4] and r["completion_tokens_mean"] == 4  # no early stop
         assert set(r["phase_s_median"]) >= {"rollout", "reward", "logprob", "update", "broadcast"}

@@ -28,6 +28,7 @@ def test_overrides_are_typed():
         ("rollout.num_workers=abc", "rollout.num_workers: expected an integer"),
         ("grpo.loss_agg=bogus", "grpo.loss_agg: 'bogus' is not one of"),
         ("learner.zero_stage=5", "learner.zero_stage"),
+        ("learner.old_logprobs=sometimes", "learner.old_logprobs: 'sometimes' is not one of"),
         ("train.overlap=3", "train.overlap: expected true/false"),
         ("reward.rewards=[1]", "reward.rewards[0]: expected a mapping"),
         ("notasection=1", "unknown key(s) ['notasection']"),
@@ -77,3 +78,14 @@ def test_rlvr_needs_a_rollout_worker():
 
     with pytest.raises(ConfigError, match="rollout.num_workers: 0 must be >= 1 for RLVR"):
         check_rlvr(load_config(None, ["rollout.num_workers=0"]))
+
+
+def test_where_off_policy_old_logprobs_come_from():
+    from r1omni_ray.config import check_rlvr
+
+    assert load_config(None, []).old_logprobs_from_rollout()  # auto + hf: the engine's own, no extra pass
+    assert not load_config(None, ["rollout.engine=vllm"]).old_logprobs_from_rollout()
+    assert not load_config(None, ["learner.old_logprobs=recompute"]).old_logprobs_from_rollout()
+    with pytest.raises(ConfigError, match="learner.old_logprobs: 'rollout' with rollout.engine=vllm"):
+        check_rlvr(load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout",
+                                      "rollout.temperature=0.7"]))

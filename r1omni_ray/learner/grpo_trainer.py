@@ -25,13 +25,27 @@ class TrainBatch:
     prompt_index: list[int]
     completions: list[list[int]]
     advantages: list[float]
+    sampling_logprobs: list[list[float]] | None = None  # per completion token, when the engine recorded them
 
     def sub(self, sl: slice) -> TrainBatch:
         idx = self.prompt_index[sl]
         used = sorted(set(idx))
         remap = {p: j for j, p in enumerate(used)}
+        lps = self.sampling_logprobs[sl] if self.sampling_logprobs is not None else None
         return TrainBatch([self.prompts[p] for p in used], [remap[p] for p in idx], self.completions[sl],
-                          self.advantages[sl])
+                          self.advantages[sl], lps)
+
+    def rollout_old_logprobs(self, width: int) -> torch.Tensor:
+        """The sampling log-probs as a right-padded [N, width] tensor (padding is masked by the loss)."""
+        if self.sampling_logprobs is None:
+            raise ValueError("StepSpec.rollout_old is set but the batch carries no sampling log-probs "
+                             "(the rollout engine was not asked for them)")
+        out = torch.zeros(len(self.completions), width)
+        for i, (lp, c) in enumerate(zip(self.sampling_logprobs, self.completions, strict=True)):
+            if len(lp) != len(c):
+                raise ValueError(f"completion {i}: {len(lp)} sampling log-probs for {len(c)} tokens")
+            out[i, : len(lp)] = torch.tensor(lp)
+        return out
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,8 @@ class StepSpec:
     # True when any sample came from other weights than the learners' (overlap mode, a re-issued prompt)
     # or learner.recompute_old_logprobs asks for it; else the training forward's own log-probs are used.
     recompute_old: bool = False
+    # Off-policy, but the batch carries the rollout engine's own sampling log-probs: those are the old ones.
+    rollout_old: bool = False
 
 
 class GRPOTrainer:
@@ -103,7 +119,12 @@ class GRPOTrainer:
             sub = batch.sub(sl)
             lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
             # On-policy the sampling weights are these weights: the old log-probs are this forward's own.
-            old_lp = old[k].to(lp) if old is not None else lp.detach()
+            if old is not None:
+                old_lp = old[k].to(lp)
+            elif spec.rollout_old:
+                old_lp = sub.rollout_old_logprobs(lp.shape[1]).to(lp)
+            else:
+                old_lp = lp.detach()
             ref_lp = ref[k].to(lp) if ref is not None else None
             adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
             loss, metrics = policy_loss(lp, old_lp, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
@@ -129,6 +150,7 @@ class GRPOTrainer:
         out["nonfinite_microbatches"] = float(nonfinite)
         out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
         out["recomputed_old_logprobs"] = float(spec.recompute_old)
+        out["rollout_old_logprobs"] = float(spec.rollout_old)
         out["frozen_logprob_s"] = t_frozen
         out["update_s"] = time.perf_counter() - t0 - t_frozen
         return out
