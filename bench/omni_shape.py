@@ -10,11 +10,10 @@ learner: one GRPO update (frozen-reference log-probs, then forward + backward + 
 weights: per-completion forward on raw media (what the learner did before), shared prefix only, shipped
 tower features only, both (the default now). It prints completion tokens/s and the ratio to the first.
 
-engine: HFEngine.generate of the same prompts, G samples each, with every sample prefilling its own copy of
-the prompt (before) and with each prompt prefilled once (now); generated tokens/s and the ratio. At tiny
-width decoding dominates (each of the 128 steps attends over ~1.1k cached positions per row); with
---lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights) and the prompt's prefill dominates,
-as it does for R1-Omni-0.5B.
+engine: HFEngine.generate of the same prompts, G samples each: every sample prefilling and reading its own
+copy of the prompt (before), and each prompt prefilled once with its samples decoding against that one copy
+(r1omni_ray/engines/shared_prefix.py); generated tokens/s and the ratio. With --lm-width 0.5b the LM has
+Qwen2.5-0.5B's dimensions (random weights; use with --parts engine).
 
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """
@@ -161,8 +160,8 @@ def bench_engine(args: argparse.Namespace, model, tokenizer, prompts) -> list[di
     params = SamplingParams(n=args.group_size, max_new_tokens=args.new_tokens, seed=args.seed)
     featured = with_features(model, prompts)  # the rollout worker runs the towers once either way
     out = []
-    for name, once in (("prefill_per_sample", False), ("prefill_once", True)):
-        engine = HFEngine(model, tokenizer, prefill_once=once)
+    for name, once in (("per_sample", False), ("shared_prefix", True)):
+        engine = HFEngine(model, tokenizer, shared_prefix=once)
         times, lengths = [], []
         for k in range(args.engine_warmup + args.engine_repeats):
             t0 = time.perf_counter()
@@ -220,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict[str, Any] = {"bench": "omni_shape", "kind": "summary"}
     if "engine" in parts:
         eng = bench_engine(args, model, tok, prompts)
-        summary["engine_speedup_prefill_once"] = rounded(eng[1]["gen_tokens_per_s"] / eng[0]["gen_tokens_per_s"], 3)
+        summary["engine_speedup_shared_prefix"] = rounded(eng[1]["gen_tokens_per_s"] / eng[0]["gen_tokens_per_s"], 3)
     if "learner" in parts:
         res = bench_learner(args, model, prompts, vocab_ids)
         summary["learner_speedup_vs_per_completion_raw"] = {

@@ -83,7 +83,7 @@ def test_omni_shape_benchmark_runs():
     recs = _run_module("bench.omni_shape", argv, 280)
     assert recs[0]["kind"] == "config" and recs[0]["prompt_tokens"] == 392 + 500 + 80
     engine = [r for r in recs if r.get("part") == "engine"]
-    assert [r["variant"] for r in engine] == ["prefill_per_sample", "prefill_once"]
+    assert [r["variant"] for r in engine] == ["per_sample", "shared_prefix"]
     assert all(r["completion_tokens"] == [4, 4] for r in engine)  # exactly new_tokens each
     learner = [r for r in recs if r.get("part") == "learner"]
     assert len(learner) == 4 and all(r["completion_tokens_per_s"] > 0 for r in learner)
@@ -91,7 +91,7 @@ def test_omni_shape_benchmark_runs():
     by = {r["variant"]: r for r in learner}
     assert by["shared_prefix+tower_features"]["reference_params"] < by["shared_prefix+raw_media"]["reference_params"]
     summary = recs[-1]
-    assert summary["kind"] == "summary" and "engine_speedup_prefill_once" in summary
+    assert summary["kind"] == "summary" and "engine_speedup_shared_prefix" in summary
     assert set(summary["learner_speedup_vs_per_completion_raw"]) == {r["variant"] for r in learner[1:]}
 
 

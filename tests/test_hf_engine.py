@@ -87,13 +87,32 @@ def test_prompt_is_prefilled_once_and_samples_are_those_of_per_sample_prefill(ti
         seen.append(tuple(x.shape[:2]))
         return inner_forward(*args, **kwargs)
 
+    from transformers import AttentionInterface
+
+    from r1omni_ray.engines.shared_prefix import ATTN_NAME, shared_prefix_attention
+
+    prefix_rows: list[int] = []
+
+    def counting(module, query, key, *args, **kwargs):
+        if getattr(key, "shared_prefix", None) is not None:
+            prefix_rows.append(key.shared_prefix[0].shape[0])
+        return shared_prefix_attention(module, query, key, *args, **kwargs)
+
     model.model.forward = record
-    once = HFEngine(model, proc.tokenizer).generate(prompts, params)
-    model.model.forward = inner_forward
+    AttentionInterface.register(ATTN_NAME, counting)
+    try:
+        attn_before = model.config._attn_implementation
+        once = HFEngine(model, proc.tokenizer).generate(prompts, params)
+        assert model.config._attn_implementation == attn_before  # restored after generate
+    finally:
+        AttentionInterface.register(ATTN_NAME, shared_prefix_attention)
+        model.model.forward = inner_forward
     # One prefill of the 2 prompts (all but their last position), then only single positions for 16 rows.
     assert seen[0] == (2, widths[1] - 1) and all(s[1] == 1 and s[0] == 16 for s in seen[1:])
+    # Every decoding step of every layer read the 2 prompts' single prefix copies, not 16 row copies.
+    assert len(prefix_rows) == (len(seen) - 1) * model.config.num_hidden_layers and set(prefix_rows) == {2}
 
-    each = HFEngine(model, proc.tokenizer, prefill_once=False).generate(prompts, params)
+    each = HFEngine(model, proc.tokenizer, shared_prefix=False).generate(prompts, params)
     pairs = [(a, b) for ga, gb in zip(once, each, strict=True) for a, b in zip(ga, gb, strict=True)]
     # Same per-sample generators over the same distributions: a token can differ only where a uniform draw
     # falls within float rounding of a cumulative-probability boundary, so nearly all must agree.
@@ -101,3 +120,32 @@ def test_prompt_is_prefilled_once_and_samples_are_those_of_per_sample_prefill(ti
     assert len(same) >= 15, f"{len(same)}/16 samples agree"
     for a, b in same:
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_attention_equals_sdpa_over_each_rows_own_copy():
+    """One decoding step: queries of n samples per prompt against the prompt's single prefix copy plus their
+    own suffix give what SDPA gives over per-row concatenated keys (GQA, a left-padding mask)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from r1omni_ray.engines.shared_prefix import shared_prefix_attention
+
+    g = torch.Generator().manual_seed(0)
+    prompts, n, heads, kv_heads, d, plen, slen = 2, 3, 4, 2, 8, 5, 4
+    rows = prompts * n
+    q = torch.randn(rows, heads, 1, d, generator=g)
+    pk, pv = torch.randn(prompts, kv_heads, plen, d, generator=g), torch.randn(prompts, kv_heads, plen, d, generator=g)
+    sk, sv = torch.randn(rows, kv_heads, slen, d, generator=g), torch.randn(rows, kv_heads, slen, d, generator=g)
+    mask = torch.ones(rows, 1, 1, plen + slen, dtype=torch.bool)
+    mask[:n, :, :, :2] = False  # prompt 0 is left-padded by two positions
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    full_k = torch.cat([pk.repeat_interleave(n, 0), sk], dim=2)
+    full_v = torch.cat([pv.repeat_interleave(n, 0), sv], dim=2)
+    want, _ = sdpa_attention_forward(module, q, full_k, full_v, mask, scaling=d**-0.5)
+    sk.shared_prefix = (pk, pv, n)
+    got, _ = shared_prefix_attention(module, q, sk, sv, mask, scaling=d**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # same maths, another summation order
+    del sk.shared_prefix
+    plain, _ = shared_prefix_attention(module, q, full_k, full_v, mask, scaling=d**-0.5)  # no prefix: SDPA
+    torch.testing.assert_close(plain, want, rtol=0, atol=0)

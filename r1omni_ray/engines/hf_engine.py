@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache
 
 from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, trim_at_eos
+from r1omni_ray.engines.shared_prefix import ATTN_NAME, shared_prefix_cache
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 
 
@@ -62,11 +63,11 @@ class ChosenTokenLogprobs:
 
 class HFEngine:
     def __init__(self, model: HumanOmniQwen2ForCausalLM, tokenizer, max_batch_prompts: int = 16,
-                 prefill_once: bool = True) -> None:
+                 shared_prefix: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_prompts = max_batch_prompts
-        self.prefill_once = prefill_once  # False: every sample prefills its own copy of the prompt (benchmarks)
+        self.shared_prefix = shared_prefix  # False: every sample prefills and reads its own prompt copy (benchmarks)
         self.eos_ids = {tokenizer.eos_token_id}
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._params = dict(self.model.named_parameters())
@@ -101,19 +102,15 @@ class HFEngine:
             # Rows are prompt-major: row i * n + j is sample j of prompt i.
             seeds = [sample_seed(base, uid, j) for uid in uids for j in range(n)]
             processors.append(PerSampleSampler(seeds, params.temperature, params.top_p, x.device))
-        cache = self._prefill(x[:, :-1], att[:, :-1], n) if self.prefill_once and n > 1 and width > 1 else None
-        seqs = self.model.generate(
-            # Each prompt repeated n times, prompt-major (what num_return_sequences did, which greedy refuses);
-            # with a prefilled cache generate() runs only the last prompt position, per row.
-            inputs_embeds=x.repeat_interleave(n, dim=0),
-            attention_mask=att.repeat_interleave(n, dim=0),
-            past_key_values=cache,
-            max_new_tokens=params.max_new_tokens,
-            do_sample=False,  # greedy over the sampler's one-hot scores, or plain greedy decoding
-            eos_token_id=list(self.eos_ids),
-            pad_token_id=self.pad_id,
-            logits_processor=processors or None,
-        )  # only new tokens when generating from inputs_embeds
+        cache = self._prefill(x[:, :-1], att[:, :-1], n) if self.shared_prefix and n > 1 and width > 1 else None
+        # The shared-prefix attention only while this cache is in use (it falls back to SDPA otherwise).
+        attn = self.model.config._attn_implementation
+        if cache is not None:
+            self.model.config._attn_implementation = ATTN_NAME
+        try:
+            seqs = self._generate(x, att, n, cache, params, processors)
+        finally:
+            self.model.config._attn_implementation = attn
         lp = recorder.finish(seqs) if recorder is not None else None
         groups: list[list[Completion]] = []
         for i in range(len(prompts)):
@@ -128,14 +125,29 @@ class HFEngine:
             groups.append(group)
         return groups
 
-    def _prefill(self, x: torch.Tensor, att: torch.Tensor, n: int) -> DynamicCache:
-        """KV cache of the left-padded prompts, each computed once and then repeated for its n samples
-        (the ~1k-token omni prompt is prefilled once, not n times). Positions as generate() derives them
-        from the attention mask, so the continuation sees exactly the cache it would have built itself."""
+    def _generate(self, x: torch.Tensor, att: torch.Tensor, n: int, cache: Cache | None, params: SamplingParams,
+                  processors: list) -> torch.Tensor:
+        return self.model.generate(
+            # Each prompt repeated n times, prompt-major (what num_return_sequences did, which greedy refuses);
+            # with a prefilled cache generate() runs only the last prompt position, per row.
+            inputs_embeds=x.repeat_interleave(n, dim=0),
+            attention_mask=att.repeat_interleave(n, dim=0),
+            past_key_values=cache,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,  # greedy over the sampler's one-hot scores, or plain greedy decoding
+            eos_token_id=list(self.eos_ids),
+            pad_token_id=self.pad_id,
+            logits_processor=processors or None,
+        )  # only new tokens when generating from inputs_embeds
+
+    def _prefill(self, x: torch.Tensor, att: torch.Tensor, n: int) -> Cache:
+        """KV cache of the left-padded prompts, each computed once and shared by its n samples (the ~1k-token
+        omni prompt is prefilled once, not n times, and decoding reads one copy of it: see shared_prefix).
+        Positions as generate() derives them from the attention mask, so the continuation sees exactly the
+        cache it would have built itself."""
         pos = (att.cumsum(-1) - 1).masked_fill(att == 0, 0)
-        cache = self.model.model(inputs_embeds=x, attention_mask=att, position_ids=pos, use_cache=True).past_key_values
-        cache.batch_repeat_interleave(n)
-        return cache
+        prompt = self.model.model(inputs_embeds=x, attention_mask=att, position_ids=pos, use_cache=True)
+        return shared_prefix_cache(prompt.past_key_values, n)
 
     @torch.no_grad()
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
