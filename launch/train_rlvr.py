@@ -61,7 +61,8 @@ class RLVRTrainer:
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
                                      max_new_tokens=rc.max_new_tokens,
-                                     logprobs=rc.sampling_logprobs or cfg.old_logprobs_from_rollout())
+                                     # only overlapped steps are off-policy: only they use the engine's own
+                                     logprobs=rc.sampling_logprobs or (cfg.train.overlap and cfg.old_logprobs_from_rollout()))
 
     def items_for(self, step: int) -> list[tuple[int, Any]]:
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
@@ -144,7 +145,8 @@ class RLVRTrainer:
                                                cfg.learner.micro_batch_size)
         learner_version = groups.sync.version
         off_policy = any(g.weight_version != learner_version for g in samples)
-        from_rollout = off_policy and cfg.old_logprobs_from_rollout() and not cfg.learner.recompute_old_logprobs
+        from_rollout = (off_policy and cfg.old_logprobs_from_rollout() and not cfg.learner.recompute_old_logprobs
+                        and all(c.logprobs is not None for c in completions))
         spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens,
                         recompute_old=cfg.learner.recompute_old_logprobs or (off_policy and not from_rollout),
                         rollout_old=from_rollout)
