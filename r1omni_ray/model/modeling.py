@@ -13,7 +13,7 @@ The tower configs must be embedded in the config (``vision_config`` / ``audio_co
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -40,6 +40,8 @@ from r1omni_ray.model.projectors import AllInOneSmall, sampled_side
 
 NUM_VISION_BRANCHES = 3  # video, body, face (HumanOmni)
 GATED_PROJECTORS = ("gated_mlp", "all_in_one_small")  # projectors whose branches the BERT gate mixes
+# Per modality: (raw input field, shipped tower-output field) of a prompt (MMPrompt).
+_MODALITY_FIELDS = {"video": ("pixel_values", "vision_feats"), "audio": ("audio_features", "audio_feats")}
 
 
 class MMPrompt(Protocol):
@@ -196,6 +198,17 @@ class HumanOmniQwen2Model(Qwen2Model):
         self.post_init()
 
 
+def right_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of [L_i, H] embeddings as one right-padded [N, max L, H] batch and its [N, max L] attention mask."""
+    width = max(r.shape[0] for r in rows)
+    x = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
+    att = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
+    for i, r in enumerate(rows):
+        x[i, : r.shape[0]] = r
+        att[i, : r.shape[0]] = 1
+    return x, att
+
+
 @dataclass
 class PackedBatch:
     """Right-padded prompt+completion embeddings for log-prob computation."""
@@ -296,36 +309,34 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         """features [B, n_mels, frames] -> audio tokens [B, frames / 2 / stride, hidden]."""
         return self.project_audio(self.audio_tower_features(features))
 
+    def _run_tower(self, prompts: Sequence[MMPrompt], kind: str, skip: Collection[int] = ()
+                   ) -> dict[int, torch.Tensor]:
+        """One tower's output for every prompt (index) with that raw input, except those in ``skip``."""
+        raw_name = _MODALITY_FIELDS[kind][0]
+        idx = [i for i, p in enumerate(prompts) if i not in skip and getattr(p, raw_name) is not None]
+        if not idx:
+            return {}
+        tower = self.vision_tower_features if kind == "video" else self.audio_tower_features
+        return dict(zip(idx, tower(torch.stack([getattr(prompts[i], raw_name) for i in idx])), strict=True))
+
     @torch.no_grad()
     def tower_features(self, prompts: Sequence[MMPrompt], vision: bool, audio: bool
                        ) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
         """Each prompt's (vision, audio) tower output, for the towers asked (None where not asked or the prompt
         has no such input): what a rollout worker ships instead of the raw media when the towers are frozen."""
-        vis = [i for i, p in enumerate(prompts) if vision and p.pixel_values is not None]
-        aud = [i for i, p in enumerate(prompts) if audio and p.audio_features is not None]
-        out: list[list[torch.Tensor | None]] = [[None, None] for _ in prompts]
-        if vis:
-            vf = self.vision_tower_features(torch.stack([prompts[i].pixel_values for i in vis]))
-            for i, f in zip(vis, vf, strict=True):
-                out[i][0] = f
-        if aud:
-            af = self.audio_tower_features(torch.stack([prompts[i].audio_features for i in aud]))
-            for i, f in zip(aud, af, strict=True):
-                out[i][1] = f
-        return [(v, a) for v, a in out]
+        v = self._run_tower(prompts, "video") if vision else {}
+        a = self._run_tower(prompts, "audio") if audio else {}
+        return [(v.get(i), a.get(i)) for i in range(len(prompts))]
 
     def _modality_tokens(self, prompts: Sequence[MMPrompt], kind: str) -> dict[int, torch.Tensor]:
         """Projected tokens of one modality per prompt index, from shipped tower features where a prompt has
         them, else by running the tower on its raw input (both kinds may share a batch)."""
-        raw_name, feat_name = ("pixel_values", "vision_feats") if kind == "video" else ("audio_features", "audio_feats")
-        tower = self.vision_tower_features if kind == "video" else self.audio_tower_features
-        shipped = [i for i, p in enumerate(prompts) if getattr(p, feat_name, None) is not None]
-        raw = [i for i, p in enumerate(prompts) if i not in shipped and getattr(p, raw_name) is not None]
-        if not shipped and not raw:
+        feat_name = _MODALITY_FIELDS[kind][1]
+        feats = {i: getattr(p, feat_name).to(self.device) for i, p in enumerate(prompts)
+                 if getattr(p, feat_name, None) is not None}
+        feats |= self._run_tower(prompts, kind, skip=feats)
+        if not feats:
             return {}
-        feats = {i: getattr(prompts[i], feat_name).to(self.device) for i in shipped}
-        if raw:
-            feats |= dict(zip(raw, tower(torch.stack([getattr(prompts[i], raw_name) for i in raw])), strict=True))
         order = sorted(feats)
         stacked = torch.stack([feats[i].to(feats[order[0]].dtype) for i in order])
         if kind == "video":
@@ -376,13 +387,7 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             rows.append(torch.cat([pe, ce.to(pe.dtype)], dim=0))
             plens.append(pe.shape[0])
             clens.append(len(comp))
-        width = max(r.shape[0] for r in rows)
-        hidden = rows[0].shape[1]
-        x = rows[0].new_zeros(len(rows), width, hidden)
-        att = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
-        for i, r in enumerate(rows):
-            x[i, : r.shape[0]] = r
-            att[i, : r.shape[0]] = 1
+        x, att = right_pad(rows)
         return PackedBatch(x, att, plens, clens)
 
     def completion_logprobs(
@@ -438,11 +443,7 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         length past the padding gap, which the attention mask hides."""
         dev = self.device
         plens = [e.shape[0] for e in pe]
-        x = pe[0].new_zeros(len(pe), max(plens), pe[0].shape[1])
-        pmask = torch.zeros(len(pe), max(plens), dtype=torch.long, device=dev)
-        for i, e in enumerate(pe):
-            x[i, : e.shape[0]] = e
-            pmask[i, : e.shape[0]] = 1
+        x, pmask = right_pad(pe)
         ppos = torch.arange(max(plens), device=dev).expand(len(pe), -1)
         out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, use_cache=True)
         index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
