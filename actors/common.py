@@ -9,12 +9,17 @@ import socket
 import torch
 
 
+def name_cpu_accelerator() -> None:
+    """Name DeepSpeed's accelerator on a machine without CUDA instead of letting it warn (on stdout), in every
+    process that imports it, that it fell back to CPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def setup_process(torch_threads: int) -> None:
     torch.set_num_threads(max(1, torch_threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not torch.cuda.is_available():
-        # Name DeepSpeed's accelerator instead of letting it warn, in every actor, that it fell back to CPU.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_cpu_accelerator()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     logging.getLogger("deepspeed").setLevel(logging.WARNING)

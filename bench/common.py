@@ -6,7 +6,6 @@ Nothing here imports Ray: the weight-broadcast benchmark's spawned receivers imp
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
@@ -20,13 +19,11 @@ from typing import Any
 
 import torch
 
-if not torch.cuda.is_available():
-    # transformers (with accelerate installed) imports DeepSpeed in the driver too, whose CPU-fallback notice
-    # goes to stdout, where only JSON lines belong; naming the accelerator silences it (as actors/common does).
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+from actors.common import name_cpu_accelerator
 
-with contextlib.redirect_stdout(sys.stderr):  # stdout is for JSON lines only
-    import transformers.integrations.integration_utils  # noqa: F401  - print()s a W&B notice on import
+# transformers (with accelerate installed) imports DeepSpeed in a benchmark's own process too; its notice
+# would land on stdout, where only JSON lines belong.
+name_cpu_accelerator()
 
 # ----------------------------------------------------------------------------- output
 

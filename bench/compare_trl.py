@@ -35,7 +35,7 @@ from bench.common import (
     rounded,
     text_only_records,
 )
-from bench.grpo_step import add_workload_flags, parse_layout, run_benchmark, workload_from_flags
+from bench.grpo_step import Workload, add_workload_flags, parse_layout, run_benchmark, workload_from_flags
 
 DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,1w2l-overlap"
 
@@ -52,14 +52,17 @@ def _trl_rewards():
     return [accuracy, fmt]
 
 
-def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], args: argparse.Namespace,
-            threads: int, out_dir: Path) -> dict[str, Any]:
+def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], wl: Workload, threads: int,
+            out_dir: Path) -> dict[str, Any]:
     from datasets import Dataset
-    from transformers import PrinterCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+
+    # transformers' Trainer integrations print() a W&B notice on import (WANDB_MODE=offline); stdout is for
+    # JSON lines.
+    with contextlib.redirect_stdout(sys.stderr):
+        from transformers import PrinterCallback, TrainerCallback
+        from trl import GRPOConfig, GRPOTrainer
 
     torch.set_num_threads(threads)
-    wl = workload_from_flags(args)
     steps: list[float] = []
 
     class StepTimer(TrainerCallback):
@@ -82,8 +85,7 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], ar
         remove_unused_columns=False, log_completions=False,
     )
     data = Dataset.from_dict({"prompt": prompts, "solution": solutions})
-    # TRL and its integrations print() notices (e.g. W&B's offline mode); stdout is for JSON lines.
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr):  # TRL print()s notices too
         trainer = GRPOTrainer(model=str(lm_dir), reward_funcs=_trl_rewards(), args=cfg, train_dataset=data,
                               processing_class=tok, callbacks=[StepTimer()])
         trainer.remove_callback(PrinterCallback)  # it print()s every log row
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                            "lm": vars(wl.lm), "labels": BENCH_LABELS}})
         trl_runs = []
         for t in [int(x) for x in args.trl_threads.split(",") if x.strip()]:
-            trl_runs.append(run_trl(lm_dir, proc.tokenizer, prompts, solutions, args, t, work / f"trl-t{t}"))
+            trl_runs.append(run_trl(lm_dir, proc.tokenizer, prompts, solutions, wl, t, work / f"trl-t{t}"))
             emit(trl_runs[-1])
         torch.set_num_threads(max(1, args.driver_threads))
         args.work_dir = str(work / "ours")

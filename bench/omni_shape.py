@@ -99,7 +99,7 @@ def _init_dist() -> None:
     from actors.common import free_port
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0",
-                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", DS_ACCELERATOR="cpu")
+                      WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     with contextlib.redirect_stdout(io.StringIO()):  # DeepSpeed print()s its shm op build: not a JSON line
         deepspeed.init_distributed(dist_backend="gloo")
 
