@@ -80,11 +80,12 @@ class RolloutWorker:
             self.engine = VLLMEngine(
                 model, self.processor.tokenizer, work_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
                 dtype=str(model.dtype).removeprefix("torch."), max_model_len=rc.max_model_len,
+                stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos,
             )
         else:
             from r1omni_ray.engines.hf_engine import HFEngine
 
-            self.engine = HFEngine(model, self.processor.tokenizer)
+            self.engine = HFEngine(model, self.processor.tokenizer, stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
         self.version = 0
         self.sync_group: BroadcastGroup | None = None
         self.busy_s = 0.0

@@ -180,15 +180,9 @@ BENCH_LABELS = ["happy", "sad", "angry", "neutral"]
 
 
 def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int, seed: int = 0) -> Path:
-    """A random-init HumanOmni checkpoint in the real layout with the benchmark's Qwen2 sizes.
-
-    Its generation_config.json asks for exactly `new_tokens` tokens: `min_new_tokens` masks eos until
-    then and the pad token is suppressed (a trailing pad would be trimmed as padding), so every
-    completion is `max_new_tokens == new_tokens` long whatever the random weights sample. The rollout
-    engine merges these defaults into each generate() call; the learner never reads them.
-    """
-    from transformers import GenerationConfig
-
+    """A random-init HumanOmni checkpoint in the real layout with the benchmark's Qwen2 sizes. Benchmarks ask
+    for fixed-length completions through the run config (rollout.min_new_tokens = max_new_tokens = new_tokens:
+    eos and pad masked until then), never through the checkpoint's generation_config, which sampling ignores."""
     from r1omni_ray.model.loading import make_tiny_checkpoint
     from r1omni_ray.model.tiny import TinySizes
 
@@ -197,11 +191,6 @@ def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int,
         num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
     )
     out = make_tiny_checkpoint(out_dir, sizes=sizes, seed=seed)
-    gen = GenerationConfig.from_pretrained(str(out))
-    gen.min_new_tokens = new_tokens
-    if gen.pad_token_id is not None and gen.pad_token_id != gen.eos_token_id:
-        gen.suppress_tokens = [int(gen.pad_token_id)]
-    gen.save_pretrained(str(out))
     (out / "bench_sizes.json").write_text(json.dumps(asdict(lm) | {"new_tokens": new_tokens}) + "\n")
     return out
 

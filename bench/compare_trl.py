@@ -76,7 +76,7 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], wl
         output_dir=str(out_dir), per_device_train_batch_size=wl.prompts * wl.group_size,
         gradient_accumulation_steps=1, steps_per_generation=1, num_iterations=1, num_generations=wl.group_size,
         max_completion_length=wl.new_tokens, temperature=1.0, top_p=1.0,
-        # Exactly new_tokens per completion, as in bench.grpo_step's generation_config.
+        # Exactly new_tokens per completion, as bench.grpo_step asks with rollout.min_new_tokens.
         generation_kwargs={"min_new_tokens": wl.new_tokens, "suppress_tokens": [int(tok.pad_token_id)]},
         beta=wl.beta, learning_rate=wl.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0,
         lr_scheduler_type="constant", warmup_steps=0, loss_type="grpo", scale_rewards="group", epsilon=0.2,

@@ -74,7 +74,7 @@ def run(ckpt, records, labels, work: Path, args: argparse.Namespace, features: b
 
     cfg = config_from_dict({
         "model": {"path": str(ckpt), "ship_frozen_tower_features": features},
-        "rollout": {"num_workers": 1, "group_size": args.group_size, "max_new_tokens": args.new_tokens,
+        "rollout": {"num_workers": 1, "group_size": args.group_size, "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens,
                     "num_cpus_per_worker": 1.0},
         "learner": {"num_learners": 1, "zero_stage": 2, "micro_batch_size": 8, "num_cpus_per_learner": 1.0},
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},

@@ -127,7 +127,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
         "model": {"path": ckpt_dir},
         "rollout": {
             "engine": "hf", "num_workers": layout.workers, "group_size": wl.group_size, "temperature": 1.0,
-            "top_p": 1.0, "max_new_tokens": wl.new_tokens, "num_cpus_per_worker": 1.0,
+            "top_p": 1.0, "max_new_tokens": wl.new_tokens, "min_new_tokens": wl.new_tokens, "num_cpus_per_worker": 1.0,
             "torch_threads": layout.rollout_threads, "max_restarts": 0,
         },
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},

@@ -154,10 +154,9 @@ def bench_engine(args: argparse.Namespace, model, tokenizer, prompts) -> list[di
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.hf_engine import HFEngine
 
-    # Every sample exactly new_tokens long: eos masked until then, pad never sampled.
-    model.generation_config.min_new_tokens = args.new_tokens
-    model.generation_config.suppress_tokens = [int(tokenizer.pad_token_id)]
-    params = SamplingParams(n=args.group_size, max_new_tokens=args.new_tokens, seed=args.seed)
+    # Every sample exactly new_tokens long: eos and pad masked until then.
+    params = SamplingParams(n=args.group_size, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                            seed=args.seed)
     featured = with_features(model, prompts)  # the rollout worker runs the towers once either way
     out = []
     for name, once in (("per_sample", False), ("shared_prefix", True)):

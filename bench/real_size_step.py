@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_dict({
             "model": {"path": str(ckpt)},
             "rollout": {"engine": "hf", "num_workers": 1, "group_size": args.group_size,
-                        "max_new_tokens": args.new_tokens, "num_cpus_per_worker": 1.0,
+                        "max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "num_cpus_per_worker": 1.0,
                         "torch_threads": args.threads, "max_restarts": 0},
             "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
             "learner": {"num_learners": 1, "zero_stage": args.zero_stage, "micro_batch_size": args.group_size,

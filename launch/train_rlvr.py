@@ -3,6 +3,7 @@ update) -> broadcast -> log, on Ray role groups. Run embedded (`python -m launch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -60,7 +61,7 @@ class RLVRTrainer:
         self.skipped_at_load = 0  # records dropped when the dataset was read (set by run_rlvr)
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                                     max_new_tokens=rc.max_new_tokens,
+                                     max_new_tokens=rc.max_new_tokens, min_new_tokens=rc.min_new_tokens,
                                      # only overlapped steps are off-policy: only they use the engine's own
                                      logprobs=rc.sampling_logprobs or (cfg.train.overlap and cfg.old_logprobs_from_rollout()))
 
@@ -74,8 +75,7 @@ class RLVRTrainer:
 
     def _params_for(self, step: int) -> SamplingParams:
         p = self.params
-        return SamplingParams(p.n, p.temperature, p.top_p, p.max_new_tokens,
-                              seed=step_seed(self.cfg.train.seed, step), logprobs=p.logprobs)
+        return dataclasses.replace(p, seed=step_seed(self.cfg.train.seed, step))
 
     def fit(self) -> list[dict[str, float]]:
         total = self.cfg.train.steps

@@ -95,6 +95,12 @@ class RolloutConfig:
     # Per-token log-probs of the sampled tokens under the sampling distribution (for an importance-sampling
     # correction); off by default: nothing in the GRPO loss reads them.
     sampling_logprobs: bool = False
+    # Sampling follows this config alone; of the checkpoint's generation_config.json only its eos ids are
+    # honoured, and only with this on (Qwen2.5 lists <|im_end|> and <|endoftext|>). The tokenizer's eos always stops.
+    stop_on_checkpoint_eos: bool = True
+    # eos (and pad) cannot be drawn before this many new tokens (benchmarks: fixed-length completions). The
+    # recorded sampling log-probs are then those of the masked distribution, not the learner's.
+    min_new_tokens: int = 0
 
 
 @dataclass
@@ -247,6 +253,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
     "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
+    "rollout.min_new_tokens": (0, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),

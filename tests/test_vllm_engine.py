@@ -63,7 +63,8 @@ def test_sampling_kwargs():
                          stop_token_ids=[7])
     # One sample per request (n=1) with its own seed; sampling log-probs only when asked for.
     assert kw == dict(n=1, temperature=0.9, top_p=0.95, top_k=-1, max_tokens=33, logprobs=None, seed=3,
-                      stop_token_ids=[7])
+                      stop_token_ids=[7], min_tokens=0)
+    assert sampling_kwargs(SamplingParams(max_new_tokens=9, min_new_tokens=9))["min_tokens"] == 9
     kw = sampling_kwargs(SamplingParams(n=8, max_new_tokens=33, logprobs=True), seed=3)
     assert kw["logprobs"] == 0  # vLLM: 0 = the sampled token's own log-prob only
     g = sampling_kwargs(SamplingParams(greedy=True, max_new_tokens=5))

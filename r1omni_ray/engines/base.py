@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ class SamplingParams:
     greedy: bool = False
     seed: int | None = None  # the step's seed (step_seed); each sample derives its own (sample_seed)
     logprobs: bool = False  # return each sampled token's log-prob (rollout.sampling_logprobs)
+    min_new_tokens: int = 0  # no stop (or pad) token before this many new tokens (rollout.min_new_tokens)
 
 
 @dataclass
@@ -50,6 +51,18 @@ class RolloutEngine(Protocol):
     def named_tensors(self) -> dict[str, torch.Tensor]:
         """The engine's current weights under HF names (for checks)."""
         ...
+
+
+def stop_token_ids(tokenizer: Any, generation_config: Any | None, use_checkpoint_eos: bool) -> set[int]:
+    """The ids that end a completion, the same in every engine: the tokenizer's eos, plus the eos ids the
+    checkpoint's generation_config lists when rollout.stop_on_checkpoint_eos (one id or a list)."""
+    ids = {int(tokenizer.eos_token_id)} if tokenizer.eos_token_id is not None else set()
+    listed = getattr(generation_config, "eos_token_id", None) if use_checkpoint_eos else None
+    if listed is not None:
+        ids |= {int(t) for t in ([listed] if isinstance(listed, int) else listed)}
+    if not ids:
+        raise ValueError("no stop token: the tokenizer has no eos_token_id and the checkpoint lists none")
+    return ids
 
 
 def is_lm_param(name: str) -> bool:

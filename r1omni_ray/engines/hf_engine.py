@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import Cache
 
-from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, trim_at_eos
+from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, stop_token_ids, trim_at_eos
 from r1omni_ray.engines.shared_prefix import ATTN_NAME, shared_prefix_cache
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 
@@ -61,15 +62,34 @@ class ChosenTokenLogprobs:
         return torch.stack(self.steps, dim=1) if self.steps else sequences.new_zeros(sequences.shape, dtype=torch.float)
 
 
+class MinNewTokens:
+    """A logits processor that forbids ``banned`` (stop and pad ids) until ``min_new`` tokens exist; placed
+    before the log-prob recorder, so recorded log-probs are those of the masked distribution that is sampled."""
+
+    def __init__(self, min_new: int, banned: set[int]) -> None:
+        self.min_new, self.banned = min_new, sorted(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.shape[1] < self.min_new:  # generating from embeddings: input_ids holds only new tokens
+            scores = scores.clone()
+            scores[:, self.banned] = float("-inf")
+        return scores
+
+
 class HFEngine:
     def __init__(self, model: HumanOmniQwen2ForCausalLM, tokenizer, max_batch_prompts: int = 16,
-                 shared_prefix: bool = True) -> None:
+                 shared_prefix: bool = True, stop_on_checkpoint_eos: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch_prompts = max_batch_prompts
         self.shared_prefix = shared_prefix  # False: every sample prefills and reads its own prompt copy (benchmarks)
-        self.eos_ids = {tokenizer.eos_token_id}
+        self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        # generate() fills every unset field from model.generation_config, so the checkpoint's own settings
+        # (repetition_penalty, no_repeat_ngram_size, suppress_tokens, min_new_tokens, ...) would run before
+        # our sampler and recorder: sampling follows the run's config alone.
+        self.model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+                                                        bos_token_id=tokenizer.bos_token_id)
         self._params = dict(self.model.named_parameters())
 
     @torch.no_grad()
@@ -94,9 +114,11 @@ class HFEngine:
         n = 1 if params.greedy else params.n
         temp = 1.0 if params.greedy else params.temperature
         processors: list = []
+        if params.min_new_tokens > 0:
+            processors.append(MinNewTokens(params.min_new_tokens, self.eos_ids | {self.pad_id}))
         recorder = ChosenTokenLogprobs(temp) if params.logprobs else None
         if recorder is not None:
-            processors.append(recorder)  # first: it sees the logits before the sampler masks them
+            processors.append(recorder)  # before the sampler, which leaves only the drawn token
         if not params.greedy:
             base = params.seed if params.seed is not None else 0
             # Rows are prompt-major: row i * n + j is sample j of prompt i.
@@ -133,10 +155,11 @@ class HFEngine:
             inputs_embeds=x.repeat_interleave(n, dim=0),
             attention_mask=att.repeat_interleave(n, dim=0),
             past_key_values=cache,
-            max_new_tokens=params.max_new_tokens,
-            do_sample=False,  # greedy over the sampler's one-hot scores, or plain greedy decoding
-            eos_token_id=list(self.eos_ids),
-            pad_token_id=self.pad_id,
+            generation_config=GenerationConfig(
+                max_new_tokens=params.max_new_tokens,
+                do_sample=False,  # greedy over the sampler's one-hot scores, or plain greedy decoding
+                eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id,
+            ),
             logits_processor=processors or None,
         )  # only new tokens when generating from inputs_embeds
 

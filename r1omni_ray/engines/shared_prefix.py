@@ -57,23 +57,29 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     prompts, kv_heads, plen, _ = pk.shape
     g = heads // kv_heads  # query heads per KV head (GQA)
     scale = scaling if scaling is not None else d**-0.5
-    # Prefix: all n samples' queries of a prompt against its one copy, [prompts, kv_heads, n * g, d].
-    qp = query.view(prompts, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, n * g, d)
+    # Scores, softmax and weighted sums in fp32 whatever the cache dtype: in bf16 the rounding of a
+    # 1k-token prefix's scores alone doubles the error against fp32 (SDPA accumulates in fp32 too).
+    q, pk, pv, key, value = query.float(), pk.float(), pv.float(), key.float(), value.float()
+    # Prefix: all n samples' queries of a prompt against its one copy.
+    # [rows=prompts*n, heads=kv_heads*g, 1, d] -> [prompts, kv_heads, n*g, d]
+    qp = q.view(prompts, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, n * g, d)
+    # [prompts, kv_heads, n*g, P] -> [rows, kv_heads, g, P]
     sp = (qp @ pk.transpose(-1, -2)).view(prompts, kv_heads, n, g, plen).permute(0, 2, 1, 3, 4)
     sp = sp.reshape(rows, kv_heads, g, plen)
     # Suffix: each row against its own generated tokens, [rows, kv_heads, g, S].
-    qs = query.view(rows, kv_heads, g, d)
+    qs = q.view(rows, kv_heads, g, d)
     ss = qs @ key.transpose(-1, -2)
-    scores = torch.cat([sp, ss], dim=-1).float() * scale
+    scores = torch.cat([sp, ss], dim=-1) * scale  # [rows, kv_heads, g, P + S]
     if attention_mask is not None:  # [rows, 1, 1, P + S]: bool (True attends) or additive
         m = attention_mask[:, :, -1:, :]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
+    probs = torch.softmax(scores, dim=-1)
+    # Prefix weights back to prompt-major [prompts, kv_heads, n*g, P] against the one prefix copy.
     pp = probs[..., :plen].reshape(prompts, n, kv_heads, g, plen).permute(0, 2, 1, 3, 4)
     out_p = (pp.reshape(prompts, kv_heads, n * g, plen) @ pv).view(prompts, kv_heads, n, g, d)
     out_p = out_p.permute(0, 2, 1, 3, 4).reshape(rows, heads, d)
     out_s = (probs[..., plen:] @ value).reshape(rows, heads, d)
-    return (out_p + out_s)[:, None], None  # [rows, q=1, heads, d], as transformers' attention functions return
+    return (out_p + out_s).to(query.dtype)[:, None], None  # [rows, q=1, heads, d], as transformers' attention functions return
 
 
 AttentionInterface.register(ATTN_NAME, shared_prefix_attention)

@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from r1omni_ray.engines.base import Completion, SamplingParams, is_lm_param, sample_seed, trim_at_eos
+from r1omni_ray.engines.base import (
+    Completion,
+    SamplingParams,
+    is_lm_param,
+    sample_seed,
+    stop_token_ids,
+    trim_at_eos,
+)
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
 
@@ -52,9 +59,10 @@ def sampling_kwargs(params: SamplingParams, seed: int | None = None,
     stop = list(stop_token_ids) or None
     if params.greedy:
         return dict(n=1, temperature=0.0, max_tokens=params.max_new_tokens, logprobs=lp, seed=seed,
-                    stop_token_ids=stop)
+                    stop_token_ids=stop, min_tokens=params.min_new_tokens)
     return dict(n=1, temperature=params.temperature, top_p=params.top_p, top_k=-1,
-                max_tokens=params.max_new_tokens, logprobs=lp, seed=seed, stop_token_ids=stop)
+                max_tokens=params.max_new_tokens, logprobs=lp, seed=seed, stop_token_ids=stop,
+                min_tokens=params.min_new_tokens)
 
 
 def sample_plan(num_prompts: int, params: SamplingParams, uids: Sequence[int]) -> list[tuple[int, int | None]]:
@@ -163,11 +171,12 @@ class VLLMEngine:
         gpu_memory_utilization: float = 0.6,
         dtype: str = "bfloat16",
         max_model_len: int | None = None,
+        stop_on_checkpoint_eos: bool = True,
     ) -> None:
         import vllm  # noqa: PLC0415  (GPU extra; imported only when selected)
 
         self.tokenizer = tokenizer
-        self.eos_ids = {tokenizer.eos_token_id}
+        self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
         self.tp = tensor_parallel_size
         lm_dir = export_lm_dir(model, tokenizer, Path(work_dir) / f"vllm_lm_{os.getpid()}")
