@@ -21,7 +21,7 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
 from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
 from r1omni_ray.learner.policy import DeepSpeedPolicy
-from r1omni_ray.learner.reference import frozen_reference
+from r1omni_ray.learner.reference import forward_modalities, frozen_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets
@@ -78,6 +78,7 @@ class LearnerActor:
         if with_reference:
             home = torch.device("cpu") if lc.ref_offload else self.device
             reference = frozen_reference(model, *mc.shipped_tower_features(), home)
+        model.every_forward_runs = forward_modalities(self.cfg)  # the policy's only: collective under ZeRO-3
         self.policy = DeepSpeedPolicy(model, self.cfg, lr, rank, world_size, self.device)
         self.grpo = GRPOTrainer(self.policy, reference, self.cfg)
         self._sft: SFTTrainer | None = None

@@ -38,9 +38,9 @@ def _model(freeze_towers: bool = True) -> HumanOmniQwen2ForCausalLM:
     return model.eval()  # no dropout: the two paths must see the same function
 
 
-def _loss_grads(model, prompts, shared: bool):
+def _loss_grads(model, prompts, shared: bool, index=INDEX, comps=COMPS):
     model.zero_grad(set_to_none=True)
-    lp, mask, ent = model.completion_logprobs(prompts, INDEX, COMPS, temperature=0.7, with_entropy=True,
+    lp, mask, ent = model.completion_logprobs(prompts, index, comps, temperature=0.7, with_entropy=True,
                                               shared_prefix=shared)
     weights = torch.linspace(-1.0, 1.0, lp.shape[0])[:, None]
     ((lp * weights).sum() + 0.1 * ent.sum()).backward()
@@ -114,3 +114,54 @@ def test_reference_holds_no_shipped_tower_and_matches_the_policy_on_features():
         ref.completion_logprobs(PROMPTS, INDEX, COMPS)
     kept = frozen_reference(model, drop_vision=False, drop_audio=True, home=torch.device("cpu"))
     assert any(n.startswith("model.vision_tower.") for n, _ in kept.named_parameters())
+
+
+# Completions a real run produces: empty (a row of only padding, pad != eos), 1 token, longer ones.
+EDGE_INDEX = [0, 0, 0, 1, 1, 2]
+EDGE_COMPS = [[], [7], [7, 8, 9], [5], [], [22, 23]]
+
+
+@pytest.mark.parametrize("comps", [EDGE_COMPS, [[], [7], [5], [], [22], [3]]], ids=["mixed", "all-at-most-1"])
+def test_shared_prefix_accepts_empty_and_one_token_completions(comps):
+    model = _model()
+    packed_lp, packed_mask, packed_grads = _loss_grads(model, PROMPTS, False, EDGE_INDEX, comps)
+    shared_lp, shared_mask, shared_grads = _loss_grads(model, PROMPTS, True, EDGE_INDEX, comps)
+    assert torch.equal(packed_mask, shared_mask) and packed_mask[0].sum() == 0
+    torch.testing.assert_close(shared_lp, packed_lp, rtol=1e-5, atol=1e-5)
+    for name, g in packed_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _forward_modules(model, prompts, index, comps) -> list[str]:
+    """Names of the modules whose forward ran, in order (what ZeRO-3 gathers parameters for)."""
+    ran: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args, name=n: ran.append(name))
+             for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        lp, _, _ = model.completion_logprobs(prompts, index, comps, shared_prefix=True)
+        lp.sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return ran
+
+
+@pytest.mark.parametrize("mode", ["features", "raw"])
+def test_every_micro_batch_runs_the_same_modules_whatever_it_holds(mode):
+    """Under ZeRO-3 each module's forward gathers its parameters collectively: a rank whose micro-batch has
+    no audio, no video, or only 1-token completions must still run the same modules as its peers."""
+    model = _model(freeze_towers=True)
+    model.every_forward_runs = {"video": mode, "audio": mode}
+    full = PROMPTS[:1] if mode == "raw" else _with_features(model, PROMPTS[:1])
+    text = [PROMPTS[2]]
+    want = set(_forward_modules(model, full, [0, 0], [[7, 8, 9], [7]]))
+    assert any("audio_projector" in n for n in want) and any("mm_projector" in n for n in want)
+    assert any("bert_model" in n for n in want) and (mode == "raw") == any("audio_tower" in n for n in want)
+    got = set(_forward_modules(model, text, [0, 0], [[7], []]))  # no media at all, at most 1 token
+    assert got == want
+    # The anchors are exact zeros: values and gradients are those of the plain forward.
+    plain = _model(freeze_towers=True)
+    with torch.no_grad():
+        a, _, _ = model.completion_logprobs(text, [0, 0], [[7], [3, 4]])
+        b, _, _ = plain.completion_logprobs(text, [0, 0], [[7], [3, 4]])
+    assert torch.equal(a, b)

@@ -328,47 +328,80 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         a = self._run_tower(prompts, "audio") if audio else {}
         return [(v.get(i), a.get(i)) for i in range(len(prompts))]
 
-    def _modality_tokens(self, prompts: Sequence[MMPrompt], kind: str) -> dict[int, torch.Tensor]:
+    def _modality_tokens(self, prompts: Sequence[MMPrompt], kind: str) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
         """Projected tokens of one modality per prompt index, from shipped tower features where a prompt has
-        them, else by running the tower on its raw input (both kinds may share a batch)."""
+        them, else by running the tower on its raw input (both kinds may share a batch). The second value is
+        a zero-valued anchor when no prompt had this modality and ``every_forward_runs`` asks for it anyway."""
         feat_name = _MODALITY_FIELDS[kind][1]
         feats = {i: getattr(p, feat_name).to(self.device) for i, p in enumerate(prompts)
                  if getattr(p, feat_name, None) is not None}
         feats |= self._run_tower(prompts, kind, skip=feats)
         if not feats:
-            return {}
+            mode = self.every_forward_runs.get(kind)
+            return {}, (None if mode is None else self._placeholder_tokens(kind, mode).sum() * 0.0)
         order = sorted(feats)
         stacked = torch.stack([feats[i].to(feats[order[0]].dtype) for i in order])
         if kind == "video":
             out = self.project_video(stacked, [prompts[i].bert_input_ids for i in order])
         else:
             out = self.project_audio(stacked)
-        return dict(zip(order, out, strict=True))
+        return dict(zip(order, out, strict=True)), None
+
+    # Modality -> "features" | "raw": what every forward runs for that modality even when no prompt of the
+    # batch has it (a clip without audio, a rank whose micro-batch is text-only). Under ZeRO-3 each module's
+    # forward and backward gathers its parameters collectively, so every rank must run the same modules in
+    # the same order; the learners set this, a rollout engine or a reference model never does.
+    every_forward_runs: dict[str, str] = {}
+
+    def _placeholder_tokens(self, kind: str, mode: str) -> torch.Tensor:
+        """The modality's modules (the tower too for "raw", the BERT gate for video) on one all-zero input of the
+        shape they expect; only the collectives and a zero-valued graph edge are wanted."""
+        dtype = self.get_input_embeddings().weight.dtype
+        if kind == "video":
+            vc = self.config.vision_config
+            if mode == "raw":
+                pixels = torch.zeros(1, 1, 3, vc["image_size"], vc["image_size"], device=self.device, dtype=dtype)
+                feats = self.vision_tower_features(pixels)
+            else:
+                side = vc["image_size"] // vc["patch_size"]
+                feats = torch.zeros(1, 1, side * side, vc["hidden_size"], device=self.device, dtype=dtype)
+            return self.project_video(feats, [[0]])
+        ac = self.config.audio_config
+        if mode == "raw":  # Whisper takes exactly its 30 s window: 2 mel frames per encoder position
+            mels = torch.zeros(1, ac["num_mel_bins"], 2 * ac["max_source_positions"], device=self.device, dtype=dtype)
+            feats = self.audio_tower_features(mels)
+        else:
+            feats = torch.zeros(1, 1, ac["d_model"], device=self.device, dtype=dtype)
+        return self.project_audio(feats)
 
     def embed_prompts(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor]:
         """Token embeddings with video/audio features spliced in at the placeholder ids: list of [L_i, H]."""
-        vfeat = self._modality_tokens(prompts, "video")
-        afeat = self._modality_tokens(prompts, "audio")
-        embed = self.get_input_embeddings()
+        vfeat, vanchor = self._modality_tokens(prompts, "video")
+        afeat, aanchor = self._modality_tokens(prompts, "audio")
+        ids = [torch.tensor(p.prompt_ids, dtype=torch.long, device=self.device) for p in prompts]
+        flat = torch.cat(ids)
+        placeholder = (flat == VIDEO_TOKEN_INDEX) | (flat == AUDIO_TOKEN_INDEX)
+        # One embedding call for the whole batch: under ZeRO-3 each call gathers the table, so the number of
+        # calls must not depend on how many placeholders the prompts of this rank happen to have.
+        tokens = self.get_input_embeddings()(flat.masked_fill(placeholder, 0)).split([len(x) for x in ids])
         result = []
-        for i, p in enumerate(prompts):
-            ids = torch.tensor(p.prompt_ids, dtype=torch.long, device=self.device)
+        for i, (row, emb) in enumerate(zip(ids, tokens, strict=True)):
             pieces: list[torch.Tensor] = []
-            special = ((ids == VIDEO_TOKEN_INDEX) | (ids == AUDIO_TOKEN_INDEX)).nonzero().flatten().tolist()
             start = 0
-            for pos in special:
-                if pos > start:
-                    pieces.append(embed(ids[start:pos]))
-                kind = int(ids[pos])
+            for pos in ((row == VIDEO_TOKEN_INDEX) | (row == AUDIO_TOKEN_INDEX)).nonzero().flatten().tolist():
+                pieces.append(emb[start:pos])
+                kind = int(row[pos])
                 feats = vfeat if kind == VIDEO_TOKEN_INDEX else afeat
                 if i not in feats:
                     name = "video" if kind == VIDEO_TOKEN_INDEX else "audio"
                     raise ValueError(f"prompt {i} has a <{name}> placeholder but no {name} input")
-                pieces.append(feats[i].to(pieces[0].dtype if pieces else embed.weight.dtype))
+                pieces.append(feats[i].to(emb.dtype))
                 start = pos + 1
-            if start < len(ids):
-                pieces.append(embed(ids[start:]))
+            pieces.append(emb[start:])
             result.append(torch.cat(pieces, dim=0))
+        for anchor in (vanchor, aanchor):  # zero-valued, but on the graph: backward runs those modules too
+            if anchor is not None and result:
+                result[0] = result[0] + anchor.to(result[0].dtype)
         return result
 
     # ---- training-side log-probs ----
@@ -378,12 +411,12 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         prompt_index: Sequence[int],
         completions: Sequence[Sequence[int]],
     ) -> PackedBatch:
-        embed = self.get_input_embeddings()
+        flat = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=self.device)
+        embedded = self.get_input_embeddings()(flat).split([len(c) for c in completions])  # one call (ZeRO-3)
         rows = []
         plens, clens = [], []
-        for pi, comp in zip(prompt_index, completions, strict=True):
+        for pi, comp, ce in zip(prompt_index, completions, embedded, strict=True):
             pe = prompt_embeds[pi]
-            ce = embed(torch.tensor(list(comp), dtype=torch.long, device=self.device))
             rows.append(torch.cat([pe, ce.to(pe.dtype)], dim=0))
             plens.append(pe.shape[0])
             clens.append(len(comp))
@@ -449,20 +482,25 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
         last = torch.tensor([plens[p] - 1 for p in prompt_index], device=dev)
         first = out.last_hidden_state[index, last][:, None]  # the prompt's last state predicts token 0
-        steps = max(len(c) for c in completions) - 1  # the last token is only a target, never an input
-        if steps <= 0:
-            return first
+        # The last token is only a target, never an input. With no input token at all (every completion
+        # empty or 1 token) the completion pass still runs, on one masked position: under ZeRO-3 every rank
+        # must run the same forwards and backwards, whatever its micro-batch holds.
+        real_steps = max(len(c) for c in completions) - 1
+        steps = max(real_steps, 1)
         cache = out.past_key_values
         cache.batch_select_indices(index)
         embed = self.get_input_embeddings()
         ids = torch.zeros(len(completions), steps, dtype=torch.long, device=dev)
         cmask = torch.zeros_like(ids)
         for i, c in enumerate(completions):
-            ids[i, : len(c) - 1] = torch.tensor(list(c[:-1]), dtype=torch.long)
-            cmask[i, : len(c) - 1] = 1
+            k = max(len(c) - 1, 0)  # an empty completion has no input token
+            ids[i, :k] = torch.tensor(list(c[:k]), dtype=torch.long)
+            cmask[i, :k] = 1
         cpos = torch.tensor([plens[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
         hidden = self.model(inputs_embeds=embed(ids).to(x.dtype), attention_mask=torch.cat([pmask[index], cmask], 1),
                             position_ids=cpos, past_key_values=cache, use_cache=True).last_hidden_state
+        if real_steps <= 0:
+            return first + hidden.sum() * 0.0  # the pass's modules on the graph, its value unused
         return torch.cat([first, hidden], dim=1)
 
 
