@@ -38,13 +38,15 @@ class LearnerShard:
     completions: list[list[int]]
     advantages: list[float]
     sampling_logprobs: list[list[float]] | None = None
+    weights: list[float] | None = None  # 0.0: a padding copy (fewer samples than learners), see TrainBatch
 
     def resolve(self) -> TrainBatch:
         refs = [r for r in self.media_refs if r is not None]
         fetched = iter(ray.get(refs) if refs else [])
         media = [next(fetched) if r is not None else None for r in self.media_refs]
         prompts = [p.with_media(m) for p, m in zip(self.prompts, media, strict=True)]
-        return TrainBatch(prompts, self.prompt_index, self.completions, self.advantages, self.sampling_logprobs)
+        return TrainBatch(prompts, self.prompt_index, self.completions, self.advantages, self.sampling_logprobs,
+                          self.weights)
 
 
 @ray.remote

@@ -11,7 +11,7 @@ from actors.learner import LearnerActor, LearnerShard
 from actors.placement import bundles, create_placement_group, in_bundle, node_ip_of_bundle, release
 from actors.rollout import PromptSamples
 from r1omni_ray.config import RunConfig
-from r1omni_ray.data.sampler import shared_micro_batches, split_by_groups
+from r1omni_ray.data.sampler import plan_learner_shards
 from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.step_metrics import reduce_learner_metrics
 
@@ -83,19 +83,24 @@ def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_
                        micro: int) -> tuple[list[LearnerShard], int]:
     """Split all completions across learners, balanced and cut between prompt groups where one is near
     (a prompt's shared-prefix forward then runs on one rank); every rank runs the same number of
-    micro-batches, as ZeRO-3's collective forward requires. Each shard carries its prompts' metadata and
-    media refs. Returns (shards, micro-batches per rank)."""
-    flat = [(gi, c) for gi, g in enumerate(samples) for c in g.completions]
-    if len(flat) < n_learners:
-        raise ValueError(f"{len(flat)} samples cannot feed {n_learners} learners")
-    parts = split_by_groups([gi for gi, _ in flat], n_learners)
-    num_micro = shared_micro_batches(parts, micro)
+    micro-batches, as ZeRO-3's collective forward requires. With fewer completions than learners the
+    last one is copied, with weight 0, to the ranks that would have none: they train on nothing, yet run
+    every collective. Each shard carries its prompts' metadata and media refs. Returns (shards,
+    micro-batches per rank)."""
+    flat = [(gi, c, 1.0) for gi, g in enumerate(samples) for c in g.completions]
+    advantages = list(advantages)
+    if not flat:
+        raise ValueError("no completion to train on")
+    while len(flat) < n_learners:
+        flat.append((flat[-1][0], flat[-1][1], 0.0))
+        advantages.append(0.0)
+    parts, num_micro = plan_learner_shards([gi for gi, _, _ in flat], n_learners, micro)
     shards = []
     for part in parts:
         used: dict[int, int] = {}
         shard = LearnerShard([], [], [], [], [])
         for j in part:
-            gi, c = flat[j]
+            gi, c, _ = flat[j]
             if gi not in used:
                 used[gi] = len(shard.prompts)
                 shard.prompts.append(samples[gi].inputs)
@@ -105,5 +110,7 @@ def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_
             shard.advantages.append(advantages[j])
         lps = [flat[j][1].logprobs for j in part]
         shard.sampling_logprobs = lps if all(lp is not None for lp in lps) else None
+        weights = [flat[j][2] for j in part]
+        shard.weights = weights if min(weights) < 1.0 else None
         shards.append(shard)
     return shards, num_micro

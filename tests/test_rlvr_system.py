@@ -11,7 +11,6 @@ from actors.groups import RLVRGroups
 from actors.learner_group import shard_for_learners
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
-from r1omni_ray.data.sampler import split_by_groups, split_even
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.learner.grpo_trainer import StepSpec
 
@@ -48,30 +47,6 @@ def local_ray():
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     yield
     ray.shutdown()
-
-
-def test_split_even_balances():
-    sizes = [len(r) for r in split_even(10, 3)]
-    assert sizes == [4, 3, 3] and sum(sizes) == 10
-
-
-def _parts(keys, n):
-    return [(r.start, r.stop) for r in split_by_groups(keys, n)]
-
-
-def test_split_by_groups_cuts_between_prompt_groups_and_always_gives_n_parts():
-    g8 = [k for k in range(4) for _ in range(8)]  # 4 prompts x G=8
-    assert _parts(g8, 4) == [(0, 8), (8, 16), (16, 24), (24, 32)]
-    assert _parts(g8, 2) == [(0, 16), (16, 32)]
-    assert _parts(g8, 3) == [(0, 11), (11, 24), (24, 32)]  # 8 is too far from 11: balance wins there
-    assert _parts([0] * 8 + [1] * 8, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]  # more parts than groups
-    assert _parts([0] * 5, 5) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)]
-    for keys, n in [(g8, 5), ([0, 0, 1, 1, 1, 2, 2], 3), ([0, 1, 1, 1, 1, 1, 1], 2)]:
-        parts = split_by_groups(keys, n)
-        assert len(parts) == n and all(len(p) > 0 for p in parts)
-        assert [i for p in parts for i in p] == list(range(len(keys)))
-    with pytest.raises(ValueError, match="cannot split 2 items into 3"):
-        split_by_groups([0, 1], 3)
 
 
 @pytest.mark.parametrize("vision_trainable", [False, True], ids=["frozen-towers", "trainable-vision"])

@@ -1,5 +1,5 @@
 """ZeRO-3 ranks run the same collectives whatever their micro-batch holds: a rank whose completions are all
-1 token long, or whose prompt has no audio track, still finishes the step (no hang until dist_timeout_s)
+1 token long, whose prompt has no audio track, or that has no sample of its own, still finishes the step (no hang until dist_timeout_s)
 and the update equals ZeRO-0's on the same shards. Real Ray + DeepSpeed on CPU (gloo)."""
 
 import pytest
@@ -7,10 +7,12 @@ import ray
 import torch
 
 from actors.learner import LearnerShard
-from actors.learner_group import LearnerGroup
+from actors.learner_group import LearnerGroup, shard_for_learners
+from actors.rollout import PromptSamples
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.processor import OmniProcessor
 from r1omni_ray.data.records import load_records
+from r1omni_ray.engines.base import Completion
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.learner.grpo_trainer import StepSpec
 from r1omni_ray.model.loading import load_policy
@@ -43,6 +45,16 @@ def _shard(proc, model, record, comps, adv, use_audio=True) -> LearnerShard:
     return LearnerShard([meta], [ray.put(media)], [0] * len(comps), comps, adv)
 
 
+def _one_sample_for_two_learners(proc, model, record) -> list[LearnerShard]:
+    """on_error=skip and a small G can leave fewer samples than learners: the second rank gets a weight-0 copy."""
+    shard = _shard(proc, model, record, [[7, 8, 9]], [1.0])
+    samples = [PromptSamples(0, record.id, shard.prompts[0], [Completion([7, 8, 9], "", "length")],
+                             media_ref=shard.media_refs[0])]
+    shards, num_micro = shard_for_learners(samples, [1.0], 2, 4)
+    assert num_micro == 1 and [s.weights for s in shards] == [None, [0.0]]
+    return shards
+
+
 def _steps(proc, model, recs) -> list[list[LearnerShard]]:
     full = [[7, 8, 9, 10], [11, 12], [13, 14, 15], [16]]
     return [
@@ -52,6 +64,7 @@ def _steps(proc, model, recs) -> list[list[LearnerShard]]:
         # Rank 1: a clip without an audio track.
         [_shard(proc, model, recs[2], full, [-1.0, 1.0, -0.5, 0.5]),
          _shard(proc, model, recs[3], full, [1.0, 0.5, -1.0, -0.5], use_audio=False)],
+        _one_sample_for_two_learners(proc, model, recs[4]),
     ]
 
 
@@ -60,7 +73,8 @@ def _train(cfg, ckpt, out, steps) -> list[dict[str, torch.Tensor]]:
     try:
         states = []
         for shards in steps:
-            lens = [len(c) for s in shards for c in s.completions]
+            lens = [len(c) for s in shards for c, w in zip(s.completions, s.weights or [1.0] * len(s.completions),
+                                                          strict=True) if w]  # the driver counts real samples
             group.train(shards, StepSpec(1, sum(lens), len(lens), 4))
             states.append(group.full_states()[0])
         return states
@@ -68,7 +82,7 @@ def _train(cfg, ckpt, out, steps) -> list[dict[str, torch.Tensor]]:
         group.shutdown()
 
 
-def test_zero3_ranks_with_one_token_or_audio_less_micro_batches_finish_and_match_zero0(
+def test_zero3_ranks_with_one_token_audio_less_or_no_samples_finish_and_match_zero0(
         local_ray, tiny_ckpt, synth_data, tmp_path):
     proc = OmniProcessor.from_pretrained(tiny_ckpt)
     model = load_policy(tiny_ckpt, "float32")

@@ -36,22 +36,38 @@ def split_even(n_items: int, n_parts: int) -> list[range]:
     return out
 
 
-def split_by_groups(keys: Sequence[Any], n_parts: int) -> list[range]:
-    """Contiguous split into exactly ``n_parts`` non-empty parts (needs ``len(keys) >= n_parts``) whose
-    boundaries fall where ``keys`` changes (between prompt groups, so a prompt is embedded and run once per
-    part) when one lies within a quarter of a balanced part of the balanced boundary; else the balanced one."""
+def split_by_groups(keys: Sequence[Any], n_parts: int, min_size: int = 1, max_size: int | None = None) -> list[range]:
+    """Contiguous split into exactly ``n_parts`` parts of ``min_size`` to ``max_size`` items (widened only where
+    no split could meet them) whose boundaries fall where ``keys`` changes (between prompt groups, so a prompt
+    is embedded and run once per part) when one lies within a quarter of a balanced part of the balanced
+    boundary and keeps the sizes in bounds; else the balanced boundary, moved into bounds."""
     n = len(keys)
     if not 0 < n_parts <= n:
         raise ValueError(f"cannot split {n} items into {n_parts} non-empty parts")
+    lo_size = max(1, min(min_size, n // n_parts))
+    hi_size = max(max_size if max_size is not None else n, -(-n // n_parts))
     changes = [i for i in range(1, n) if keys[i] != keys[i - 1]]
     slack = n / n_parts / 4
     bounds = [0]
     for k, r in enumerate(split_even(n, n_parts)[1:], start=1):
-        lo, hi = bounds[-1] + 1, n - (n_parts - k)  # every part keeps at least one item
+        left = n_parts - k  # parts after this boundary: each needs lo_size..hi_size items
+        lo = max(bounds[-1] + lo_size, n - left * hi_size)
+        hi = min(bounds[-1] + hi_size, n - left * lo_size)
         near = [c for c in changes if lo <= c <= hi and abs(c - r.start) <= slack]
         bounds.append(min(near, key=lambda c: (abs(c - r.start), c)) if near else min(max(r.start, lo), hi))
     bounds.append(n)
     return [range(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def plan_learner_shards(keys: Sequence[Any], n_learners: int, micro_batch_size: int) -> tuple[list[range], int]:
+    """(each learner's contiguous share, micro-batches per learner). Shares are cut between prompt groups
+    where one is near, but only within the sizes a balanced split would allow: no share needs more
+    micro-batches, and none is so small that the shared micro-batch count drops, so micro-batches never
+    exceed ``micro_batch_size`` where a balanced split's would not (it is the memory knob)."""
+    even = split_even(len(keys), n_learners)
+    num_micro = shared_micro_batches(even, micro_batch_size)
+    parts = split_by_groups(keys, n_learners, min_size=num_micro, max_size=num_micro * micro_batch_size)
+    return parts, shared_micro_batches(parts, micro_batch_size)
 
 
 def shared_micro_batches(parts: list[range], micro_batch_size: int) -> int:

@@ -26,6 +26,8 @@ class TrainBatch:
     completions: list[list[int]]
     advantages: list[float]
     sampling_logprobs: list[list[float]] | None = None  # per completion token, when the engine recorded them
+    # 0.0 marks a padding copy (a rank with no sample of its own still runs every collective), else 1.0.
+    weights: list[float] | None = None
 
     def sub(self, sl: slice) -> TrainBatch:
         idx = self.prompt_index[sl]
@@ -33,7 +35,13 @@ class TrainBatch:
         remap = {p: j for j, p in enumerate(used)}
         lps = self.sampling_logprobs[sl] if self.sampling_logprobs is not None else None
         return TrainBatch([self.prompts[p] for p in used], [remap[p] for p in idx], self.completions[sl],
-                          self.advantages[sl], lps)
+                          self.advantages[sl], lps, self.weights[sl] if self.weights is not None else None)
+
+    def loss_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The token mask with padding copies zeroed: they add nothing to the loss, its counts or metrics."""
+        if self.weights is None:
+            return mask
+        return mask * torch.tensor(self.weights, dtype=mask.dtype, device=mask.device)[:, None]
 
     def rollout_old_logprobs(self, width: int) -> torch.Tensor:
         """The sampling log-probs as a right-padded [N, width] tensor (padding is masked by the loss)."""
@@ -87,7 +95,7 @@ class GRPOTrainer:
     def logprobs(self, batch: TrainBatch, num_micro: int) -> list[list[float]]:
         """Each completion's log-probs under the current weights (eval mode, no update)."""
         self.policy.module.eval()
-        slices = micro_slices(len(batch.completions), num_micro, batch.prompt_index)
+        slices = micro_slices(len(batch.completions), num_micro, batch.prompt_index, self.cfg.learner.micro_batch_size)
         out: list[list[float]] = []
         for sl, lp in zip(slices, self._frozen_logprobs(self.policy.module, batch, slices), strict=True):
             out += [lp[i, : len(c)].tolist() for i, c in enumerate(batch.completions[sl])]
@@ -96,7 +104,8 @@ class GRPOTrainer:
     def train(self, batch: TrainBatch, spec: StepSpec) -> dict[str, float]:
         """Returns this rank's metrics (token means, or globally normalised loss terms)."""
         t0 = time.perf_counter()
-        slices = micro_slices(len(batch.completions), spec.num_micro, batch.prompt_index)
+        slices = micro_slices(len(batch.completions), spec.num_micro, batch.prompt_index,
+                              self.cfg.learner.micro_batch_size)
         module = self.policy.module
         ref: list[torch.Tensor] | None = None
         if self.reference is not None:
@@ -118,6 +127,7 @@ class GRPOTrainer:
         for k, sl in enumerate(slices):
             sub = batch.sub(sl)
             lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
+            mask = sub.loss_mask(mask)
             # On-policy the sampling weights are these weights: the old log-probs are this forward's own.
             if old is not None:
                 old_lp = old[k].to(lp)

@@ -18,11 +18,16 @@ from r1omni_ray.safe_load import install_safe_checkpoint_loading
 from r1omni_ray.weight_sync import CollectiveError
 
 
-def micro_slices(n: int, num_micro: int, groups: Sequence[Any] | None = None) -> list[slice]:
+def micro_slices(n: int, num_micro: int, groups: Sequence[Any] | None = None,
+                 micro_batch_size: int | None = None) -> list[slice]:
     """Exactly num_micro contiguous slices: every DP rank must run the same number of forward/backward
     passes (ZeRO-3 gathers parameters collectively inside each forward). Balanced; with ``groups`` (each
-    item's prompt) cut between prompt groups where one is near, so a prompt's forward is shared whole."""
-    parts = split_even(n, num_micro) if groups is None else split_by_groups(groups, num_micro)
+    item's prompt) cut between prompt groups where one is near, none larger than ``micro_batch_size`` unless
+    num_micro slices cannot hold n items at that size."""
+    if groups is None:
+        parts = split_even(n, num_micro)
+    else:
+        parts = split_by_groups(groups, num_micro, max_size=micro_batch_size)
     return [slice(r.start, r.stop) for r in parts]
 
 
