@@ -1,5 +1,5 @@
-"""The reward actors as one group: scoring spread over them, a failed or hung actor's samples scored 0 and
-counted, and the actor replaced."""
+"""The reward actors as one group: scoring spread over them; a dead actor replaced and its call re-run, a
+raising or hung reward function's samples scored 0 and counted (a hung actor replaced)."""
 
 from __future__ import annotations
 
@@ -45,28 +45,46 @@ class RewardGroup:
         if not self.actors:
             return score_completions(texts, solutions, self.specs, label_set=self.label_set)
         parts = [p for p in split_even(len(texts), len(self.actors))]
-        refs = [(i, part, self.actors[i].score.remote([texts[j] for j in part], [solutions[j] for j in part]))
-                for i, part in enumerate(parts) if len(part)]
+        calls = [(i, [texts[j] for j in part], [solutions[j] for j in part]) for i, part in enumerate(parts) if len(part)]
+        refs = [self.actors[i].score.remote(t, s) for i, t, s in calls]
         deadline = time.monotonic() + self.cfg.reward.timeout_s
-        batches: list[RewardBatch] = []
-        for i, part, ref in refs:  # parts are contiguous and in order: concatenation keeps sample order
-            try:
-                batches.append(ray.get(ref, timeout=max(0.0, deadline - time.monotonic())))
-            except (RayActorError, RayTaskError, GetTimeoutError) as e:
-                batches.append(self._failed(i, len(part), e))
+        # Parts are contiguous and in order: concatenation keeps sample order.
+        batches = [self._result(i, t, s, ref, deadline) for (i, t, s), ref in zip(calls, refs, strict=True)]
         out = batches[0]
         for b in batches[1:]:
             out = out.merge(b)
         return out
 
+    def _result(self, i: int, texts: list[str], solutions: list[str], ref: Any, deadline: float) -> RewardBatch:
+        """One actor's part. Reward functions are pure, so an actor that died (killed, OOM, node lost) is
+        replaced and the same call re-run on its replacement, each try with a fresh reward.timeout_s: a crash
+        costs time, not the step's signal. Only a reward function that raises or times out scores 0."""
+        for attempt in range(self.cfg.reward.max_restarts + 1):
+            try:
+                return ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except RayActorError as e:
+                self._replace(i)
+                if attempt == self.cfg.reward.max_restarts:
+                    return self._failed(i, len(texts), e)
+                log.warning("reward actor %d died (%s); re-running its %d samples on a replacement", i,
+                            type(e).__name__, len(texts))
+                ref = self.actors[i].score.remote(texts, solutions)
+                deadline = time.monotonic() + self.cfg.reward.timeout_s
+            except GetTimeoutError as e:  # a hung reward function: its actor cannot be trusted to return
+                ray.kill(self.actors[i], no_restart=True)
+                self._replace(i)
+                return self._failed(i, len(texts), e)
+            except RayTaskError as e:  # the reward code itself raised
+                return self._failed(i, len(texts), e)
+        raise AssertionError("unreachable")
+
+    def _replace(self, i: int) -> None:
+        self.actors[i] = self._make(i)
+        self.restarts += 1
+
     def _failed(self, i: int, n: int, e: BaseException) -> RewardBatch:
-        """The step goes on: these samples score 0 and the failure is counted; a dead or hung actor is replaced."""
+        """The step goes on: these samples score 0 and the failure is counted."""
         log.warning("reward actor %d failed (%s); %d samples score 0", i, type(e).__name__, n)
-        if isinstance(e, GetTimeoutError):  # a hung reward function
-            ray.kill(self.actors[i], no_restart=True)
-        if isinstance(e, RayActorError | GetTimeoutError):
-            self.actors[i] = self._make(i)
-            self.restarts += 1
         what = f"{type(e).__name__}: {str(getattr(e, 'cause', None) or e)[:200]}"
         return RewardBatch(total=[0.0] * n, per_reward={s.name: [0.0] * n for s in self.specs},
                            errors={"reward_actor_failed": n}, diagnostics={},

@@ -118,6 +118,7 @@ class RewardConfig:
     )
     modules: list[str] = field(default_factory=list)  # imported first: they register custom rewards
     timeout_s: float = 120.0  # a reward call that takes longer is a failure: its samples score 0
+    max_restarts: int = 3  # re-runs of one call on replacements when its reward actor dies
 
 
 @dataclass
@@ -254,7 +255,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
     "rollout.min_new_tokens": (0, True),
-    "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False),
+    "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),
     "learner.num_learners": (1, True), "learner.lr": (0, False), "learner.weight_decay": (0, True),

@@ -21,3 +21,10 @@ def always_raises(completion: str, solution: str) -> float:
 def hangs(completion: str, solution: str) -> float:
     time.sleep(3600)
     return 1.0
+
+
+@register_reward("test_slow_parity")
+def slow_parity(completion: str, solution: str) -> float:
+    """Slow enough for a test to kill its actor mid-call."""
+    time.sleep(2.0)
+    return float(len(completion) % 2)

@@ -214,7 +214,7 @@ def test_an_unschedulable_reward_actor_fails_the_run_at_start(ray_cluster, tmp_p
 # ---------------------------------------------------------------------------------------------- rewards
 
 
-def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, records, caplog):
+def test_reward_fn_raising_scores_zero_counted_and_a_killed_reward_actor_costs_no_signal(pools, records, caplog):
     tr = make_trainer(pools, records)
     n = pools.cfg.train.prompts_per_step * G
     with caplog.at_level("WARNING", logger="r1omni_ray"):
@@ -229,14 +229,33 @@ def test_reward_fn_raising_and_reward_actor_killed_score_zero_counted(pools, rec
     caplog.clear()
     with caplog.at_level("WARNING", logger="r1omni_ray"):
         m = run_step(tr, 6)
-    # The dead reward actor: every sample scores 0 (all advantages 0), counted, the step still completes.
-    assert m["reward/total_mean"] == 0.0 and m["reward/errors"] == n and m["samples"] == n
-    assert "reward actor 0 failed" in caplog.text
+    # The dead reward actor is replaced and its call re-run: the step keeps its signal (this step used to
+    # score every sample 0); only the always-raising reward's errors are counted.
+    assert m["reward/errors"] == n and m["samples"] == n and 0.0 < m["reward/test_parity_mean"] < 1.0
+    assert "re-running its" in caplog.text and "reward actor 0 failed" not in caplog.text
     assert pools.rewards.restarts == restarts + 1
 
-    m = run_step(tr, 7)  # the replacement actor scores again
-    assert m["reward/errors"] == n  # only the always-raising reward's errors
-    assert 0.0 < m["reward/test_parity_mean"] < 1.0
+
+def test_reward_actor_killed_mid_call_is_rerun_on_a_replacement(pools):
+    """Killed while scoring (a slow reward function): the same call runs again on the replacement."""
+    import threading
+
+    from actors.reward import RewardActor
+    from r1omni_ray.rewards import score_completions
+
+    slow = RewardActor.remote([("test_slow_parity", 1.0)], None, ["tests.fault_rewards"])
+    ray.get(slow.__ray_ready__.remote())  # started: the kill lands inside the call
+    old, pools.rewards.actors[0] = pools.rewards.actors[0], slow
+    ray.kill(old, no_restart=True)
+    restarts = pools.rewards.restarts
+    texts, sols = ["<think>a</think><answer>sad</answer>", "<answer>x</answer>"] * 2, ["<answer>sad</answer>"] * 4
+    killer = threading.Timer(1.0, lambda: ray.kill(slow, no_restart=True))
+    killer.start()
+    rb = pools.rewards.score(texts, sols)
+    killer.join()
+    assert "reward_actor_failed" not in rb.errors and pools.rewards.restarts == restarts + 1
+    want = score_completions(texts, sols, pools.rewards.specs, label_set=pools.rewards.label_set)
+    assert rb.total == want.total  # the replacement scores with the run's own rewards
 
 
 def test_hung_reward_function_times_out_scores_zero_and_actor_is_replaced(pools):
