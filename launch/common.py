@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -133,9 +134,30 @@ def install_stop_handler() -> None:
     signal.signal(signal.SIGTERM, _stop)
 
 
-def run_main(main: Callable[[], int]) -> None:
+def resume_command(argv: list[str] | None = None) -> str:
+    """The command line that resumes this run: the same module and arguments, with --resume."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    keep: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in ("--resume", "--overwrite"):
+            continue
+        elif a == "--resume-from":
+            skip = True
+        elif not a.startswith("--resume-from="):
+            keep.append(a)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    entry = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
+    return shlex.join([*entry, *keep, "--resume"])
+
+
+def run_main(main: Callable[[], int], resumable: bool = False) -> None:
     """Entry-point wrapper: configuration and data errors end the process with their message (which
-    names the file/field) and exit status 2, not a traceback."""
+    names the file/field) and exit status 2, not a traceback; an actor that died or failed in a role group
+    ends it with one line naming the actor (and, for a resumable run, the command that resumes it)."""
+    from actors.calls import ActorCallError
     from r1omni_ray.data.errors import DataError
 
     install_stop_handler()
@@ -144,6 +166,11 @@ def run_main(main: Callable[[], int]) -> None:
     except (ConfigError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         code = 2
+    except ActorCallError as e:
+        cause = (str(e.cause).strip().splitlines() or [""])[0]
+        hint = f"; resume from the last committed checkpoint with: {resume_command()}" if resumable else ""
+        print(f"error: {e.actor} failed in {e.method} ({type(e.cause).__name__}: {cause}){hint}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt as e:
         print(f"stopped ({e or 'SIGINT'}); the last committed checkpoint can be resumed with --resume", file=sys.stderr)
         code = 130

@@ -14,14 +14,15 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_sigterm_stops_the_driver_with_one_line(tmp_path):
+def _run_until_step_2(tmp_path, then) -> tuple[subprocess.Popen, str]:
+    """Start a small embedded run, wait for its second step, call ``then(proc)``, and wait for the exit."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded, private local Ray
     log = tmp_path / "driver.log"
     args = [sys.executable, "-m", "launch.train_rlvr", "--config", "configs/tiny_cpu.yaml",
             f"train.output_dir={tmp_path / 'run'}", "train.steps=500", "train.prompts_per_step=2",
             "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.num_workers=1", "learner.num_learners=1",
             "data.synthetic.num_train=4", "data.synthetic.num_eval=2", "data.synthetic.num_sft=2",
-            "wandb.mode=offline"]
+            "wandb.mode=offline", "checkpoint.every=1"]
     with log.open("w") as f:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -30,11 +31,34 @@ def test_sigterm_stops_the_driver_with_one_line(tmp_path):
             assert proc.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
         assert "step 2 |" in log.read_text(), log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        then(proc)
         proc.wait(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    text = log.read_text()
+    return proc, log.read_text()
+
+
+def test_a_dead_learner_ends_the_run_with_one_line_naming_it_and_the_resume_command(tmp_path):
+    import psutil
+
+    def kill_learner(proc: subprocess.Popen) -> None:
+        learners = [p for p in psutil.process_iter(["cmdline"])
+                    if any("ray::LearnerActor" in part for part in (p.info["cmdline"] or []))]
+        assert learners, "no learner process found"
+        for p in learners:
+            p.kill()
+
+    proc, text = _run_until_step_2(tmp_path, kill_learner)
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    errors = [line for line in text.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith("error: learner-0 failed in "), errors
+    assert "python -m launch.train_rlvr --config configs/tiny_cpu.yaml" in errors[0]
+    assert errors[0].endswith("checkpoint.every=1 --resume"), errors[0]
+
+
+def test_sigterm_stops_the_driver_with_one_line(tmp_path):
+    proc, text = _run_until_step_2(tmp_path, lambda p: p.send_signal(signal.SIGTERM))
     assert proc.returncode == 130, text[-3000:]
     assert "stopped (SIGTERM)" in text and "Traceback" not in text, text[-3000:]
