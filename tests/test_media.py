@@ -174,3 +174,30 @@ def test_missing_and_garbage_files(tmp_path, image_processor):
 
 def test_no_audio_video_still_loads_frames(corrupt, image_processor):
     assert load_video_frames(corrupt["no_audio_mp4"], 4, image_processor).shape == (4, 3, 32, 32)
+
+
+def test_audio_file_at_another_rate_is_resampled_as_the_reference_does(tmp_path, feature_extractor):
+    """HumanOmni's process_audio reads any path with decord.AudioReader(sample_rate=16000) (ffmpeg's resampler);
+    librosa's soxr gave log-mels off by up to 0.93 on a 44.1 kHz file."""
+    import decord
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    t = np.arange(int(1.5 * 44100)) / 44100
+    stereo = np.stack([0.4 * np.sin(2 * np.pi * 440 * t), 0.3 * np.sin(2 * np.pi * 1250 * t)], axis=1)
+    stereo += 0.05 * rng.standard_normal(stereo.shape)
+    path = tmp_path / "clip_44k.wav"
+    sf.write(path, stereo.astype(np.float32), 44100)
+
+    ours = load_audio_features(path, feature_extractor)
+    # The reference's lines (humanomni/mm_utils.py process_audio): decord at 16 kHz, channel mean, the extractor.
+    ref_wave = torch.from_numpy(decord.AudioReader(str(path), ctx=decord.cpu(0), sample_rate=16000)._array)
+    if ref_wave.ndim > 1:
+        ref_wave = ref_wave.mean(dim=0)
+    ref = feature_extractor(ref_wave.numpy(), sampling_rate=16000, return_tensors="pt")["input_features"][0]
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)  # the same decoder and resampler: fp32 equality
+
+    from r1omni_ray.data.audio import _load_with_librosa
+
+    other = audio_features(_load_with_librosa(str(path), 16000, why="test"), feature_extractor)
+    assert (other - ref).abs().max() > 0.05  # why the reference's resampler matters

@@ -1,4 +1,7 @@
-"""Audio loading (librosa for audio files, decord for a video's own track) + Whisper features.
+"""Audio loading + Whisper features. Every input, a video's own track or a separate audio file, is decoded and
+resampled by decord (ffmpeg), as the reference's ``process_audio`` does: resamplers differ (librosa's soxr
+moved a 44.1 kHz file's log-mels by up to 0.93), and the checkpoint learned ffmpeg's. librosa reads only
+files that decord cannot open, with a warning.
 
 Unlike HumanOmni, a missing / silent-by-absence audio track is an error (MediaError), never a
 zero waveform: silently substituting zeros would teach the model that "no audio" is a cue.
@@ -6,6 +9,7 @@ zero waveform: silently substituting zeros would teach the model that "no audio"
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 
@@ -13,6 +17,8 @@ import numpy as np
 import torch
 
 from r1omni_ray.data.errors import MediaError
+
+log = logging.getLogger("r1omni_ray")
 
 VIDEO_CONTAINER_EXTS = frozenset({".mp4", ".mkv", ".avi", ".webm", ".mov", ".m4v", ".flv", ".mpg", ".mpeg"})
 
@@ -22,15 +28,17 @@ def _short(e: BaseException, limit: int = 300) -> str:
     return msg if len(msg) <= limit else msg[:limit] + "..."
 
 
-def _load_from_container(path: str, sample_rate: int) -> np.ndarray:
+def _load_with_decord(path: str, sample_rate: int, container: bool) -> np.ndarray:
     import decord
 
     try:
         reader = decord.AudioReader(path, ctx=decord.cpu(0), sample_rate=sample_rate, mono=True)
     except Exception as e:
         msg = _short(e)
-        if "find audio stream" in msg.lower():
+        if container and "find audio stream" in msg.lower():
             raise MediaError("video container has no audio track", file=path) from None
+        if not container:
+            return _load_with_librosa(path, sample_rate, why=msg)
         raise MediaError(f"cannot open audio track: {msg}", file=path) from None
     try:
         if reader.shape[1] == 0:
@@ -44,9 +52,11 @@ def _load_from_container(path: str, sample_rate: int) -> np.ndarray:
     return wave.reshape(-1) if wave.ndim == 1 or wave.shape[0] == 1 else wave.mean(axis=0)
 
 
-def _load_audio_file(path: str, sample_rate: int) -> np.ndarray:
+def _load_with_librosa(path: str, sample_rate: int, why: str) -> np.ndarray:
     import librosa
 
+    log.warning("decord cannot open %s (%s); reading it with librosa, whose resampler is not the reference's",
+                path, why)
     try:
         with warnings.catch_warnings():
             # librosa warns "PySoundFile failed. Trying audioread instead." before its fallback
@@ -60,8 +70,8 @@ def _load_audio_file(path: str, sample_rate: int) -> np.ndarray:
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000, max_seconds: float | None = None) -> np.ndarray:
     """Load a mono float32 waveform at ``sample_rate``.
 
-    Audio files (.wav/.flac/...) go through ``librosa.load``; video containers (.mp4/.mkv/.avi/
-    .webm/...) have their own audio track read with ``decord.AudioReader``.  ``max_seconds``
+    Audio files (.wav/.flac/...) and video containers (.mp4/.mkv/.avi/.webm/..., their own track) are read
+    and resampled with ``decord.AudioReader``, as the reference does.  ``max_seconds``
     truncates.  Missing, corrupt, zero-length or track-less inputs raise :class:`MediaError`.
     """
     path = os.fspath(path)
@@ -70,10 +80,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, max_seconds: f
     if os.path.getsize(path) == 0:
         raise MediaError("audio file is empty (0 bytes)", file=path)
     ext = os.path.splitext(path)[1].lower()
-    if ext in VIDEO_CONTAINER_EXTS:
-        wave = _load_from_container(path, sample_rate)
-    else:
-        wave = _load_audio_file(path, sample_rate)
+    wave = _load_with_decord(path, sample_rate, container=ext in VIDEO_CONTAINER_EXTS)
     if wave.size == 0:
         raise MediaError("audio is zero-length (0 samples)", file=path)
     if not np.all(np.isfinite(wave)):
