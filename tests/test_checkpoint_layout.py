@@ -1,7 +1,8 @@
 """Our model against the layout the reference HumanOmni code writes, at real size, on the meta device.
 
-shared/reference/r1omni_0.5b_checkpoint_keys.json holds the published R1-Omni-0.5B config.json, the tower
-configs, and every tensor name and shape the reference code saves. The model is built the way load_policy
+tests/reference/r1omni_0.5b_checkpoint_keys.json (a copy of the shared reference file, kept in the repo so a
+user's clone runs this too) holds the published R1-Omni-0.5B config.json, the tower configs, and every tensor
+name and shape the reference code saves. The model is built the way load_policy
 builds it for that checkpoint (unedited config.json, tower folders given as run-config overrides), with no
 weights, and every listed tensor must land on a parameter of the same shape.
 """
@@ -18,17 +19,22 @@ from r1omni_ray.model.loading import LEGACY_KEY_MAPPING, UNUSED_IN_FORWARD, load
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
 from r1omni_ray.model.towers import TowerPaths
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
+REFERENCE = Path(__file__).resolve().parent / "reference" / "r1omni_0.5b_checkpoint_keys.json"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
 
 
 @pytest.fixture(scope="module")
 def reference() -> dict:
-    if not REFERENCE.is_file():
-        msg = f"{REFERENCE} not present (it lives in the shared reference folder beside the repo)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)  # CI always has shared/ beside the clone: a skip there would hide the check
-        pytest.skip(msg)
     return json.loads(REFERENCE.read_text())
+
+
+def test_the_in_repo_reference_is_the_shared_one():
+    """Where the shared reference folder sits beside the clone (CI, developers), the copy has not drifted."""
+    if not SHARED.is_file():
+        if os.environ.get("CI"):
+            pytest.fail(f"{SHARED} not present: CI always has it beside the clone")
+        pytest.skip(f"{SHARED} not present (a user's clone): the in-repo copy is what the other tests read")
+    assert json.loads(SHARED.read_text()) == json.loads(REFERENCE.read_text())
 
 
 def write_published_layout(root: Path, reference: dict) -> Path:
