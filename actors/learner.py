@@ -81,6 +81,8 @@ class LearnerActor:
             home = torch.device("cpu") if lc.ref_offload else self.device
             reference = frozen_reference(model, *mc.shipped_tower_features(), home)
         model.every_forward_runs = forward_modalities(self.cfg)  # the policy's only: collective under ZeRO-3
+        if lc.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
         self.policy = DeepSpeedPolicy(model, self.cfg, lr, rank, world_size, self.device)
         self.grpo = GRPOTrainer(self.policy, reference, self.cfg)
         self._sft: SFTTrainer | None = None

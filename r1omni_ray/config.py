@@ -165,6 +165,8 @@ class LearnerConfig:
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
     shared_prefix: bool = True
+    # Recompute activations in backward (TRL's default; what a 7B policy needs). Off: R1-Omni's setting.
+    gradient_checkpointing: bool = False
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it

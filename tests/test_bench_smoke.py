@@ -108,3 +108,15 @@ def test_compare_trl_benchmark_runs_both_systems():
     assert len(ours) == 1 and ours[0]["samples_per_step"] == [4] and ours[0]["completion_tokens_mean"] == 4
     summary = recs[-1]
     assert summary["kind"] == "summary" and summary["speedup_vs_trl_best"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_grad_checkpointing_benchmark_runs():
+    argv = TINY_LM + ["--tower-hidden", "16", "--group-size", "2", "--new-tokens", "4", "--repeats", "1", "--threads", "1"]
+    recs = _run_module("bench.grad_checkpointing", argv, 180)
+    rows = [r for r in recs if not r.get("summary")]
+    assert [r["gradient_checkpointing"] for r in rows] == [False, True]
+    # A checkpointed layer keeps only its inputs for backward.
+    assert rows[1]["saved_for_backward_mb"] < rows[0]["saved_for_backward_mb"]
+    assert recs[-1]["summary"] and recs[-1]["peak_ratio_on_off"] > 0

@@ -165,3 +165,28 @@ def test_every_micro_batch_runs_the_same_modules_whatever_it_holds(mode):
         a, _, _ = model.completion_logprobs(text, [0, 0], [[7], [3, 4]])
         b, _, _ = plain.completion_logprobs(text, [0, 0], [[7], [3, 4]])
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-prefix", "per-completion"])
+def test_gradient_checkpointing_keeps_logprobs_and_gradients(shared):
+    """Checkpointed layers are replayed in backward; transformers would drop their KV cache, and the shared
+    prefix would silently attend to nothing. Same values and gradients as without checkpointing."""
+    from r1omni_ray.model.loading import set_train_mode
+
+    plain, ckpt = _model(freeze_towers=False), _model(freeze_towers=False)
+    ckpt.enable_gradient_checkpointing()
+    for m in (plain, ckpt):
+        set_train_mode(m)  # checkpointing acts in train mode only; the tiny LM has no dropout
+    calls = []
+    for layer in ckpt.model.layers:
+        layer.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    want_lp, want_mask, want_grads = _loss_grads(plain, PROMPTS, shared, EDGE_INDEX, EDGE_COMPS)
+    calls.clear()
+    got_lp, got_mask, got_grads = _loss_grads(ckpt, PROMPTS, shared, EDGE_INDEX, EDGE_COMPS)
+    passes = 2 if shared else 1  # prompt pass + completion pass, or one packed pass
+    assert len(calls) == 2 * passes * ckpt.config.num_hidden_layers  # forward, then each layer replayed once
+    assert torch.equal(got_mask, want_mask)
+    torch.testing.assert_close(got_lp, want_lp, rtol=1e-5, atol=1e-5)
+    assert got_grads.keys() == want_grads.keys() and any(n.startswith("model.vision_tower.") for n in got_grads)
+    for name, g in want_grads.items():
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=1e-6, msg=name)

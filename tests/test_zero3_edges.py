@@ -27,10 +27,10 @@ def local_ray():
     ray.shutdown()
 
 
-def _cfg(out, zero: int):
+def _cfg(out, zero: int, checkpointing: bool = False):
     return config_from_dict({
         "learner": {"num_learners": 2, "zero_stage": zero, "lr": 1e-2, "micro_batch_size": 4,
-                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 60},
+                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 60, "gradient_checkpointing": checkpointing},
         "grpo": {"beta": 0.04},
         "train": {"output_dir": str(out)},
         "wandb": {"mode": "disabled"},
@@ -90,10 +90,13 @@ def test_zero3_ranks_with_one_token_audio_less_or_no_samples_finish_and_match_ze
     steps = _steps(proc, model, recs)
     ids = steps[1][1].prompts[0].prompt_ids
     assert AUDIO_TOKEN_INDEX not in ids and VIDEO_TOKEN_INDEX in ids
-    zero3 = _train(_cfg(tmp_path / "z3", 3), tiny_ckpt, tmp_path / "z3", steps)
     zero0 = _train(_cfg(tmp_path / "z0", 0), tiny_ckpt, tmp_path / "z0", steps)
+    zero3 = _train(_cfg(tmp_path / "z3", 3), tiny_ckpt, tmp_path / "z3", steps)
+    # And with gradient checkpointing (replayed layers, the shared prefix kept) under ZeRO-3's hooks.
+    zero3_ckpt = _train(_cfg(tmp_path / "z3c", 3, checkpointing=True), tiny_ckpt, tmp_path / "z3c", steps)
     start = load_policy(tiny_ckpt, "float32").state_dict()
-    for step, (a, b) in enumerate(zip(zero3, zero0, strict=True)):
+    runs = [(step, a, b) for other in (zero3, zero3_ckpt) for step, (a, b) in enumerate(zip(other, zero0, strict=True))]
+    for step, a, b in runs:
         assert a.keys() == b.keys()
         moved = [k for k in a if not torch.equal(b[k].cpu(), start[k])]
         assert any("audio_projector" in k for k in moved) and any(k.startswith("model.layers.") for k in moved)

@@ -36,6 +36,7 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 from r1omni_ray.grpo import entropy_from_logits, sequence_logprobs
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
+from r1omni_ray.model.prefix_cache import completion_cache, prompt_cache
 from r1omni_ray.model.projectors import AllInOneSmall, sampled_side
 
 NUM_VISION_BRANCHES = 3  # video, body, face (HumanOmni)
@@ -226,6 +227,15 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         super().__init__(config)
         self.model = HumanOmniQwen2Model(config)
         self.post_init()
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute each layer's activations in backward instead of keeping them (learner.gradient_checkpointing).
+        Non-reentrant, so the shared prompt's keys/values, which leave the checkpointed layers through the
+        cache, still carry gradients; the LM layers keep their cache under checkpointing, which is safe because
+        the shared-prefix caches are never written twice (model/prefix_cache.py)."""
+        self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in self.model.layers:
+            layer._can_checkpoint_with_cache = True
 
     # ---- multimodal encoding ----
     def _vision_gate(self, bert_ids: Sequence[Sequence[int]]) -> torch.Tensor | None:
@@ -473,12 +483,16 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         """Shared-prefix forward, same result as ``_packed_hidden``: the prompts (right-padded) run once with
         a KV cache; the cache rows are gathered per completion (a differentiable index, so gradients flow back
         into the shared prompt); the completions then attend to it, positions continuing at each prompt's own
-        length past the padding gap, which the attention mask hides."""
+        length past the padding gap, which the attention mask hides. Both caches survive gradient
+        checkpointing's replay (model/prefix_cache.py)."""
         dev = self.device
         plens = [e.shape[0] for e in pe]
         x, pmask = right_pad(pe)
         ppos = torch.arange(max(plens), device=dev).expand(len(pe), -1)
-        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, use_cache=True)
+        cache = prompt_cache(self.config.num_hidden_layers)
+        # use_cache=False: the layers fill the cache given to them all the same; True would only make a
+        # checkpointed layer warn that it turned caching off.
+        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, past_key_values=cache, use_cache=False)
         index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
         last = torch.tensor([plens[p] - 1 for p in prompt_index], device=dev)
         first = out.last_hidden_state[index, last][:, None]  # the prompt's last state predicts token 0
@@ -487,8 +501,6 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         # must run the same forwards and backwards, whatever its micro-batch holds.
         real_steps = max(len(c) for c in completions) - 1
         steps = max(real_steps, 1)
-        cache = out.past_key_values
-        cache.batch_select_indices(index)
         embed = self.get_input_embeddings()
         ids = torch.zeros(len(completions), steps, dtype=torch.long, device=dev)
         cmask = torch.zeros_like(ids)
@@ -498,7 +510,8 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             cmask[i, :k] = 1
         cpos = torch.tensor([plens[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
         hidden = self.model(inputs_embeds=embed(ids).to(x.dtype), attention_mask=torch.cat([pmask[index], cmask], 1),
-                            position_ids=cpos, past_key_values=cache, use_cache=True).last_hidden_state
+                            position_ids=cpos, past_key_values=completion_cache(cache, index),
+                            use_cache=False).last_hidden_state
         if real_steps <= 0:
             return first + hidden.sum() * 0.0  # the pass's modules on the graph, its value unused
         return torch.cat([first, hidden], dim=1)
