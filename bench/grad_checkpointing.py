@@ -21,7 +21,15 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from bench.common import TinyLMArgs, add_tiny_lm_flags, emit, machine_info, median, rounded, tiny_lm_from_flags
+from bench.common import (
+    TinyLMArgs,
+    add_tiny_lm_flags,
+    emit,
+    machine_info,
+    median,
+    rounded,
+    tiny_lm_from_flags,
+)
 
 
 def _one(args: argparse.Namespace, checkpointing: bool, out: Any) -> None:
