@@ -50,34 +50,31 @@ def _one(args: argparse.Namespace, checkpointing: bool, out: Any) -> None:
     g = torch.Generator().manual_seed(args.seed)
     comps = [torch.randint(10, 500, (args.new_tokens,), generator=g).tolist() for _ in range(args.group_size)]
     proc = psutil.Process()
-    times, peaks = [], []
-    for _ in range(1):
-        base = peak = proc.memory_info().rss
-        done = threading.Event()
+    base = proc.memory_info().rss
+    peak = [base]
+    done = threading.Event()
 
-        def sample() -> None:
-            nonlocal peak
-            while not done.is_set():
-                peak = max(peak, proc.memory_info().rss)
-                time.sleep(0.002)
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], proc.memory_info().rss)
+            time.sleep(0.002)
 
-        t = threading.Thread(target=sample)
-        t.start()
-        t0 = time.perf_counter()
-        saved: dict[int, int] = {}
+    saved: dict[int, int] = {}
 
-        def pack(x: torch.Tensor) -> torch.Tensor:  # what autograd keeps for backward (each storage once)
-            saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-            return x
+    def pack(x: torch.Tensor) -> torch.Tensor:  # what autograd keeps for backward (each storage once)
+        saved[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
 
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            lp, mask, ent = model.completion_logprobs(prompts, [0] * len(comps), comps, with_entropy=True)
-        ((lp * mask).sum() + 0.01 * ent.sum()).backward()
-        times.append(time.perf_counter() - t0)
-        done.set()
-        t.join()
-        peaks.append(peak - base)
-    out.put({"step_s": times[-1], "peak_mb": peaks[-1] / 2**20, "saved_mb": sum(saved.values()) / 2**20})
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    t0 = time.perf_counter()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        lp, mask, ent = model.completion_logprobs(prompts, [0] * len(comps), comps, with_entropy=True)
+    ((lp * mask).sum() + 0.01 * ent.sum()).backward()
+    step_s = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    out.put({"step_s": step_s, "peak_mb": (peak[0] - base) / 2**20, "saved_mb": sum(saved.values()) / 2**20})
 
 
 def run_variant(args: argparse.Namespace, checkpointing: bool) -> dict[str, float]:
