@@ -85,7 +85,8 @@ class RolloutWorker:
         else:
             from r1omni_ray.engines.hf_engine import HFEngine
 
-            self.engine = HFEngine(model, self.processor.tokenizer, stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
+            self.engine = HFEngine(model, self.processor.tokenizer, shared_prefix=rc.shared_prefix,
+                                 stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
         self.version = 0
         self.sync_group: BroadcastGroup | None = None
         self.busy_s = 0.0

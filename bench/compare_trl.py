@@ -1,17 +1,27 @@
-"""TRL's GRPOTrainer and r1omni-ray on the identical text workload, back to back in one invocation.
+"""TRL's GRPOTrainer and r1omni-ray on the identical text workload, interleaved in one invocation.
 
 The workload is bench.grpo_step's: a random-init tiny Qwen2 (hidden 256, 4 layers by default) with the
 locally built chat tokenizer, 16 rendered prompts per step, G=8 completions of exactly --new-tokens tokens
-(eos masked until then, pad never sampled), beta 0.04 with a frozen reference, AdamW at one optimizer
-step per batch, accuracy + format rewards. TRL gets the very same LM weights (the LM part of our
-checkpoint, written as a plain Qwen2 directory), the same prompt strings and the same reward functions,
-and runs in this process at each of --trl-threads torch thread counts; r1omni-ray runs its layouts
-(--layouts) on local Ray through the real actors. Each side's step time is the median over the measured
-steps after --warmup-steps; TRL's is timed from its trainer callbacks (generation, scoring, reference and
-policy passes and the optimizer step all fall inside a step).
+(eos masked until then), beta 0.04 with a frozen reference, AdamW at one optimizer step per batch, accuracy +
+format rewards. TRL gets the very same LM weights (the LM part of our checkpoint, written as a plain Qwen2
+directory), the same prompt strings and the same reward functions, and runs in this process at each of
+--trl-threads torch thread counts, at R1-Omni's own setting: gradient checkpointing off (its GRPO script
+passes --gradient_checkpointing false; TRL's default is on). r1omni-ray runs its layouts (--layouts) on
+local Ray through the real actors; every actor set stays up for the whole run.
+
+--repeats rounds, each running every TRL thread count and every layout once, so both sides see the same
+machine load; each run's step time is the median over its measured steps after --warmup-steps (TRL's timed
+by its trainer callbacks: generation, scoring, reference and policy passes and the optimizer step). The
+summary gives the median over repeats with the [min, max] spread, and ratios of medians:
+- primary: synchronous against synchronous at equal cores (ours 1w1l-sync-tNxN, one phase at a time on N
+  threads, against TRL at N threads), and ours' best synchronous layout against TRL's best thread count;
+- compute-matched: ours with the shared prefix off in learner and engine (every completion carries its own
+  prompt, as in TRL), so the share of the gain that comes from it shows;
+- off-policy: overlapped layouts (the next rollout runs during the update: one-step off-policy), on a line
+  of their own.
 
 Needs the optional `bench` extra (pip install -e '.[bench]'): TRL is never a runtime dependency.
-Run: python -m bench.compare_trl   (a JSON line per TRL thread count and per layout, then the ratio)
+Run: python -m bench.compare_trl   (a JSON line per run, then the summary)
 """
 
 from __future__ import annotations
@@ -35,9 +45,9 @@ from bench.common import (
     rounded,
     text_only_records,
 )
-from bench.grpo_step import Workload, add_workload_flags, parse_layout, run_benchmark, workload_from_flags
+from bench.grpo_step import BenchSystem, Workload, add_workload_flags, parse_layout, workload_from_flags
 
-DEFAULT_LAYOUTS = "1w1l-sync,1w1l-overlap,1w2l-overlap"
+DEFAULT_LAYOUTS = "1w1l-sync-t1x1,1w1l-sync-t2x2,1w1l-sync-noprefix-t2x2,1w1l-overlap-t1x1,1w2l-overlap-t1x1"
 
 
 def _trl_rewards():
@@ -80,6 +90,7 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], wl
         generation_kwargs={"min_new_tokens": wl.new_tokens, "suppress_tokens": [int(tok.pad_token_id)]},
         beta=wl.beta, learning_rate=wl.lr, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.99, max_grad_norm=1.0,
         lr_scheduler_type="constant", warmup_steps=0, loss_type="grpo", scale_rewards="group", epsilon=0.2,
+        gradient_checkpointing=False,  # R1-Omni's run_grpo_humanomni.sh setting (TRL's default is True)
         max_steps=wl.warmup_steps + wl.steps, logging_steps=1, save_strategy="no", report_to=[],
         use_cpu=True, bf16=False, seed=wl.seed, dataloader_num_workers=0, disable_tqdm=True,
         remove_unused_columns=False, log_completions=False,
@@ -97,10 +108,41 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], wl
     import trl
 
     return {"bench": "compare_trl", "system": "trl", "trl_version": trl.__version__, "threads": threads,
+            "gradient_checkpointing": trainer.args.gradient_checkpointing,
             "step_s_median": rounded(step), "completions_per_s": rounded(per_step / step),
             "step_s_all": [rounded(s, 3) for s in measured],
             "completion_tokens_mean": rounded(median(lengths)) if lengths else None,
             "prompt_tokens": sorted({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts})}
+
+
+def _stats(values: list[float]) -> dict[str, Any]:
+    return {"median": rounded(median(values)), "min": rounded(min(values)), "max": rounded(max(values)),
+            "runs": [rounded(v) for v in values]}
+
+
+def summarize(trl: dict[int, list[float]], ours: dict[str, list[float]], modes: dict[str, str]) -> dict[str, Any]:
+    """Medians over repeats with their spread, and the ratios of medians the module docstring lists."""
+    trl_med = {t: median(v) for t, v in trl.items()}
+    ours_med = {name: median(v) for name, v in ours.items()}
+    best_t = max(trl_med, key=lambda t: trl_med[t])
+    out: dict[str, Any] = {
+        "bench": "compare_trl", "kind": "summary", "unit": "completions/s",
+        "trl": {f"t{t}": _stats(v) for t, v in trl.items()}, "trl_best_threads": best_t,
+        "ours": {name: _stats(v) | {"mode": modes[name]} for name, v in ours.items()},
+    }
+    sync = {n: m for n, m in ours_med.items() if modes[n] == "sync" and "-noprefix" not in n}
+    out["sync_vs_trl_equal_cores"] = {
+        f"{n} / trl-t{t}": rounded(m / trl_med[t], 3) for n, m in sync.items()
+        for t in trl_med if n.endswith(f"-t{t}x{t}")}
+    if sync:
+        best = max(sync, key=lambda n: sync[n])
+        out["best_sync_vs_trl_best"] = {"layout": best, "ratio": rounded(sync[best] / trl_med[best_t], 3)}
+    out["compute_matched_vs_trl_equal_cores"] = {
+        f"{n} / trl-t{t}": rounded(m / trl_med[t], 3) for n, m in ours_med.items() if "-noprefix" in n
+        for t in trl_med if n.endswith(f"-t{t}x{t}")}
+    out["off_policy_overlap_vs_trl_best"] = {
+        n: rounded(m / trl_med[best_t], 3) for n, m in ours_med.items() if modes[n] == "overlap"}
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     add_workload_flags(p)
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="r1omni-ray layouts (bench.grpo_step syntax)")
     p.add_argument("--trl-threads", default="1,2", help="torch thread counts to run TRL at")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every TRL run and layout")
     args = p.parse_args(argv)
     try:
         import trl  # noqa: F401
@@ -118,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     from r1omni_ray.model.loading import load_policy
 
     wl = workload_from_flags(args)
+    layouts = [parse_layout(s, args.rollout_threads, args.learner_threads) for s in args.layouts.split(",") if s.strip()]
+    threads = [int(x) for x in args.trl_threads.split(",") if x.strip()]
     with tempfile.TemporaryDirectory(prefix="bench_trl_") as tmp:
         work = Path(args.work_dir) if args.work_dir else Path(tmp)
         ckpt = build_bench_checkpoint(work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed)
@@ -128,26 +173,26 @@ def main(argv: list[str] | None = None) -> int:
         records = text_only_records(ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
         prompts = [proc.process(r, use_video=False, use_audio=False).prompt for r in records]
         solutions = [r.solution for r in records]
-        emit({"bench": "compare_trl", "kind": "config", "machine": machine_info(),
-              "workload": {"prompts": wl.prompts, "group_size": wl.group_size, "new_tokens": wl.new_tokens,
-                           "beta": wl.beta, "lr": wl.lr, "steps": wl.steps, "warmup_steps": wl.warmup_steps,
-                           "lm": vars(wl.lm), "labels": BENCH_LABELS}})
-        trl_runs = []
-        for t in [int(x) for x in args.trl_threads.split(",") if x.strip()]:
-            trl_runs.append(run_trl(lm_dir, proc.tokenizer, prompts, solutions, wl, t, work / f"trl-t{t}"))
-            emit(trl_runs[-1])
-        torch.set_num_threads(max(1, args.driver_threads))
         args.work_dir = str(work / "ours")
-        layouts = [parse_layout(s, args.rollout_threads, args.learner_threads) for s in args.layouts.split(",")]
-        ours = run_benchmark(args, layouts, bench="compare_trl")
-    best_trl = max(trl_runs, key=lambda r: r["completions_per_s"])
-    best_ours = max(ours, key=lambda r: r["completions_per_s"])
-    emit({"bench": "compare_trl", "kind": "summary",
-          "trl_best": {"threads": best_trl["threads"], "completions_per_s": best_trl["completions_per_s"]},
-          "ours_best": {"layout": best_ours["layout"], "completions_per_s": best_ours["completions_per_s"]},
-          "speedup_vs_trl_best": rounded(best_ours["completions_per_s"] / best_trl["completions_per_s"], 3),
-          "ours_by_layout": {r["layout"]: r["completions_per_s"] for r in ours},
-          "trl_by_threads": {r["threads"]: r["completions_per_s"] for r in trl_runs}})
+        trl_rates: dict[int, list[float]] = {t: [] for t in threads}
+        ours_rates: dict[str, list[float]] = {lay.name: [] for lay in layouts}
+        with BenchSystem(args, layouts, bench="compare_trl") as ours:
+            emit({"bench": "compare_trl", "kind": "config", "machine": machine_info(), "repeats": args.repeats,
+                  "workload": {"prompts": wl.prompts, "group_size": wl.group_size, "new_tokens": wl.new_tokens,
+                               "prompt_tokens": wl.prompt_tokens, "beta": wl.beta, "lr": wl.lr, "steps": wl.steps,
+                               "warmup_steps": wl.warmup_steps, "lm": vars(wl.lm), "labels": BENCH_LABELS},
+                  "trl": {"threads": threads, "gradient_checkpointing": False}, "layouts": [x.name for x in layouts]})
+            for r in range(args.repeats):
+                for t in threads:
+                    res = run_trl(lm_dir, proc.tokenizer, prompts, solutions, wl, t, work / f"trl-t{t}-r{r}")
+                    trl_rates[t].append(res["completions_per_s"])
+                    emit(res | {"repeat": r})
+                    torch.set_num_threads(max(1, args.driver_threads))
+                for lay in layouts:
+                    res = ours.run(lay)
+                    ours_rates[lay.name].append(res["completions_per_s"])
+                    emit(res | {"repeat": r})
+    emit(summarize(trl_rates, ours_rates, {lay.name: "overlap" if lay.overlap else "sync" for lay in layouts}))
     return 0
 
 

@@ -5,9 +5,10 @@ real role groups (RolloutWorkers on the transformers engine, DeepSpeed LearnerAc
 reference, a RewardActor, the gloo weight-broadcast group) driven by launch.train_rlvr.RLVRTrainer. Prompts
 have no video and no audio, so the policy only embeds text; every completion is exactly --new-tokens long.
 
-For each layout (`{W}w{L}l-{sync|overlap}[-recompute][-t{R}x{T}]`: W rollout workers, L learners,
-synchronous or one-step-overlapped, `-recompute` forcing the separate old-log-prob pass that on-policy steps
-no longer need, R torch threads per worker and T per learner) it prints one JSON line: the median step
+For each layout (`{W}w{L}l-{sync|overlap}[-recompute][-noprefix][-t{R}x{T}]`: W rollout workers, L
+learners, synchronous or one-step-overlapped, `-recompute` forcing the separate old-log-prob pass that
+on-policy steps no longer need, `-noprefix` turning the shared prefix off in learner and engine, R torch
+threads per worker and T per learner) it prints one JSON line: the median step
 seconds over the measured steps, completions/s and generated tokens/s at that median, the median split by
 phase, the bytes through the driver, and the fraction of wall time each group sat idle. A last line names
 the fastest layout and the speed-ups of overlap and of the one-pass step. Layouts with the same
@@ -62,7 +63,7 @@ from r1omni_ray.tracking import RunLogger
 STEP_PHASES = ("rollout", "reward", "train", "rollout_wait", "broadcast")
 PHASES = STEP_PHASES + ("logprob", "update")
 DEFAULT_LAYOUTS = "1w1l-sync-recompute,1w1l-sync,1w1l-overlap,1w2l-overlap"
-_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(-recompute)?(?:-t(\d+)x(\d+))?$")
+_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(-recompute)?(-noprefix)?(?:-t(\d+)x(\d+))?$")
 
 
 # ----------------------------------------------------------------------------- layouts and workload
@@ -76,29 +77,32 @@ class Layout:
     rollout_threads: int
     learner_threads: int
     recompute: bool = False  # learner.recompute_old_logprobs: the separate old-log-prob pass of before
+    # Shared prefix off in the learner and the engine: every completion carries its own prompt copy, as in
+    # TRL (the compute-matched line).
+    no_prefix: bool = False
 
     @property
     def name(self) -> str:
         mode = "overlap" if self.overlap else "sync"
-        extra = "-recompute" if self.recompute else ""
+        extra = ("-recompute" if self.recompute else "") + ("-noprefix" if self.no_prefix else "")
         return f"{self.workers}w{self.learners}l-{mode}{extra}-t{self.rollout_threads}x{self.learner_threads}"
 
     @property
-    def pool_key(self) -> tuple[int, int, int, int]:
+    def pool_key(self) -> tuple[int, int, int, int, bool]:
         """Layouts that can share one set of actors (mode and recompute are the driver's business only)."""
-        return (self.workers, self.learners, self.rollout_threads, self.learner_threads)
+        return (self.workers, self.learners, self.rollout_threads, self.learner_threads, self.no_prefix)
 
 
 def parse_layout(spec: str, rollout_threads: int, learner_threads: int) -> Layout:
     m = _LAYOUT_RE.match(spec.strip())
     if not m:
-        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-recompute][-t{{R}}x{{T}}], "
-                         "e.g. 2w1l-overlap")
-    w, learners, mode, recompute, rt, lt = m.groups()
+        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-recompute][-noprefix]"
+                         "[-t{{R}}x{{T}}], e.g. 2w1l-overlap")
+    w, learners, mode, recompute, no_prefix, rt, lt = m.groups()
     if int(w) < 1 or int(learners) < 1:
         raise ValueError(f"layout {spec!r}: needs at least one worker and one learner")
     return Layout(int(w), int(learners), mode == "overlap", int(rt or rollout_threads), int(lt or learner_threads),
-                  recompute=bool(recompute))
+                  recompute=bool(recompute), no_prefix=bool(no_prefix))
 
 
 @dataclass
@@ -128,7 +132,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
         "rollout": {
             "engine": "hf", "num_workers": layout.workers, "group_size": wl.group_size, "temperature": 1.0,
             "top_p": 1.0, "max_new_tokens": wl.new_tokens, "min_new_tokens": wl.new_tokens, "num_cpus_per_worker": 1.0,
-            "torch_threads": layout.rollout_threads, "max_restarts": 0,
+            "torch_threads": layout.rollout_threads, "max_restarts": 0, "shared_prefix": not layout.no_prefix,
         },
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
         "grpo": {"beta": wl.beta},
@@ -136,7 +140,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
             "num_learners": layout.learners, "zero_stage": wl.zero_stage, "lr": wl.lr,
             "micro_batch_size": wl.micro_batch_size, "num_cpus_per_learner": 1.0,
             "torch_threads": layout.learner_threads, "use_reference": True, "broadcast_bucket_mb": wl.bucket_mb,
-            "recompute_old_logprobs": layout.recompute,
+            "recompute_old_logprobs": layout.recompute, "shared_prefix": not layout.no_prefix,
         },
         "train": {
             "steps": wl.warmup_steps + wl.steps, "prompts_per_step": wl.prompts, "seed": wl.seed,
@@ -256,76 +260,96 @@ def workload_from_flags(args: argparse.Namespace) -> Workload:
     return wl
 
 
-def _init_ray(layouts: Sequence[Layout]) -> bool:
-    """Start a local Ray sized for the largest layout (logical CPUs); reuse one that is already up."""
+class BenchSystem:
+    """The checkpoint, the prompts, a local Ray and one actor set per pool key, all kept up while the
+    context is open, so that runs of several layouts (and TRL's, in bench.compare_trl) can be interleaved
+    and every repeat sees the same machine load."""
+
+    def __init__(self, args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> None:
+        self.args, self.layouts, self.bench = args, list(layouts), bench
+        self.wl = workload_from_flags(args)
+        self.pools: dict[tuple[int, int, int, int, bool], tuple[RLVRGroups, float]] = {}
+        self._tmp: tempfile.TemporaryDirectory | None = None
+        self._started = False
+
+    def __enter__(self) -> BenchSystem:
+        torch.set_num_threads(max(1, self.args.driver_threads))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if self.args.work_dir:
+            self.work = Path(self.args.work_dir)
+            self.work.mkdir(parents=True, exist_ok=True)
+        else:
+            self._tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
+            self.work = Path(self._tmp.name)
+        try:
+            wl = self.wl
+            self.ckpt = str(build_bench_checkpoint(self.work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
+            self.records = text_only_records(self.ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
+            self.prompt_lens = prompt_lengths(self.ckpt, self.records)
+            keys: dict[tuple[int, int, int, int, bool], Layout] = {}
+            for lay in self.layouts:
+                keys.setdefault(lay.pool_key, lay)
+            self._started = _init_ray(sum(lay.workers + lay.learners for lay in keys.values()))
+            for key, lay in keys.items():
+                cfg = make_config(lay, wl, self.ckpt, str(self.work / "pools"))
+                t0 = time.perf_counter()
+                self.pools[key] = (RLVRGroups.build(cfg, self.ckpt, str(self.work / "pools"), BENCH_LABELS),
+                                   time.perf_counter() - t0)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def header(self) -> dict[str, Any]:
+        wl = self.wl
+        metas = next(iter(self.pools.values()))[0].sync.metas
+        return {
+            "bench": self.bench, "kind": "config", "machine": machine_info(),
+            "workload": asdict(wl) | {"prompt_tokens_actual": [min(self.prompt_lens), max(self.prompt_lens)],
+                                      "completions_per_step": wl.completions_per_step},
+            "layouts": [lay.name for lay in self.layouts],
+            "model": {"trainable_params": sum(m.numel for m in metas), "broadcast_bytes": sum(m.nbytes for m in metas),
+                      "broadcast_buckets": len(next(iter(self.pools.values()))[0].sync.buckets)},
+        }
+
+    def run(self, layout: Layout) -> dict[str, Any]:
+        pools, startup = self.pools[layout.pool_key]
+        res = run_layout(pools, layout, self.wl, self.ckpt, self.records, self.work)
+        return res | {"bench": self.bench, "actor_startup_s": rounded(startup)}
+
+    def __exit__(self, *exc: Any) -> None:
+        for pools, _ in self.pools.values():
+            pools.shutdown()
+        self.pools.clear()
+        if self._started:
+            ray.shutdown()
+            self._started = False
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+
+def _init_ray(actors: int) -> bool:
+    """Start a local Ray with a logical CPU per actor (idle actor sets wait their turn; only one set runs at
+    a time); reuse one that is already up."""
     if ray.is_initialized():
         return False
-    need = max(lay.workers + lay.learners for lay in layouts) + 1
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
     # address="local": always a fresh cluster of our own, never one another process started on this machine
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(need) + 1), include_dashboard=False,
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors) + 2), include_dashboard=False,
              log_to_driver=False, runtime_env=env)
     return True
 
 
 def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> list[dict[str, Any]]:
-    """Build the checkpoint and prompts, run every layout (one actor set per pool key), emit a line per
-    layout; returns those records."""
-    torch.set_num_threads(max(1, args.driver_threads))
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    wl = workload_from_flags(args)
-    tmp = None
-    if args.work_dir:
-        work = Path(args.work_dir)
-        work.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory(prefix="bench_grpo_")
-        work = Path(tmp.name)
-    started = False
-    try:
-        ckpt = str(build_bench_checkpoint(work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
-        records = text_only_records(ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
-        plens = prompt_lengths(ckpt, records)
-        started = _init_ray(layouts)
-        header = {
-            "bench": bench, "kind": "config", "machine": machine_info(),
-            "workload": asdict(wl) | {"prompt_tokens_actual": [min(plens), max(plens)],
-                                      "completions_per_step": wl.completions_per_step},
-            "layouts": [lay.name for lay in layouts],
-        }
-        results: list[dict[str, Any]] = []
-        groups: dict[tuple[int, int, int, int], list[Layout]] = {}
+    """Every layout once (actor sets shared by pool key), a line each after the config line."""
+    with BenchSystem(args, layouts, bench) as system:
+        emit(system.header())
+        results = []
         for lay in layouts:
-            groups.setdefault(lay.pool_key, []).append(lay)
-        first = True
-        for lays in groups.values():
-            cfg = make_config(lays[0], wl, ckpt, str(work / "pools"))
-            t0 = time.perf_counter()
-            pools = RLVRGroups.build(cfg, ckpt, str(work / "pools"), BENCH_LABELS)
-            startup = time.perf_counter() - t0
-            try:
-                if first:
-                    metas = pools.sync.metas
-                    header["model"] = {
-                        "trainable_params": sum(m.numel for m in metas), "broadcast_bytes": sum(m.nbytes for m in metas),
-                        "broadcast_buckets": len(pools.sync.buckets),
-                    }
-                    emit(header)
-                    first = False
-                for lay in lays:
-                    res = run_layout(pools, lay, wl, ckpt, records, work)
-                    res["bench"] = bench
-                    res["actor_startup_s"] = rounded(startup)
-                    emit(res)
-                    results.append(res)
-            finally:
-                pools.shutdown()
+            results.append(system.run(lay))
+            emit(results[-1])
         return results
-    finally:
-        if started:
-            ray.shutdown()
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def summarize(results: Sequence[dict[str, Any]], bench: str = "grpo_step") -> dict[str, Any]:

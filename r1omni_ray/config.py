@@ -98,6 +98,9 @@ class RolloutConfig:
     # Sampling follows this config alone; of the checkpoint's generation_config.json only its eos ids are
     # honoured, and only with this on (Qwen2.5 lists <|im_end|> and <|endoftext|>). The tokenizer's eos always stops.
     stop_on_checkpoint_eos: bool = True
+    # hf engine: each prompt prefilled once and its samples decoding against that one copy of its keys/values
+    # (false: every sample prefills and reads its own copy; same samples, for compute-matched benchmarks).
+    shared_prefix: bool = True
     # eos (and pad) cannot be drawn before this many new tokens (benchmarks: fixed-length completions). The
     # recorded sampling log-probs are then those of the masked distribution, not the learner's.
     min_new_tokens: int = 0

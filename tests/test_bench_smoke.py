@@ -99,15 +99,19 @@ def test_omni_shape_benchmark_runs():
 @pytest.mark.timeout(400)
 def test_compare_trl_benchmark_runs_both_systems():
     pytest.importorskip("trl")
-    argv = TINY_GRPO + ["--layouts", "1w1l-sync", "--trl-threads", "1"]
+    argv = TINY_GRPO + ["--layouts", "1w1l-sync-t1x1,1w1l-sync-noprefix-t1x1", "--trl-threads", "1", "--repeats", "1"]
     recs = _run_module("bench.compare_trl", argv, 380)
     trl_rows = [r for r in recs if r.get("system") == "trl"]
     ours = [r for r in recs if r.get("layout")]
     assert len(trl_rows) == 1 and trl_rows[0]["completions_per_s"] > 0
+    assert trl_rows[0]["gradient_checkpointing"] is False  # R1-Omni's setting, not TRL's default
     assert trl_rows[0]["completion_tokens_mean"] == 4  # the same exact completion length on both sides
-    assert len(ours) == 1 and ours[0]["samples_per_step"] == [4] and ours[0]["completion_tokens_mean"] == 4
+    assert [r["layout"] for r in ours] == ["1w1l-sync-t1x1", "1w1l-sync-noprefix-t1x1"]
+    assert all(r["samples_per_step"] == [4] and r["completion_tokens_mean"] == 4 for r in ours)
     summary = recs[-1]
-    assert summary["kind"] == "summary" and summary["speedup_vs_trl_best"] > 0
+    assert summary["kind"] == "summary" and set(summary["sync_vs_trl_equal_cores"]) == {"1w1l-sync-t1x1 / trl-t1"}
+    assert set(summary["compute_matched_vs_trl_equal_cores"]) == {"1w1l-sync-noprefix-t1x1 / trl-t1"}
+    assert summary["trl"]["t1"]["min"] <= summary["trl"]["t1"]["median"] <= summary["trl"]["t1"]["max"]
 
 
 @pytest.mark.slow

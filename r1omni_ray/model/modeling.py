@@ -464,7 +464,10 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             targets[i, : len(comp)] = torch.tensor(list(comp), dtype=torch.long)
         logits = self.lm_head(h)
         logp = sequence_logprobs(logits, targets, temperature) * mask
-        ent = entropy_from_logits(logits, temperature) * mask if with_entropy else None
+        ent = None
+        if with_entropy:  # a metric, not a loss term: no graph kept for it (at 7B it held ~8 GB)
+            with torch.no_grad():
+                ent = entropy_from_logits(logits, temperature) * mask
         return logp, mask, ent
 
     def _packed_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
