@@ -4,8 +4,8 @@ The workload is bench.grpo_step's: a random-init tiny Qwen2 (hidden 256, 4 layer
 locally built chat tokenizer, 16 rendered prompts per step, G=8 completions of exactly --new-tokens tokens
 (eos masked until then), beta 0.04 with a frozen reference, AdamW at one optimizer step per batch, accuracy +
 format rewards. TRL gets the very same LM weights (the LM part of our checkpoint, written as a plain Qwen2
-directory), the same prompt strings and the same reward functions, and runs in this process at each of
---trl-threads torch thread counts, at R1-Omni's own setting: gradient checkpointing off (its GRPO script
+directory), the same prompt strings and the same reward functions, and runs in a fresh process of its own
+(no Ray beside it) at each of --trl-threads torch thread counts, at R1-Omni's own setting: gradient checkpointing off (its GRPO script
 passes --gradient_checkpointing false; TRL's default is on). r1omni-ray runs its layouts (--layouts) on
 local Ray through the real actors; every actor set stays up for the whole run.
 
@@ -115,6 +115,24 @@ def run_trl(lm_dir: Path, tok: Any, prompts: list[str], solutions: list[str], wl
             "prompt_tokens": sorted({len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts})}
 
 
+def _run_trl_child(q: Any, *args: Any) -> None:
+    q.put(run_trl(*args))
+
+
+def run_trl_in_own_process(*args: Any) -> dict[str, Any]:
+    """run_trl in a fresh process: no Ray driver threads beside it, nothing left from an earlier TRL run."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_run_trl_child, args=(q, *args))
+    p.start()
+    try:
+        return q.get()
+    finally:
+        p.join()
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
     return {"median": rounded(median(values)), "min": rounded(min(values)), "max": rounded(max(values)),
             "runs": [rounded(v) for v in values]}
@@ -184,10 +202,10 @@ def main(argv: list[str] | None = None) -> int:
                   "trl": {"threads": threads, "gradient_checkpointing": False}, "layouts": [x.name for x in layouts]})
             for r in range(args.repeats):
                 for t in threads:
-                    res = run_trl(lm_dir, proc.tokenizer, prompts, solutions, wl, t, work / f"trl-t{t}-r{r}")
+                    res = run_trl_in_own_process(lm_dir, proc.tokenizer, prompts, solutions, wl, t,
+                                                 work / f"trl-t{t}-r{r}")
                     trl_rates[t].append(res["completions_per_s"])
                     emit(res | {"repeat": r})
-                    torch.set_num_threads(max(1, args.driver_threads))
                 for lay in layouts:
                     res = ours.run(lay)
                     ours_rates[lay.name].append(res["completions_per_s"])
