@@ -6,8 +6,9 @@ locally built chat tokenizer, 16 rendered prompts per step, G=8 completions of e
 format rewards. TRL gets the very same LM weights (the LM part of our checkpoint, written as a plain Qwen2
 directory), the same prompt strings and the same reward functions, and runs in a fresh process of its own
 (no Ray beside it) at each of --trl-threads torch thread counts, at R1-Omni's own setting: gradient checkpointing off (its GRPO script
-passes --gradient_checkpointing false; TRL's default is on). r1omni-ray runs its layouts (--layouts) on
-local Ray through the real actors; every actor set stays up for the whole run.
+passes --gradient_checkpointing false; TRL's default is on), with no Ray on the machine. r1omni-ray runs
+its layouts (--layouts) through the real actors on a local Ray started after TRL's runs, one actor set up at
+a time (idle Ray workers beside a run slowed TRL's step from 3.8 to 5.1-5.5 s on this 2-core machine).
 
 --repeats rounds, each running every TRL thread count and every layout once, so both sides see the same
 machine load; each run's step time is the median over its measured steps after --warmup-steps (TRL's timed
@@ -194,18 +195,19 @@ def main(argv: list[str] | None = None) -> int:
         args.work_dir = str(work / "ours")
         trl_rates: dict[int, list[float]] = {t: [] for t in threads}
         ours_rates: dict[str, list[float]] = {lay.name: [] for lay in layouts}
-        with BenchSystem(args, layouts, bench="compare_trl") as ours:
-            emit({"bench": "compare_trl", "kind": "config", "machine": machine_info(), "repeats": args.repeats,
-                  "workload": {"prompts": wl.prompts, "group_size": wl.group_size, "new_tokens": wl.new_tokens,
-                               "prompt_tokens": wl.prompt_tokens, "beta": wl.beta, "lr": wl.lr, "steps": wl.steps,
-                               "warmup_steps": wl.warmup_steps, "lm": vars(wl.lm), "labels": BENCH_LABELS},
-                  "trl": {"threads": threads, "gradient_checkpointing": False}, "layouts": [x.name for x in layouts]})
-            for r in range(args.repeats):
-                for t in threads:
-                    res = run_trl_in_own_process(lm_dir, proc.tokenizer, prompts, solutions, wl, t,
-                                                 work / f"trl-t{t}-r{r}")
-                    trl_rates[t].append(res["completions_per_s"])
-                    emit(res | {"repeat": r})
+        emit({"bench": "compare_trl", "kind": "config", "machine": machine_info(), "repeats": args.repeats,
+              "workload": {"prompts": wl.prompts, "group_size": wl.group_size, "new_tokens": wl.new_tokens,
+                           "prompt_tokens": wl.prompt_tokens, "beta": wl.beta, "lr": wl.lr, "steps": wl.steps,
+                           "warmup_steps": wl.warmup_steps, "lm": vars(wl.lm), "labels": BENCH_LABELS},
+              "trl": {"threads": threads, "gradient_checkpointing": False}, "layouts": [x.name for x in layouts]})
+        for r in range(args.repeats):
+            # TRL with no Ray on the machine, then ours with one actor set up at a time: idle Ray workers
+            # beside a run took up to 30% off its step here.
+            for t in threads:
+                res = run_trl_in_own_process(lm_dir, proc.tokenizer, prompts, solutions, wl, t, work / f"trl-t{t}-r{r}")
+                trl_rates[t].append(res["completions_per_s"])
+                emit(res | {"repeat": r})
+            with BenchSystem(args, layouts, bench="compare_trl") as ours:
                 for lay in layouts:
                     res = ours.run(lay)
                     ours_rates[lay.name].append(res["completions_per_s"])

@@ -261,14 +261,16 @@ def workload_from_flags(args: argparse.Namespace) -> Workload:
 
 
 class BenchSystem:
-    """The checkpoint, the prompts, a local Ray and one actor set per pool key, all kept up while the
-    context is open, so that runs of several layouts (and TRL's, in bench.compare_trl) can be interleaved
-    and every repeat sees the same machine load."""
+    """The checkpoint, the prompts and a local Ray while the context is open, and the actor set of the layout
+    being run: only one set is up at a time (idle Ray workers of other sets took 30% off a neighbour's step
+    on this 2-core machine). Layouts that share a pool key reuse one set when run back to back."""
 
     def __init__(self, args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> None:
         self.args, self.layouts, self.bench = args, list(layouts), bench
         self.wl = workload_from_flags(args)
-        self.pools: dict[tuple[int, int, int, int, bool], tuple[RLVRGroups, float]] = {}
+        self.pools: RLVRGroups | None = None
+        self.pool_key: tuple[int, int, int, int, bool] | None = None
+        self.startup_s = 0.0
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._started = False
 
@@ -286,41 +288,47 @@ class BenchSystem:
             self.ckpt = str(build_bench_checkpoint(self.work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
             self.records = text_only_records(self.ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
             self.prompt_lens = prompt_lengths(self.ckpt, self.records)
-            keys: dict[tuple[int, int, int, int, bool], Layout] = {}
-            for lay in self.layouts:
-                keys.setdefault(lay.pool_key, lay)
-            self._started = _init_ray(sum(lay.workers + lay.learners for lay in keys.values()))
-            for key, lay in keys.items():
-                cfg = make_config(lay, wl, self.ckpt, str(self.work / "pools"))
-                t0 = time.perf_counter()
-                self.pools[key] = (RLVRGroups.build(cfg, self.ckpt, str(self.work / "pools"), BENCH_LABELS),
-                                   time.perf_counter() - t0)
+            self._started = _init_ray(max(lay.workers + lay.learners for lay in self.layouts))
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
 
+    def _pools_for(self, layout: Layout) -> RLVRGroups:
+        if self.pool_key != layout.pool_key:
+            self._release()
+            cfg = make_config(layout, self.wl, self.ckpt, str(self.work / "pools"))
+            t0 = time.perf_counter()
+            self.pools = RLVRGroups.build(cfg, self.ckpt, str(self.work / "pools"), BENCH_LABELS)
+            self.pool_key, self.startup_s = layout.pool_key, time.perf_counter() - t0
+        assert self.pools is not None
+        return self.pools
+
     def header(self) -> dict[str, Any]:
         wl = self.wl
-        metas = next(iter(self.pools.values()))[0].sync.metas
+        pools = self._pools_for(self.layouts[0])
+        metas = pools.sync.metas
         return {
             "bench": self.bench, "kind": "config", "machine": machine_info(),
             "workload": asdict(wl) | {"prompt_tokens_actual": [min(self.prompt_lens), max(self.prompt_lens)],
                                       "completions_per_step": wl.completions_per_step},
             "layouts": [lay.name for lay in self.layouts],
             "model": {"trainable_params": sum(m.numel for m in metas), "broadcast_bytes": sum(m.nbytes for m in metas),
-                      "broadcast_buckets": len(next(iter(self.pools.values()))[0].sync.buckets)},
+                      "broadcast_buckets": len(pools.sync.buckets)},
         }
 
     def run(self, layout: Layout) -> dict[str, Any]:
-        pools, startup = self.pools[layout.pool_key]
+        pools = self._pools_for(layout)
         res = run_layout(pools, layout, self.wl, self.ckpt, self.records, self.work)
-        return res | {"bench": self.bench, "actor_startup_s": rounded(startup)}
+        return res | {"bench": self.bench, "actor_startup_s": rounded(self.startup_s)}
+
+    def _release(self) -> None:
+        if self.pools is not None:
+            self.pools.shutdown()
+        self.pools, self.pool_key = None, None
 
     def __exit__(self, *exc: Any) -> None:
-        for pools, _ in self.pools.values():
-            pools.shutdown()
-        self.pools.clear()
+        self._release()
         if self._started:
             ray.shutdown()
             self._started = False
@@ -330,8 +338,7 @@ class BenchSystem:
 
 
 def _init_ray(actors: int) -> bool:
-    """Start a local Ray with a logical CPU per actor (idle actor sets wait their turn; only one set runs at
-    a time); reuse one that is already up."""
+    """Start a local Ray with a logical CPU per actor of the largest layout; reuse one that is already up."""
     if ray.is_initialized():
         return False
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
@@ -343,6 +350,7 @@ def _init_ray(actors: int) -> bool:
 
 def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> list[dict[str, Any]]:
     """Every layout once (actor sets shared by pool key), a line each after the config line."""
+    layouts = sorted(layouts, key=lambda lay: [x.pool_key for x in layouts].index(lay.pool_key))  # stable
     with BenchSystem(args, layouts, bench) as system:
         emit(system.header())
         results = []

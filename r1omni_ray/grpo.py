@@ -16,6 +16,7 @@ with a MEAN over ``dp_world_size`` ranks, and DeepSpeed/Accelerate divide each m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -286,20 +287,22 @@ def policy_loss(
 # ----------------------------------------------------------------------------- log-probs
 
 
-def _row_chunks(logits: Tensor, temperature: float) -> list[Tensor]:
-    """Per-sequence float32+ views of the scaled logits, so peak memory is one [T, V] row."""
+def _check_logits(logits: Tensor, temperature: float) -> None:
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rows = []
+
+
+def _row_chunks(logits: Tensor, temperature: float) -> Iterator[Tensor]:
+    """Per-sequence float32+ copies of the scaled logits, one at a time: without autograd (reference and old
+    log-probs) peak memory is one [T, V] row, not a float32 copy of the whole batch."""
     for row in logits:
         if row.dtype in (torch.float16, torch.bfloat16):
             row = row.float()  # softmax in half precision loses most of the log-prob's mantissa
         if temperature != 1.0:
             row = row / temperature
-        rows.append(row)
-    return rows
+        yield row
 
 
 def sequence_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
@@ -310,6 +313,7 @@ def sequence_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.
     """
     if token_ids.shape != logits.shape[:2]:
         raise ValueError(f"token_ids {tuple(token_ids.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
+    _check_logits(logits, temperature)
     out = []
     for row, ids in zip(_row_chunks(logits, temperature), token_ids, strict=True):
         picked = row.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
@@ -322,6 +326,7 @@ def sequence_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Entropy of ``softmax(logits / temperature)`` per position -> ``[B, T]``."""
+    _check_logits(logits, temperature)
     out = []
     for row in _row_chunks(logits, temperature):
         lse = torch.logsumexp(row, dim=-1)

@@ -222,6 +222,11 @@ class PackedBatch:
 
 class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
     config_class = HumanOmniQwen2Config
+    # Modality -> "features" | "raw": what every forward runs for that modality even when no prompt of the
+    # batch has it (a clip without audio, a rank whose micro-batch is text-only). Under ZeRO-3 each module's
+    # forward and backward gathers its parameters collectively, so every rank must run the same modules in
+    # the same order; the learners set this, a rollout engine or a reference model never does.
+    every_forward_runs: dict[str, str] = {}
 
     def __init__(self, config: HumanOmniQwen2Config) -> None:
         super().__init__(config)
@@ -356,12 +361,6 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
         else:
             out = self.project_audio(stacked)
         return dict(zip(order, out, strict=True)), None
-
-    # Modality -> "features" | "raw": what every forward runs for that modality even when no prompt of the
-    # batch has it (a clip without audio, a rank whose micro-batch is text-only). Under ZeRO-3 each module's
-    # forward and backward gathers its parameters collectively, so every rank must run the same modules in
-    # the same order; the learners set this, a rollout engine or a reference model never does.
-    every_forward_runs: dict[str, str] = {}
 
     def _placeholder_tokens(self, kind: str, mode: str) -> torch.Tensor:
         """The modality's modules (the tower too for "raw", the BERT gate for video) on one all-zero input of the
