@@ -14,8 +14,9 @@ a time (idle Ray workers beside a run slowed TRL's step from 3.8 to 5.1-5.5 s on
 machine load; each run's step time is the median over its measured steps after --warmup-steps (TRL's timed
 by its trainer callbacks: generation, scoring, reference and policy passes and the optimizer step). The
 summary gives the median over repeats with the [min, max] spread, and ratios of medians:
-- primary: synchronous against synchronous at equal cores (ours 1w1l-sync-tNxN, one phase at a time on N
-  threads, against TRL at N threads), and ours' best synchronous layout against TRL's best thread count;
+- primary: synchronous against synchronous at equal cores: a synchronous layout runs one phase at a time, on
+  (processes x threads) cores (1w1l-sync-t2x2: 2; 2w2l-sync-t1x1: two rollout workers, then two learners, 2),
+  against TRL at that many threads; and the best synchronous layout per core count;
 - compute-matched: ours with the shared prefix off in learner and engine (every completion carries its own
   prompt, as in TRL), so the share of the gain that comes from it shows;
 - off-policy: overlapped layouts (the next rollout runs during the update: one-step off-policy), on a line
@@ -46,9 +47,18 @@ from bench.common import (
     rounded,
     text_only_records,
 )
-from bench.grpo_step import BenchSystem, Workload, add_workload_flags, parse_layout, workload_from_flags
+from bench.grpo_step import (
+    BenchSystem,
+    Layout,
+    Workload,
+    add_workload_flags,
+    parse_layout,
+    workload_from_flags,
+)
 
-DEFAULT_LAYOUTS = "1w1l-sync-t1x1,1w1l-sync-t2x2,1w1l-sync-noprefix-t2x2,1w1l-overlap-t1x1,1w2l-overlap-t1x1"
+# Synchronous layouts on 1 and 2 cores (a phase's processes x threads), the compute-matched twin of the best
+# 2-core one, and the best overlapped layout of earlier runs.
+DEFAULT_LAYOUTS = "1w1l-sync-t1x1,1w1l-sync-t2x2,2w2l-sync-t1x1,2w2l-sync-noprefix-t1x1,1w2l-overlap-t1x1"
 
 
 def _trl_rewards():
@@ -139,7 +149,13 @@ def _stats(values: list[float]) -> dict[str, Any]:
             "runs": [rounded(v) for v in values]}
 
 
-def summarize(trl: dict[int, list[float]], ours: dict[str, list[float]], modes: dict[str, str]) -> dict[str, Any]:
+def sync_cores(layout: Layout) -> int:
+    """Cores a synchronous layout uses at a time: its phases run one after another, each on its processes'
+    threads (rollout workers x threads, then learners x threads)."""
+    return max(layout.workers * layout.rollout_threads, layout.learners * layout.learner_threads)
+
+
+def summarize(trl: dict[int, list[float]], ours: dict[str, list[float]], layouts: list[Layout]) -> dict[str, Any]:
     """Medians over repeats with their spread, and the ratios of medians the module docstring lists."""
     trl_med = {t: median(v) for t, v in trl.items()}
     ours_med = {name: median(v) for name, v in ours.items()}
@@ -147,20 +163,22 @@ def summarize(trl: dict[int, list[float]], ours: dict[str, list[float]], modes: 
     out: dict[str, Any] = {
         "bench": "compare_trl", "kind": "summary", "unit": "completions/s",
         "trl": {f"t{t}": _stats(v) for t, v in trl.items()}, "trl_best_threads": best_t,
-        "ours": {name: _stats(v) | {"mode": modes[name]} for name, v in ours.items()},
+        "ours": {lay.name: _stats(ours[lay.name]) | {"mode": "overlap" if lay.overlap else "sync"} for lay in layouts},
     }
-    sync = {n: m for n, m in ours_med.items() if modes[n] == "sync" and "-noprefix" not in n}
-    out["sync_vs_trl_equal_cores"] = {
-        f"{n} / trl-t{t}": rounded(m / trl_med[t], 3) for n, m in sync.items()
-        for t in trl_med if n.endswith(f"-t{t}x{t}")}
-    if sync:
-        best = max(sync, key=lambda n: sync[n])
-        out["best_sync_vs_trl_best"] = {"layout": best, "ratio": rounded(sync[best] / trl_med[best_t], 3)}
+    sync = [lay for lay in layouts if not lay.overlap and sync_cores(lay) in trl_med]
+    ratio = {lay.name: ours_med[lay.name] / trl_med[sync_cores(lay)] for lay in sync}
+    out["sync_vs_trl_equal_cores"] = {f"{lay.name} / trl-t{sync_cores(lay)}": rounded(ratio[lay.name], 3)
+                                      for lay in sync if not lay.no_prefix}
+    for cores in sorted({sync_cores(lay) for lay in sync}):
+        best = max((lay for lay in sync if sync_cores(lay) == cores and not lay.no_prefix),
+                   key=lambda lay: ours_med[lay.name], default=None)
+        if best is not None:
+            out.setdefault("best_sync_vs_trl_equal_cores", {})[f"{cores} cores"] = {
+                "layout": best.name, "ratio": rounded(ratio[best.name], 3)}
     out["compute_matched_vs_trl_equal_cores"] = {
-        f"{n} / trl-t{t}": rounded(m / trl_med[t], 3) for n, m in ours_med.items() if "-noprefix" in n
-        for t in trl_med if n.endswith(f"-t{t}x{t}")}
+        f"{lay.name} / trl-t{sync_cores(lay)}": rounded(ratio[lay.name], 3) for lay in sync if lay.no_prefix}
     out["off_policy_overlap_vs_trl_best"] = {
-        n: rounded(m / trl_med[best_t], 3) for n, m in ours_med.items() if modes[n] == "overlap"}
+        lay.name: rounded(ours_med[lay.name] / trl_med[best_t], 3) for lay in layouts if lay.overlap}
     return out
 
 
@@ -170,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help="r1omni-ray layouts (bench.grpo_step syntax)")
     p.add_argument("--trl-threads", default="1,2", help="torch thread counts to run TRL at")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every TRL run and layout")
+    p.set_defaults(warmup_steps=2)  # both sides: a fresh actor set's first steps are still slow
     args = p.parse_args(argv)
     try:
         import trl  # noqa: F401
@@ -212,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                     res = ours.run(lay)
                     ours_rates[lay.name].append(res["completions_per_s"])
                     emit(res | {"repeat": r})
-    emit(summarize(trl_rates, ours_rates, {lay.name: "overlap" if lay.overlap else "sync" for lay in layouts}))
+    emit(summarize(trl_rates, ours_rates, layouts))
     return 0
 
 

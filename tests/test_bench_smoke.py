@@ -110,6 +110,7 @@ def test_compare_trl_benchmark_runs_both_systems():
     assert all(r["samples_per_step"] == [4] and r["completion_tokens_mean"] == 4 for r in ours)
     summary = recs[-1]
     assert summary["kind"] == "summary" and set(summary["sync_vs_trl_equal_cores"]) == {"1w1l-sync-t1x1 / trl-t1"}
+    assert summary["best_sync_vs_trl_equal_cores"]["1 cores"]["layout"] == "1w1l-sync-t1x1"
     assert set(summary["compute_matched_vs_trl_equal_cores"]) == {"1w1l-sync-noprefix-t1x1 / trl-t1"}
     assert summary["trl"]["t1"]["min"] <= summary["trl"]["t1"]["median"] <= summary["trl"]["t1"]["max"]
 
