@@ -20,8 +20,8 @@ from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
 from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
-from r1omni_ray.learner.policy import DeepSpeedPolicy
-from r1omni_ray.learner.reference import forward_modalities, frozen_reference
+from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
+from r1omni_ray.learner.reference import frozen_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets

@@ -350,7 +350,10 @@ def _init_ray(actors: int) -> bool:
 
 def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> list[dict[str, Any]]:
     """Every layout once (actor sets shared by pool key), a line each after the config line."""
-    layouts = sorted(layouts, key=lambda lay: [x.pool_key for x in layouts].index(lay.pool_key))  # stable
+    first_seen: dict[tuple[int, int, int, int, bool], int] = {}
+    for lay in layouts:
+        first_seen.setdefault(lay.pool_key, len(first_seen))
+    layouts = sorted(layouts, key=lambda lay: first_seen[lay.pool_key])  # one actor set per key, built once
     with BenchSystem(args, layouts, bench) as system:
         emit(system.header())
         results = []

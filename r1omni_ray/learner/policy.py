@@ -31,6 +31,19 @@ def micro_slices(n: int, num_micro: int, groups: Sequence[Any] | None = None,
     return [slice(r.start, r.stop) for r in parts]
 
 
+def forward_modalities(cfg: RunConfig) -> dict[str, str]:
+    """What every policy forward on a learner runs per modality in use, whether or not its micro-batch has
+    that input (see HumanOmniQwen2ForCausalLM.every_forward_runs): the projector on shipped tower features,
+    or the tower and projector on raw media."""
+    ship_vision, ship_audio = cfg.model.shipped_tower_features()
+    out = {}
+    if cfg.data.use_video:
+        out["video"] = "features" if ship_vision else "raw"
+    if cfg.data.use_audio:
+        out["audio"] = "features" if ship_audio else "raw"
+    return out
+
+
 def set_dp_timeouts(timeout: datetime.timedelta) -> None:
     """DeepSpeed builds its data-parallel groups with new_group() and torch's default timeout (30 min for
     gloo), whatever init_distributed got: give every group learner.dist_timeout_s, so a hung or dead peer

@@ -6,7 +6,6 @@ shared anyway, since DeepSpeed partitions the policy's copy."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import torch
 from torch import nn
@@ -34,15 +33,3 @@ def frozen_reference(model: nn.Module, drop_vision: bool, drop_audio: bool, home
         memo[id(inner.audio_tower)] = AbsentTower("audio")
     return copy.deepcopy(model, memo).eval().requires_grad_(False).to(home)
 
-
-def forward_modalities(cfg: Any) -> dict[str, str]:
-    """What every policy forward on a learner runs per modality in use, whether or not its micro-batch has
-    that input (see HumanOmniQwen2ForCausalLM.every_forward_runs): the projector on shipped tower features,
-    or the tower and projector on raw media."""
-    ship_vision, ship_audio = cfg.model.shipped_tower_features()
-    out = {}
-    if cfg.data.use_video:
-        out["video"] = "features" if ship_vision else "raw"
-    if cfg.data.use_audio:
-        out["audio"] = "features" if ship_audio else "raw"
-    return out
