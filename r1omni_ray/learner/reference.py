@@ -32,4 +32,3 @@ def frozen_reference(model: nn.Module, drop_vision: bool, drop_audio: bool, home
     if drop_audio:
         memo[id(inner.audio_tower)] = AbsentTower("audio")
     return copy.deepcopy(model, memo).eval().requires_grad_(False).to(home)
-
