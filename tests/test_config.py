@@ -86,6 +86,8 @@ def test_where_off_policy_old_logprobs_come_from():
     assert load_config(None, []).old_logprobs_from_rollout()  # auto + hf: the engine's own, no extra pass
     assert not load_config(None, ["rollout.engine=vllm"]).old_logprobs_from_rollout()
     assert not load_config(None, ["learner.old_logprobs=recompute"]).old_logprobs_from_rollout()
-    with pytest.raises(ConfigError, match="learner.old_logprobs: 'rollout' with rollout.engine=vllm"):
-        check_rlvr(load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout",
-                                      "rollout.temperature=0.7"]))
+    # vLLM returns processed log-probs (after temperature): its own are a valid opt-in at any temperature
+    # (tests/test_vllm_cpu.py proves them equal to the learners' at T=0.7).
+    cfg = load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout", "rollout.temperature=0.7"])
+    check_rlvr(cfg)
+    assert cfg.old_logprobs_from_rollout()

