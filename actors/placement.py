@@ -28,12 +28,18 @@ def required_cpus(cfg: RunConfig) -> float:
             + cfg.reward.num_actors * cfg.reward.num_cpus_per_actor)
 
 
-def rollout_gpus_per_worker(cfg: RunConfig) -> float:
-    """rollout.num_gpus_per_worker, or by default one per tensor-parallel rank for vLLM and none for HF."""
+def rollout_gpus_per_worker(cfg: RunConfig, cluster_gpus: float | None = None) -> float:
+    """rollout.num_gpus_per_worker, or by default: for vLLM one per tensor-parallel rank on a cluster with
+    GPUs and none on a CPU-only one (vLLM's CPU build), none for HF. cluster_gpus: the cluster's GPU
+    total (read from Ray when not given)."""
     rc = cfg.rollout
     if rc.num_gpus_per_worker is not None:
         return rc.num_gpus_per_worker
-    return float(rc.tensor_parallel_size) if rc.engine == "vllm" else 0.0
+    if rc.engine != "vllm":
+        return 0.0
+    if cluster_gpus is None:
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+    return float(rc.tensor_parallel_size) if cluster_gpus > 0 else 0.0
 
 
 class PlacementError(ConfigError):

@@ -94,7 +94,7 @@ class RolloutWorker:
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "version": self.version}
+                "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,

