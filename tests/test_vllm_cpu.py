@@ -35,6 +35,7 @@ pytestmark = [
                        reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
 ]
 
+MANY = 28  # distinct prompts of ~170 tokens: more than vLLM's default 4,096-token step of prefill
 CPU_BLOCK = 128  # vLLM's default KV block on CPU (vllm/platforms/cpu.py): prefix caching works in whole blocks
 LOGPROB_ATOL = 1e-4  # fp32 on both sides; different kernels (vLLM's CPU attention vs SDPA)
 
@@ -75,9 +76,10 @@ def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm_cpu")
     ckpt = make_tiny_checkpoint(d / "ckpt", corpus=tuple(SYNTHETIC_VOCAB_TEXTS), sizes=TinySizes(image_size=64))
     spread_weights(ckpt)
-    make_synthetic_dataset(d / "data", 6, seed=0, size=64)
+    make_synthetic_dataset(d / "data", MANY, seed=0, size=64)
     proc = OmniProcessor.from_pretrained(ckpt)
     prompts = [proc.process(r) for r in load_records(d / "data" / "train.json").records]
+    many, prompts = prompts, prompts[:6]
     assert all(p.pixel_values is not None for p in prompts) and any(p.audio_features is not None for p in prompts)
     greedy = HFEngine(load_policy(ckpt), proc.tokenizer).generate(prompts, SamplingParams(greedy=True, max_new_tokens=16))
     first = greedy[0][0].token_ids
@@ -87,7 +89,7 @@ def world(tmp_path_factory):
     gen = json.loads(gen_path.read_text())
     gen["eos_token_id"] = [proc.tokenizer.eos_token_id, extra]
     gen_path.write_text(json.dumps(gen))
-    return ckpt, proc, prompts, extra
+    return ckpt, proc, prompts, extra, many
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +97,7 @@ def engine(world, tmp_path_factory):
     from r1omni_ray.engines.vllm_engine import VLLMEngine
     from r1omni_ray.model.loading import load_policy
 
-    ckpt, proc, prompts, _ = world
+    ckpt, proc, prompts, *_ = world
     policy = load_policy(ckpt)
     with torch.no_grad():
         lens = [e.shape[0] for e in policy.embed_prompts(prompts)]
@@ -156,7 +158,7 @@ def test_greedy_tokens_stops_and_logprobs_equal_the_transformers_engine(world, e
     from r1omni_ray.engines.hf_engine import HFEngine
     from r1omni_ray.model.loading import load_policy
 
-    ckpt, proc, prompts, extra = world
+    ckpt, proc, prompts, extra, _ = world
     params = SamplingParams(greedy=True, max_new_tokens=16, logprobs=True)
     got = engine.generate(prompts, params)
     want = HFEngine(load_policy(ckpt), proc.tokenizer).generate(prompts, params)
@@ -180,7 +182,7 @@ def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperatur
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.model.loading import load_policy
 
-    ckpt, _, prompts, _ = world
+    ckpt, _, prompts, *_ = world
     groups = engine.generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=7,
                                                      logprobs=True))
     assert all(len(g) == 4 for g in groups)
@@ -190,7 +192,7 @@ def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperatur
 def test_per_sample_seeds_give_the_same_completion_whatever_the_batch(world, engine):
     from r1omni_ray.engines.base import SamplingParams
 
-    _, _, prompts, _ = world
+    _, _, prompts, *_ = world
     params = SamplingParams(n=4, max_new_tokens=10, seed=123)
     together = engine.generate(prompts[:3], params, uids=[5, 6, 7])
     alone = engine.generate(prompts[1:2], params, uids=[6])
@@ -200,12 +202,38 @@ def test_per_sample_seeds_give_the_same_completion_whatever_the_batch(world, eng
     assert [c.token_ids for c in other[0]] != [c.token_ids for c in alone[0]]
 
 
+def test_seeded_requests_past_one_step_of_prefill(world, tmp_path):
+    """More prompt tokens than vLLM's default 4,096-token step, prefix caching off (so every request really
+    prefills): with chunked prefill, vLLM's default, a seeded request whose prefill is split kills the CPU
+    engine ("CPU Generator does not use offset"; seen with this very batch, and in bench.omni_shape at R1-Omni's
+    2 x 8 x 972 tokens). The engine turns chunked prefill off on CPU: every request completes, and seeds still
+    decide the samples."""
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.vllm_engine import VLLMEngine
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, *_, prompts = world
+    eng = VLLMEngine(load_policy(ckpt), proc.tokenizer, tmp_path, dtype="float32", max_model_len=512,
+                     llm_overrides={"enable_prefix_caching": False})
+    try:
+        with torch.no_grad():
+            tokens = sum(e.shape[0] for e in eng.frontend.embed_prompts(prompts))
+        assert tokens > 4096
+        params = SamplingParams(n=2, max_new_tokens=4, seed=11)
+        together = eng.generate(prompts, params, uids=list(range(len(prompts))))
+        assert all(len(g) == 2 and all(len(c.token_ids) >= 1 for c in g) for g in together)
+        alone = eng.generate(prompts[-1:], params, uids=[len(prompts) - 1])
+        assert [c.token_ids for c in together[-1]] == [c.token_ids for c in alone[0]]
+    finally:
+        eng.close()
+
+
 def test_after_a_broadcast_samples_come_from_the_new_weights_never_from_cached_old_states(world, engine):
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.hf_engine import HFEngine
     from r1omni_ray.model.loading import load_policy
 
-    ckpt, proc, prompts, _ = world
+    ckpt, proc, prompts, *_ = world
     params = SamplingParams(greedy=True, max_new_tokens=10, logprobs=True)
     before = engine.generate(prompts, params)  # the prompts' first blocks are now in the prefix cache
 

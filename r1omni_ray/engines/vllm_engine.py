@@ -22,6 +22,7 @@ Only names, dtypes, shapes and the group's address go through collective_rpc.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -131,19 +132,25 @@ def check_version(version: str, platform: str) -> None:
 
 def engine_args(
     lm_dir: str | Path, platform: str, tensor_parallel_size: int, dtype: str, gpu_memory_utilization: float,
-    max_model_len: int | None, kv_cache_gib: float | None, enforce_eager: bool | None,
+    max_model_len: int | None, kv_cache_gib: float | None, enforce_eager: bool | None, model_max_len: int = 32768,
 ) -> dict[str, Any]:
     """Keyword arguments of vllm.LLM. Log-probs are those of the distribution sampled from (after
     temperature, top-p and min_tokens masking: "processed"), as the hf engine records them, so the learner's
     log softmax(logits / T) is comparable. On CPU the KV cache is a byte size (a memory fraction there is of
     the host's memory, per engine) and eager mode is the default (the inductor warm-up took 28 s here for a
-    2-layer model)."""
+    2-layer model). Also on CPU, no chunked prefill: when a seeded request's prefill is split, vLLM 0.32 rewinds
+    its generator with `set_offset`, which CPU generators do not have, and the engine dies ("CPU Generator does
+    not use offset"); every request here is seeded. Whole prefills need a step budget of the longest sequence
+    (model_max_len: the model's own limit, used when max_model_len is unset)."""
     cpu = platform == "cpu"
     kw: dict[str, Any] = dict(
         model=str(lm_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype, enable_prompt_embeds=True,
         worker_extension_cls=f"{__name__}.BroadcastReceiverExtension", logprobs_mode="processed_logprobs",
         enforce_eager=cpu if enforce_eager is None else enforce_eager,
     )
+    if cpu:
+        kw["enable_chunked_prefill"] = False
+        kw["max_num_batched_tokens"] = max(max_model_len or model_max_len, 4096)
     if cpu or kv_cache_gib is not None:
         kw["kv_cache_memory_bytes"] = int((CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib) * 2**30)
     else:
@@ -187,6 +194,9 @@ class BroadcastReceiverExtension:
                     timeout_s: float) -> int:
         rank = first_rank + int(self.rank)  # type: ignore[attr-defined]  # this engine's TP rank
         self.r1omni_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s, name=f"vllm-rank-{rank}")
+        # Every update, the reload session warns "Failed to load weights" for the layers that have no tensor
+        # of their own in it (the tied LM head, the rotary embedding's cache), and puts them back unchanged.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         return rank
 
     def r1omni_receive(self, metas: list[list[Any]], buckets: list[list[int]]) -> int:
@@ -298,7 +308,8 @@ class VLLMEngine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
-                                          max_model_len, kv_cache_gib, enforce_eager) | (llm_overrides or {}))
+                                          max_model_len, kv_cache_gib, enforce_eager,
+                                          model.config.max_position_embeddings) | (llm_overrides or {}))
         self._vllm = vllm
         self.frontend = model.eval()
         self._params = dict(self.frontend.named_parameters())
