@@ -187,6 +187,9 @@ def bench_vllm(args: argparse.Namespace, model, tokenizer, featured, params) -> 
     as the hf engine runs here, threads as --threads."""
     import copy
 
+    # vLLM's own log handler writes to stdout, where only JSON lines belong: its records go to stderr instead
+    # (Python's last-resort handler, warnings and up), here and in the processes it spawns.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     from r1omni_ray.engines.vllm_engine import VLLMEngine
 
     out = []

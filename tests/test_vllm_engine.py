@@ -1,6 +1,7 @@
 """vLLM engine logic that runs without vLLM: per-sample seeds, the LM-name allow-list, request building,
-generation_config in exports, broadcast rank layout, msgpack-safe metadata, LM export. The GPU checks are
-in tests/test_vllm_gpu.py."""
+generation_config in exports, broadcast rank layout, msgpack-safe metadata, LM export, engine arguments per
+platform. The engine itself runs in tests/test_vllm_cpu.py and tests/test_vllm_system.py (vLLM's CPU
+build); the GPU checks are in tests/test_vllm_gpu.py."""
 
 import json
 import subprocess

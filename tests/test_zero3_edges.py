@@ -102,5 +102,7 @@ def test_zero3_ranks_with_one_token_audio_less_or_no_samples_finish_and_match_ze
         assert any("audio_projector" in k for k in moved) and any(k.startswith("model.layers.") for k in moved)
         for k in a:
             # Another reduction order (partitioned vs whole), amplified by Adam, whose first step moves every
-            # weight by about lr = 1e-2: within 0.5% of one step (seen: 1e-5 at most).
-            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=0, atol=5e-5, msg=lambda m, k=k, s=step: f"step {s + 1}, {k}: {m}")
+            # weight by about lr = 1e-2 (by g / (|g| + eps): an element with a near-zero gradient moves by a
+            # rounding-sensitive fraction of that): within 2% of one step (seen: 1e-5 on most runs, 8.9e-5 on
+            # one element of 8,192 once). A rank that lost or doubled samples is off by ~1e-2.
+            torch.testing.assert_close(a[k].cpu(), b[k].cpu(), rtol=0, atol=2e-4, msg=lambda m, k=k, s=step: f"step {s + 1}, {k}: {m}")

@@ -163,9 +163,8 @@ def engine_args(
 def cpu_process_env(threads: int) -> dict[str, str]:
     """Environment for vLLM's CPU processes (read when they spawn). Threads follow rollout.torch_threads, as
     the hf engine's do, instead of vLLM pinning each engine to cores of its choosing (every engine on a host
-    picks the same ones); vLLM's INFO lines stay out of the run's log. A value already set wins."""
-    want = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, threads)),
-            "VLLM_LOGGING_LEVEL": "WARNING"}
+    picks the same ones). A value already set wins."""
+    want = {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, threads))}
     return {k: os.environ.get(k, v) for k, v in want.items()}
 
 
@@ -286,6 +285,9 @@ class VLLMEngine:
     ) -> None:
         """llm_overrides: further vllm.LLM arguments, over the ones derived here (benchmarks:
         enable_prefix_caching=False)."""
+        # vLLM's INFO lines (several per request batch) stay out of the run's log unless asked for; read when
+        # vLLM is imported, here and in every process it spawns.
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         import vllm  # noqa: PLC0415  (the cpu/gpu extra; imported only when selected)
         from vllm.platforms import current_platform
 
@@ -296,7 +298,6 @@ class VLLMEngine:
 
             check_head_size(model.config, CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
             os.environ.update(cpu_process_env(threads))
-        self.platform = platform
         self.tokenizer = tokenizer
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
