@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from typing import Any
 
 import torch
 
@@ -16,7 +18,21 @@ def name_cpu_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def _quiet_exit_in_finalizers(hook: Any = sys.unraisablehook) -> Any:
+    """An unraisable-exception hook that drops SystemExit: Ray stops an actor by raising SystemExit from its
+    SIGTERM handler in whatever runs then, and when that is a finalizer (decord's VideoReader.__del__, seen
+    when a stopped job's workers were mid-rollout) Python prints "Exception ignored in ..." with a traceback
+    into the job's log. The process is exiting as asked; anything else still goes to ``hook``."""
+
+    def quiet(unraisable: Any) -> None:
+        if not isinstance(unraisable.exc_value, SystemExit):
+            hook(unraisable)
+
+    return quiet
+
+
 def setup_process(torch_threads: int) -> None:
+    sys.unraisablehook = _quiet_exit_in_finalizers()
     torch.set_num_threads(max(1, torch_threads))
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     name_cpu_accelerator()
