@@ -152,6 +152,21 @@ def bench_learner(args: argparse.Namespace, model, prompts, vocab_ids: list[int]
     return out
 
 
+def time_engine(args: argparse.Namespace, name: str, engine, featured, params) -> dict[str, Any]:
+    """One engine's record: --engine-warmup untimed calls, then --engine-repeats timed ones (median)."""
+    times, lengths = [], []
+    for k in range(args.engine_warmup + args.engine_repeats):
+        t0 = time.perf_counter()
+        groups = engine.generate(featured, params)
+        if k >= args.engine_warmup:
+            times.append(time.perf_counter() - t0)
+        lengths = [len(c.token_ids) for grp in groups for c in grp]
+    t = median(times)
+    return {"bench": "omni_shape", "part": "engine", "variant": name, "generate_s_median": rounded(t),
+            "generate_s_all": [rounded(x, 3) for x in times], "completions": len(lengths),
+            "completion_tokens": [min(lengths), max(lengths)], "gen_tokens_per_s": rounded(sum(lengths) / t)}
+
+
 @torch.no_grad()
 def bench_engine(args: argparse.Namespace, model, tokenizer, prompts) -> list[dict[str, Any]]:
     from r1omni_ray.engines.base import SamplingParams
@@ -163,19 +178,7 @@ def bench_engine(args: argparse.Namespace, model, tokenizer, prompts) -> list[di
     featured = with_features(model, prompts)  # the rollout worker runs the towers once either way
     out = []
     for name, once in (("per_sample", False), ("shared_prefix", True)):
-        engine = HFEngine(model, tokenizer, shared_prefix=once)
-        times, lengths = [], []
-        for k in range(args.engine_warmup + args.engine_repeats):
-            t0 = time.perf_counter()
-            groups = engine.generate(featured, params)
-            if k >= args.engine_warmup:
-                times.append(time.perf_counter() - t0)
-            lengths = [len(c.token_ids) for grp in groups for c in grp]
-        t = median(times)
-        out.append({"bench": "omni_shape", "part": "engine", "variant": name, "generate_s_median": rounded(t),
-                    "generate_s_all": [rounded(x, 3) for x in times], "completions": len(lengths),
-                    "completion_tokens": [min(lengths), max(lengths)],
-                    "gen_tokens_per_s": rounded(sum(lengths) / t)})
+        out.append(time_engine(args, name, HFEngine(model, tokenizer, shared_prefix=once), featured, params))
         emit(out[-1])
     if args.vllm:
         out += bench_vllm(args, model, tokenizer, featured, params)
@@ -199,19 +202,8 @@ def bench_vllm(args: argparse.Namespace, model, tokenizer, featured, params) -> 
             engine = VLLMEngine(copy.deepcopy(model), tokenizer, work, dtype="float32", threads=args.threads,
                                 max_model_len=2048, llm_overrides={"enable_prefix_caching": caching})
             start = time.perf_counter() - t0
-            times, lengths = [], []
-            for k in range(args.engine_warmup + args.engine_repeats):
-                t0 = time.perf_counter()
-                groups = engine.generate(featured, params)
-                if k >= args.engine_warmup:
-                    times.append(time.perf_counter() - t0)
-                lengths = [len(c.token_ids) for grp in groups for c in grp]
+            out.append(time_engine(args, name, engine, featured, params) | {"engine_start_s": rounded(start)})
             engine.close()
-        t = median(times)
-        out.append({"bench": "omni_shape", "part": "engine", "variant": name, "generate_s_median": rounded(t),
-                    "generate_s_all": [rounded(x, 3) for x in times], "completions": len(lengths),
-                    "completion_tokens": [min(lengths), max(lengths)], "engine_start_s": rounded(start),
-                    "gen_tokens_per_s": rounded(sum(lengths) / t)})
         emit(out[-1])
     return out
 

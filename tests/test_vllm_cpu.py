@@ -13,37 +13,21 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import socket
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-
-def _vllm_platform() -> str | None:
-    try:
-        from vllm.platforms import current_platform
-    except ImportError:  # the suite's install has it (make setup): a missing vllm fails below, never skips
-        return "missing"
-    return current_platform.device_type
-
+from tests.vllm_support import LOGPROB_ATOL, push_weights, vllm_platform
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(_vllm_platform() not in ("cpu", "missing"),
+    pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
                        reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
 ]
 
 MANY = 28  # distinct prompts of ~170 tokens: more than vLLM's default 4,096-token step of prefill
 CPU_BLOCK = 128  # vLLM's default KV block on CPU (vllm/platforms/cpu.py): prefix caching works in whole blocks
-LOGPROB_ATOL = 1e-4  # fp32 on both sides; different kernels (vLLM's CPU attention vs SDPA)
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def spread_weights(ckpt: Path, seed: int = 0) -> None:
@@ -109,33 +93,8 @@ def engine(world, tmp_path_factory):
 
 
 def push(engine, named: list[tuple[str, torch.Tensor]]) -> None:
-    """A real weight update: a learner-side sender and the engine's ranks (the actor's own and the vLLM
-    worker's) in one gloo broadcast group, several buckets."""
-    from r1omni_ray.weight_sync import (
-        BroadcastGroup,
-        param_metas,
-        plan_buckets,
-        receive_buckets,
-        send_buckets,
-    )
-
-    metas = param_metas(named)
-    buckets = plan_buckets(metas, 1 << 14)
-    assert len(buckets) > 2
-    port, world_size = _port(), 2 + engine.extra_sync_ranks()
-    box: dict = {}
-
-    def learner() -> None:
-        g = BroadcastGroup("gloo", "127.0.0.1", port, 0, world_size, 120, name="learner")
-        send_buckets(g, metas, buckets, lambda idx: [named[i][1] for i in idx], "cpu")
-
-    t = threading.Thread(target=learner)
-    t.start()
-    engine.join_sync(lambda: box.setdefault("g", BroadcastGroup("gloo", "127.0.0.1", port, 1, world_size, 120,
-                                                                name="actor")),
-                     "gloo", "127.0.0.1", port, 2, world_size, 120)
-    engine.receive(lambda: receive_buckets(box["g"], metas, buckets, engine.load_weights, "cpu"), metas, buckets)
-    t.join()
+    """A real weight update through the engine's broadcast ranks, in several buckets."""
+    assert push_weights(engine, named, 1 << 14) > 2
 
 
 def learner_logprobs(policy, prompts, groups, temperature: float = 1.0) -> list[torch.Tensor]:

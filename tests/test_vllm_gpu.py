@@ -3,23 +3,17 @@ with the gpu extra: `pytest -m gpu tests/test_vllm_gpu.py`."""
 
 import importlib.util
 import os
-import socket
-import threading
 
 import pytest
 import torch
+
+from tests.vllm_support import push_weights
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None or not torch.cuda.is_available(),
                        reason="needs vllm and a CUDA GPU"),
 ]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,30 +31,7 @@ def setup(tiny_ckpt, synth_data, tmp_path_factory):
 
 
 def _push(engine, named):
-    """A real weight update: a learner-side sender and this engine's ranks in one gloo broadcast group."""
-    from r1omni_ray.weight_sync import (
-        BroadcastGroup,
-        param_metas,
-        plan_buckets,
-        receive_buckets,
-        send_buckets,
-    )
-
-    metas = param_metas(named)
-    buckets = plan_buckets(metas, 1 << 16)  # several small buckets
-    port, world = _port(), 2 + engine.extra_sync_ranks()
-    box = {}
-
-    def learner() -> None:
-        g = BroadcastGroup("gloo", "127.0.0.1", port, 0, world, 120, name="learner")
-        send_buckets(g, metas, buckets, lambda idx: [named[i][1].cpu() for i in idx], "cpu")
-
-    t = threading.Thread(target=learner)
-    t.start()
-    engine.join_sync(lambda: box.setdefault("g", BroadcastGroup("gloo", "127.0.0.1", port, 1, world, 120, name="actor")),
-                     "gloo", "127.0.0.1", port, 2, world, 120)
-    engine.receive(lambda: receive_buckets(box["g"], metas, buckets, engine.load_weights, "cpu"), metas, buckets)
-    t.join()
+    push_weights(engine, named, 1 << 16)  # several small buckets
 
 
 def test_update_changes_greedy_tokens_and_logprobs_match_the_policy(setup, tiny_ckpt):
