@@ -135,6 +135,29 @@ def test_greedy_tokens_stops_and_logprobs_equal_the_transformers_engine(world, e
     assert_logprobs_match(got, [torch.tensor(g[0].logprobs) for g in want])
 
 
+def test_a_clip_without_audio_and_one_token_completions_equal_the_transformers_engine(world, engine):
+    """What real runs also produce: a prompt with no <audio> (data.use_audio off, or a clip without a
+    track) beside full ones, and completions cut to a single token."""
+    from r1omni_ray.data.records import load_records
+    from r1omni_ray.engines.base import SamplingParams
+    from r1omni_ray.engines.hf_engine import HFEngine
+    from r1omni_ray.labels import AUDIO_TOKEN_INDEX
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, prompts, *_ = world
+    silent = proc.process(load_records(ckpt.parent / "data" / "train.json").records[0], use_audio=False)
+    assert silent.audio_features is None and AUDIO_TOKEN_INDEX not in silent.prompt_ids
+    batch = [silent, *prompts[:2]]
+    hf = HFEngine(load_policy(ckpt), proc.tokenizer)
+    for n in (1, 8):
+        params = SamplingParams(greedy=True, max_new_tokens=n, logprobs=True)
+        got, want = engine.generate(batch, params), hf.generate(batch, params)
+        assert [(g[0].token_ids, g[0].finish_reason) for g in got] == \
+               [(g[0].token_ids, g[0].finish_reason) for g in want]
+        assert all(1 <= len(g[0].token_ids) <= n for g in got)
+        assert_logprobs_match(got, [torch.tensor(g[0].logprobs) for g in want])
+
+
 def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperature(world, engine):
     """vLLM's own log-probs are of the distribution it sampled (processed: after temperature), so they can
     serve as off-policy old log-probs (learner.old_logprobs=rollout) at any temperature."""
