@@ -55,9 +55,30 @@ def node_ip() -> str:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, port_range: tuple[int, int] | list[int] | None = None) -> list[int]:
+    """``n`` distinct ports free on this node: any the OS offers, or the first free ones of ``port_range``
+    (inclusive: the range a firewall leaves open between nodes). Call it on the node that will bind them."""
+    held: list[socket.socket] = []
+    try:
+        candidates = iter([0] * n) if port_range is None else iter(range(port_range[0], port_range[1] + 1))
+        for port in candidates:
+            s = socket.socket()
+            try:
+                s.bind(("", port))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+            if len(held) == n:
+                return [h.getsockname()[1] for h in held]
+        raise RuntimeError(f"cluster.port_range {list(port_range or [])}: fewer than {n} free ports on "
+                           f"{node_ip()} (found {len(held)})")
+    finally:
+        for h in held:
+            h.close()
 
 
 def device() -> torch.device:

@@ -22,12 +22,12 @@ class RLVRGroups:
     sync: WeightSync
 
     @classmethod
-    def build(cls, cfg: RunConfig, ckpt_dir: str, work_dir: str, label_set: Sequence[str] | None) -> RLVRGroups:
+    def build(cls, cfg: RunConfig, ckpt_dir: str, label_set: Sequence[str] | None) -> RLVRGroups:
         # Rewards first: RewardGroup checks the reward names before any actor exists (an unknown one is a
         # config error, not a mid-run crash), and its actors are the cheapest to start.
         rewards = RewardGroup(cfg, label_set)
         learners = LearnerGroup(cfg, ckpt_dir)
-        rollout = RolloutGroup(cfg, ckpt_dir, work_dir)
+        rollout = RolloutGroup(cfg, ckpt_dir)
         return cls(cfg, learners, rollout, rewards, WeightSync(cfg, learners, rollout))
 
     def shutdown(self) -> None:

@@ -9,14 +9,13 @@ import datetime
 import io
 import os
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import torch
 
-from actors.common import device, node_ip, setup_process
+from actors.common import device, free_ports, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
 from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
@@ -24,7 +23,7 @@ from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
 from r1omni_ray.learner.reference import frozen_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, load_policy
-from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, send_buckets
+from r1omni_ray.weight_sync import BroadcastGroup, BucketSender, ParamMeta, Route
 
 
 @dataclass
@@ -86,7 +85,7 @@ class LearnerActor:
         self.policy = DeepSpeedPolicy(model, self.cfg, lr, rank, world_size, self.device)
         self.grpo = GRPOTrainer(self.policy, reference, self.cfg)
         self._sft: SFTTrainer | None = None
-        self.sync_group: BroadcastGroup | None = None
+        self.sender: BucketSender | None = None
 
     # ---- info ----
     def info(self) -> dict[str, Any]:
@@ -130,34 +129,40 @@ class LearnerActor:
         return True
 
     # ---- weight broadcast (sending side) ----
-    def init_sync_group(self, backend: str, host: str, port: int, world_size: int, timeout_s: float) -> bool:
+    def free_ports(self, n: int, port_range: tuple[int, int] | None = None) -> list[int]:
+        """Ports free on this node (the one that binds the broadcast groups' stores)."""
+        return free_ports(n, port_range)
+
+    def init_sync_group(self, groups: dict[str, tuple[str, str, int, int]], timeout_s: float) -> bool:
+        """groups: receiving group -> (backend, host, port, world size); rank 0 is rank 0 of each. Joined one
+        after the other in a fixed order (the receivers join all of theirs at once)."""
         if self.rank != 0:
             return True
-        self.sync_group = None  # drop the old group (a worker was replaced)
-        self.sync_group = BroadcastGroup(backend, host, port, 0, world_size, timeout_s, name="learner-0")
+        self.sender = None  # drop the old groups (a worker was replaced)
+        joined = {}
+        for dest, (backend, host, port, world) in sorted(groups.items()):
+            joined[dest] = BroadcastGroup(backend, host, port, 0, world, timeout_s, name=f"learner-0[{dest}]")
+        self.sender = BucketSender(joined, self.device)
         return True
 
-    def broadcast_weights(self, version: int, bucket_bytes: int) -> dict[str, float]:
-        """All learner ranks call this (ZeRO-3 gathers are collective); rank 0 sends."""
+    def broadcast_weights(self, version: int, routes: list[Route]) -> dict[str, float]:
+        """All learner ranks call this (ZeRO-3 gathers are collective); rank 0 sends each bucket to its
+        groups while the ranks gather the next one."""
         import deepspeed
 
         t0 = time.perf_counter()
-        named = [(n, p) for n, p in self.policy.module.named_parameters() if p.requires_grad]
+        named = [p for _, p in self.policy.module.named_parameters() if p.requires_grad]
         metas = self.sync_metas()
-
-        def get_tensors(idx: Sequence[int]) -> list[torch.Tensor]:
-            return [named[i][1].data for i in idx]
-
-        sent = 0
-        for b in plan_buckets(metas, bucket_bytes):
-            if self.policy.zero3:
-                with deepspeed.zero.GatheredParameters([named[i][1] for i in b], modifier_rank=None):
-                    if self.rank == 0:
-                        sent += send_buckets(self.sync_group, metas, [b], get_tensors, self.device)
-            elif self.rank == 0:
-                sent += send_buckets(self.sync_group, metas, [b], get_tensors, self.device)
+        for r in routes:
+            params = [named[i] for i in r.indices]
+            gather = (deepspeed.zero.GatheredParameters(params, modifier_rank=None) if self.policy.zero3
+                      else contextlib.nullcontext())
+            with gather:
+                if self.rank == 0:
+                    self.sender.send(metas, r, [p.data for p in params])
+        sent = self.sender.finish() if self.rank == 0 else {}
         self.policy.version = version
-        return {"broadcast_s": time.perf_counter() - t0, "broadcast_bytes": float(sent)}
+        return {"broadcast_s": time.perf_counter() - t0, "broadcast_bytes": float(sent.get("sent", 0))}
 
     # ---- weights out ----
     def full_state(self) -> dict[str, torch.Tensor]:

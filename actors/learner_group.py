@@ -6,9 +6,15 @@ from __future__ import annotations
 from typing import Any
 
 from actors.calls import wait_named
-from actors.common import free_port
 from actors.learner import LearnerActor, LearnerShard
-from actors.placement import bundles, create_placement_group, in_bundle, node_ip_of_bundle, release
+from actors.placement import (
+    actor_options,
+    address_of_bundle,
+    bundles,
+    create_placement_group,
+    in_bundle,
+    release,
+)
 from actors.rollout import PromptSamples
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import plan_learner_shards
@@ -26,12 +32,12 @@ class LearnerGroup:
         self.pg = create_placement_group(
             bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource), cfg,
             "learner group (learner.num_learners x num_cpus/gpus_per_learner)")
-        master_addr, master_port = node_ip_of_bundle(self.pg, 0), free_port()
+        master_addr, (master_port,) = address_of_bundle(self.pg, 0, 1, cfg.ray.port_range)
         ref = lc.use_reference and cfg.grpo.beta > 0 if with_reference is None else with_reference
         self.actors = [
-            LearnerActor.options(
-                num_cpus=lc.num_cpus_per_learner, num_gpus=lc.num_gpus_per_learner, scheduling_strategy=in_bundle(self.pg, r),
-            ).remote(r, lc.num_learners, master_addr, master_port, cfg.to_dict(), ckpt_dir,
+            LearnerActor.options(**actor_options(
+                cfg, num_cpus=lc.num_cpus_per_learner, num_gpus=lc.num_gpus_per_learner,
+                scheduling_strategy=in_bundle(self.pg, r))).remote(r, lc.num_learners, master_addr, master_port, cfg.to_dict(), ckpt_dir,
                      lc.lr if lr is None else lr, ref)
             for r in range(lc.num_learners)
         ]

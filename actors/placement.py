@@ -83,9 +83,21 @@ def release(actors: list[Any], pg: Any | None) -> None:
 
 
 @ray.remote(num_cpus=0)
-def _node_ip_in_bundle() -> str:
-    return ray.util.get_node_ip_address()
+def _address_in_bundle(n_ports: int, port_range: list[int] | None) -> tuple[str, list[int]]:
+    from actors.common import free_ports
+
+    return ray.util.get_node_ip_address(), free_ports(n_ports, port_range)
 
 
-def node_ip_of_bundle(pg: Any, index: int) -> str:
-    return ray.get(_node_ip_in_bundle.options(scheduling_strategy=in_bundle(pg, index), num_cpus=0).remote())
+def address_of_bundle(pg: Any, index: int, n_ports: int = 0,
+                      port_range: list[int] | None = None) -> tuple[str, list[int]]:
+    """(node IP, free ports) of the node that holds a bundle: ports are chosen where they will be bound."""
+    task = _address_in_bundle.options(scheduling_strategy=in_bundle(pg, index), num_cpus=0)
+    return ray.get(task.remote(n_ports, port_range))
+
+
+def actor_options(cfg: RunConfig, **options: Any) -> dict[str, Any]:
+    """Ray options of a learner or rollout actor: its resources and placement, plus the run's environment
+    (ray.network_interface), which Ray merges into the job's."""
+    env = cfg.ray.actor_env()
+    return options | ({"runtime_env": {"env_vars": env}} if env else {})

@@ -22,8 +22,17 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, SamplingParams
+from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
 from r1omni_ray.model.loading import load_policy
-from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
+from r1omni_ray.weight_sync import (
+    ACTORS,
+    ENGINES,
+    BroadcastGroup,
+    ParamMeta,
+    Route,
+    buckets_for,
+    receive_buckets,
+)
 
 log = logging.getLogger("r1omni_ray")
 TOWER_CHUNK = 8  # prompts per tower forward: bounds the activations of Whisper-large over 30 s clips
@@ -60,7 +69,7 @@ def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[Pr
 
 @ray.remote
 class RolloutWorker:
-    def __init__(self, index: int, ckpt_dir: str, cfg: dict, work_dir: str) -> None:
+    def __init__(self, index: int, ckpt_dir: str, cfg: dict) -> None:
         self.cfg: RunConfig = config_from_dict(cfg)
         rc = self.cfg.rollout
         setup_process(rc.torch_threads)
@@ -75,10 +84,8 @@ class RolloutWorker:
         self.model = model  # the engine's front end: its frozen towers give the features shipped to learners
         self.ship_vision, self.ship_audio = mc.shipped_tower_features()
         if rc.engine == "vllm":
-            from r1omni_ray.engines.vllm_engine import VLLMEngine
-
             self.engine = VLLMEngine(
-                model, self.processor.tokenizer, work_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
+                model, self.processor.tokenizer, rc.export_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
                 dtype=str(model.dtype).removeprefix("torch."), max_model_len=rc.max_model_len,
                 stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos, kv_cache_gib=rc.kv_cache_gib,
                 enforce_eager=rc.enforce_eager, threads=rc.torch_threads,
@@ -142,31 +149,36 @@ class RolloutWorker:
         return out
 
     # ---- weights ----
-    def sync_ranks(self) -> int:
-        """Ranks of this worker in the broadcast group: itself, plus one per vLLM worker process."""
-        return 1 + (self.engine.extra_sync_ranks() if hasattr(self.engine, "extra_sync_ranks") else 0)
+    def sync_ranks(self) -> dict[str, int]:
+        """This worker's ranks in each weight-broadcast group: the actor itself in ACTORS, and with vLLM one
+        per vLLM worker process in ENGINES."""
+        return {ACTORS: 1} | ({ENGINES: self.engine.engine_ranks()} if isinstance(self.engine, VLLMEngine) else {})
 
-    def init_sync_group(self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> bool:
+    def init_sync_group(self, joins: dict[str, tuple[str, str, int, int, int]], timeout_s: float) -> bool:
+        """joins: group -> (backend, host, port, this worker's first rank, world size). The actor joins ACTORS
+        while its vLLM workers join ENGINES (learner-0 joins them in turn: neither side may wait for the other)."""
         self.sync_group = None
+        backend, host, port, rank, world = joins[ACTORS]
 
         def join_own() -> None:
-            self.sync_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s,
+            self.sync_group = BroadcastGroup(backend, host, port, rank, world, timeout_s,
                                              name=f"rollout-worker-{self.index}")
 
-        if hasattr(self.engine, "join_sync"):  # vLLM: its workers join as ranks rank+1 .. rank+TP
-            self.engine.join_sync(join_own, backend, host, port, rank + 1, world_size, timeout_s)
+        if ENGINES in joins:
+            self.engine.join_sync(join_own, *joins[ENGINES], timeout_s)
         else:
             join_own()
         return True
 
-    def receive_weights(self, version: int, metas: list[ParamMeta], buckets: list[list[int]]) -> int:
+    def receive_weights(self, version: int, metas: list[ParamMeta], routes: list[Route]) -> int:
+        """One update: the actor receives its buckets (ACTORS) while the vLLM workers receive theirs (ENGINES)."""
         assert self.sync_group is not None, "init_sync_group first"
 
         def receive_own() -> None:
-            receive_buckets(self.sync_group, metas, buckets, self.engine.load_weights, device())
+            receive_buckets(self.sync_group, metas, buckets_for(routes, ACTORS), self.engine.load_weights, device())
 
-        if hasattr(self.engine, "receive"):  # vLLM: its workers receive the LM's tensors meanwhile
-            self.engine.receive(receive_own, metas, buckets)
+        if isinstance(self.engine, VLLMEngine):
+            self.engine.receive(receive_own, metas, buckets_for(routes, ENGINES))
         else:
             receive_own()
         self.version = version

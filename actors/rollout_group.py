@@ -12,7 +12,14 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from actors.calls import ActorCallError, Attempt, retry_replacing
-from actors.placement import bundles, create_placement_group, in_bundle, release, rollout_gpus_per_worker
+from actors.placement import (
+    actor_options,
+    bundles,
+    create_placement_group,
+    in_bundle,
+    release,
+    rollout_gpus_per_worker,
+)
 from actors.rollout import PromptSamples, RolloutWorker
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
@@ -32,8 +39,8 @@ class PendingRollout(NamedTuple):
 
 
 class RolloutGroup:
-    def __init__(self, cfg: RunConfig, ckpt_dir: str, work_dir: str) -> None:
-        self.cfg, self.ckpt_dir, self.work_dir = cfg, ckpt_dir, work_dir
+    def __init__(self, cfg: RunConfig, ckpt_dir: str) -> None:
+        self.cfg, self.ckpt_dir = cfg, ckpt_dir
         rc = cfg.rollout
         self.gpus_per_worker = rollout_gpus_per_worker(cfg)
         self.pg = create_placement_group(
@@ -47,9 +54,9 @@ class RolloutGroup:
 
     def _make(self, i: int) -> Any:
         rc = self.cfg.rollout
-        return RolloutWorker.options(
-            num_cpus=rc.num_cpus_per_worker, num_gpus=self.gpus_per_worker, scheduling_strategy=in_bundle(self.pg, i),
-        ).remote(i, self.ckpt_dir, self.cfg.to_dict(), self.work_dir)
+        return RolloutWorker.options(**actor_options(
+            self.cfg, num_cpus=rc.num_cpus_per_worker, num_gpus=self.gpus_per_worker,
+            scheduling_strategy=in_bundle(self.pg, i))).remote(i, self.ckpt_dir, self.cfg.to_dict())
 
     def names(self) -> list[str]:
         return [f"rollout-worker-{i}" for i in range(len(self.workers))]

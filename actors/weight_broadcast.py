@@ -1,6 +1,6 @@
-"""Weight sync from the learners to the rollout workers: the broadcast process group (learner rank 0 is
-rank 0, then each rollout worker's ranks: see rank_offsets), the bucket plan, and the weight version the
-workers hold."""
+"""Weight sync from the learners to the rollout workers: the broadcast process groups (ACTORS: learner rank 0
+and the rollout actors; with vLLM also ENGINES: learner rank 0 and every vLLM worker process; ranks follow
+rank_offsets), the route plan (which buckets go to which group), and the weight version the workers hold."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ import ray
 from ray.exceptions import RayActorError
 
 from actors.calls import ActorCallError, Attempt, raise_first_error, retry_replacing, settle
-from actors.common import free_port
 from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutGroup
 from r1omni_ray.config import RunConfig
-from r1omni_ray.weight_sync import plan_buckets
+from r1omni_ray.engines.base import sync_destinations
+from r1omni_ray.weight_sync import ACTORS, ENGINES, plan_routes, route_bytes
 
 
 def rank_offsets(ranks_per_worker: list[int]) -> tuple[list[int], int]:
-    """(first rank of each rollout worker, world size): learner rank 0 is rank 0, then each worker's ranks
-    (the actor, and one per vLLM worker process) in worker order."""
+    """(first rank of each rollout worker, world size) in one group: learner rank 0 is rank 0, then each
+    worker's ranks in that group (its actor, or its vLLM worker processes) in worker order."""
     first, nxt = [], 1
     for n in ranks_per_worker:
         first.append(nxt)
@@ -33,7 +33,11 @@ class WeightSync:
         self.cfg, self.learners, self.rollout = cfg, learners, rollout
         self.metas = ray.get(learners.actors[0].sync_metas.remote())
         self.bucket_bytes = int(cfg.learner.broadcast_bucket_mb * 2**20)
-        self.buckets = plan_buckets(self.metas, self.bucket_bytes)
+        engine = cfg.rollout.engine
+        self.routes = plan_routes(self.metas, self.bucket_bytes, lambda name: sync_destinations(name, engine))
+        # Per update: learner-0 sends "sent" bytes; each rollout actor receives route_bytes[ACTORS], each
+        # vLLM worker route_bytes[ENGINES].
+        self.bytes = route_bytes(self.metas, self.routes)
         self.version = 0
         rollout.after_replace = self._resync
         self.init_group()
@@ -42,13 +46,14 @@ class WeightSync:
         return [i for i, r in enumerate(results[offset:]) if isinstance(r, RayActorError)]
 
     def init_group(self) -> None:
-        """(Re)build the broadcast group. Workers are pinged first (a new one is still loading its model; a
+        """(Re)build the broadcast groups. Workers are pinged first (a new one is still loading its model; a
         dead one would stall the rendezvous until the timeout): dead ones are replaced before anyone joins."""
         lc = self.cfg.learner
-        # NCCL needs one GPU per rank; a vLLM worker shares its GPU with its rollout actor, so vLLM is on gloo.
-        gpus = lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0
-        backend = "nccl" if gpus and self.cfg.rollout.engine == "hf" else "gloo"
-        host = ray.get(self.learners.actors[0].info.remote())["node_ip"]
+        # NCCL wherever both ends have GPUs: every group has one process per GPU (the rollout actor and its
+        # vLLM worker share a GPU but never a group).
+        backend = "nccl" if lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0 else "gloo"
+        learner0 = self.learners.actors[0]
+        host = ray.get(learner0.info.remote())["node_ip"]
         workers = self.rollout
 
         def attempt() -> Attempt:
@@ -57,12 +62,18 @@ class WeightSync:
             if dead := self._dead(results):
                 return Attempt(False, dead)
             raise_first_error(pings, results)
-            first, world = rank_offsets(results)
-            port = free_port()
-            calls = [("learner-0", "init_sync_group",
-                      self.learners.actors[0].init_sync_group.remote(backend, host, port, world, lc.dist_timeout_s))]
-            calls += [(n, "init_sync_group", w.init_sync_group.remote(backend, host, port, first[i], world,
-                                                                      lc.dist_timeout_s))
+            dests = sorted({d for r in results for d in r})
+            # Ports are chosen on learner-0's node, which binds them (within ray.port_range if set).
+            ports = ray.get(learner0.free_ports.remote(len(dests), self.cfg.ray.port_range))
+            groups, joins = {}, [{} for _ in results]
+            for dest, port in zip(dests, ports, strict=True):
+                first, world = rank_offsets([r.get(dest, 0) for r in results])
+                groups[dest] = (backend, host, port, world)
+                for i, r in enumerate(results):
+                    if r.get(dest, 0):
+                        joins[i][dest] = (backend, host, port, first[i], world)
+            calls = [("learner-0", "init_sync_group", learner0.init_sync_group.remote(groups, lc.dist_timeout_s))]
+            calls += [(n, "init_sync_group", w.init_sync_group.remote(joins[i], lc.dist_timeout_s))
                       for i, (n, w) in enumerate(zip(workers.names(), workers.workers, strict=True))]
             results = settle(calls)
             if dead := self._dead(results, 1):
@@ -85,9 +96,9 @@ class WeightSync:
             if dead := self._dead(settle([(n, "info", w.info.remote())
                                           for n, w in zip(workers.names(), workers.workers, strict=True)])):
                 return Attempt(False, dead)
-            calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.bucket_bytes))
+            calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.routes))
                      for r, lr in enumerate(learners.actors)]
-            calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.buckets))
+            calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.routes))
                       for n, w in zip(workers.names(), workers.workers, strict=True)]
             results = settle(calls)
             if dead := self._dead(results, len(learners.actors)):
@@ -108,6 +119,11 @@ class WeightSync:
         self.version = version
         out["broadcast_wall_s"] = time.perf_counter() - t0
         return out
+
+    def byte_metrics(self) -> dict[str, float]:
+        """What one update moves: learner-0's sends, and what each rollout actor and each vLLM worker receives."""
+        names = {"sent": "broadcast/sent_bytes", ACTORS: "broadcast/actor_bytes", ENGINES: "broadcast/engine_bytes"}
+        return {names[k]: float(v) for k, v in self.bytes.items()}
 
     def _resync(self, _replaced: list[int]) -> None:
         """New workers hold their checkpoint's weights: rebuild the group (its membership is fixed) and resend

@@ -82,7 +82,7 @@ def run(ckpt, records, labels, work: Path, args: argparse.Namespace, features: b
                   "log_samples": 0},
         "wandb": {"mode": "disabled"},
     })
-    groups = RLVRGroups.build(cfg, str(ckpt), str(work / "run"), labels)
+    groups = RLVRGroups.build(cfg, str(ckpt), labels)
     try:
         logger = RunLogger(work / "run", WandbConfig(mode="disabled"), {})
         history = RLVRTrainer(cfg, groups, records, None, labels, logger).fit()

@@ -299,7 +299,7 @@ class BenchSystem:
             self._release()
             cfg = make_config(layout, self.wl, self.ckpt, str(self.work / "pools"))
             t0 = time.perf_counter()
-            self.pools = RLVRGroups.build(cfg, self.ckpt, str(self.work / "pools"), BENCH_LABELS)
+            self.pools = RLVRGroups.build(cfg, self.ckpt, BENCH_LABELS)
             self.pool_key, self.startup_s = layout.pool_key, time.perf_counter() - t0
         assert self.pools is not None
         return self.pools

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
         try:
             t0 = time.perf_counter()
-            groups = RLVRGroups.build(cfg, str(ckpt), str(out), BENCH_LABELS)
+            groups = RLVRGroups.build(cfg, str(ckpt), BENCH_LABELS)
             startup = time.perf_counter() - t0
             logger = RunLogger(out, WandbConfig(mode="disabled"), {})
             try:

@@ -191,7 +191,7 @@ def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None =
     init_ray(cfg)
     logger = RunLogger(out_dir, cfg.wandb, cfg.to_dict() | {"eval": meta}, job_type="eval")
     try:
-        pool = RolloutGroup(cfg, str(model_dir), str(out_dir))
+        pool = RolloutGroup(cfg, str(model_dir))
         mnt, d = cfg.rollout.max_new_tokens, cfg.data
         try:
             full = evaluate_records(pool, records, labels, mnt, d.use_video, d.use_audio, desc="eval")

@@ -166,6 +166,7 @@ class RLVRTrainer:
         # Inside the learner call: the frozen passes (reference, and old log-probs off-policy), then the update.
         m["time/logprob"] = learner.get("frozen_logprob_s", 0.0)
         m["time/update"] = learner.get("update_s", 0.0)
+        m |= groups.sync.byte_metrics()
         m["weight_version"] = float(learner_version + 1)
         m["weight_version_lag"] = float(learner_version - min(g.weight_version for g in samples))
         m |= self._counters(len(data_errors))
@@ -306,7 +307,7 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
     own_logger = logger is None
     logger = logger or RunLogger(out, cfg.wandb, cfg.to_dict(), resume_id=state.wandb_run_id if state else None,
                                  wandb_step=state.wandb_step if state else 0)
-    groups = RLVRGroups.build(cfg, ckpt, str(out), prep.labels)
+    groups = RLVRGroups.build(cfg, ckpt, prep.labels)
     try:
         result: dict[str, Any] = {}
         if state is not None and ck_dir is not None:

@@ -109,6 +109,9 @@ class RolloutConfig:
     kv_cache_gib: float | None = None
     # vllm: eager execution (no torch.compile, no CUDA graphs). None: eager on CPU, compiled on GPUs.
     enforce_eager: bool | None = None
+    # vllm: node-local folder for the LM export vLLM loads at start (deleted once loaded). None: the system's
+    # temporary folder ($TMPDIR). Never a shared file system: the export is the whole LM (15 GB at 7B).
+    export_dir: str | None = None
 
 
 @dataclass
@@ -218,8 +221,29 @@ class WandbConfig:
 class RayConfig:
     address: str | None = None  # None/"local": start or join a local Ray; "auto" or ray://... otherwise
     num_cpus: int | None = None
-    placement_strategy: str = "SPREAD"
+    # Each role group's placement group: PACK puts a group on as few nodes as it fits, so ZeRO-3's per-layer
+    # all-gathers stay on a node's own links instead of crossing nodes at every layer.
+    placement_strategy: str = "PACK"
     placement_timeout_s: float = 300.0
+    # The network interface the learners' and the weight broadcast's collectives use (e.g. "eth0", "ib0"):
+    # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME in every actor. None: their default, the interface of the
+    # address the hostname resolves to (127.0.1.1 on many distributions: cross-node groups then hang).
+    network_interface: str | None = None
+    # [first, last] ports (inclusive) that the learner rendezvous and the weight-broadcast stores may bind on
+    # learner-0's node (where they are chosen): the range a firewall leaves open. None: any free port.
+    port_range: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        pr = self.port_range
+        if pr is not None and not (len(pr) == 2 and 0 < pr[0] <= pr[1] < 65536 and pr[1] - pr[0] >= 2):
+            raise ConfigError(f"ray.port_range: {pr!r} must be [first, last] with 0 < first, last < 65536 and at "
+                              "least 3 ports (the rendezvous and two broadcast groups)")
+
+    def actor_env(self) -> dict[str, str]:
+        """Environment variables every actor gets (and the processes it starts: vLLM's workers)."""
+        if not self.network_interface:
+            return {}
+        return {"GLOO_SOCKET_IFNAME": self.network_interface, "NCCL_SOCKET_IFNAME": self.network_interface}
 
 
 @dataclass
@@ -256,6 +280,7 @@ _CHOICES = {
     "learner.old_logprobs": {"auto", "rollout", "recompute"},
     "wandb.mode": {"auto", "online", "offline", "disabled"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+    "ray.placement_strategy": {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"},
 }
 
 

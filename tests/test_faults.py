@@ -73,7 +73,7 @@ def ray_cluster():
 @pytest.fixture(scope="module")
 def pools(ray_cluster, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
-    p = RLVRGroups.build(fault_cfg(out), str(tiny_ckpt), str(out), LABELS)
+    p = RLVRGroups.build(fault_cfg(out), str(tiny_ckpt), LABELS)
     yield p
     p.shutdown()
 
@@ -184,7 +184,7 @@ def test_idle_worker_killed_between_steps_is_found_before_the_broadcast(ray_clus
     timeout = 120.0
     cfg = fault_cfg(tmp_path, learner={"dist_timeout_s": timeout},
                     reward={"num_actors": 0, "rewards": [{"name": "test_parity"}]})
-    groups = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
         tr = make_trainer(groups, records)
         samples = groups.rollout.collect(tr.submit(0), tr._params_for(0))
@@ -478,7 +478,7 @@ def test_hung_collectives_time_out_naming_the_actor(pools, records):
     t0 = time.monotonic()
     w = pools.rollout.workers[1]
     with pytest.raises(ActorCallError, match="rollout-worker-1.receive_weights") as ei:
-        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.sync.metas, pools.sync.buckets))])
+        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.sync.metas, pools.sync.routes))])
     assert isinstance(ei.value.cause, CollectiveError) and "timed out" in str(ei.value)
     assert time.monotonic() - t0 < TIMEOUT_S + 30
 

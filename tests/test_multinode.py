@@ -23,7 +23,7 @@ def test_two_node_cluster_zero3_training_and_broadcast(tiny_ckpt, synth_data, tm
     try:
         cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
                         rollout={"node_resource": "rollout_node"})
-        pools = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+        pools = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
         try:
             lnodes = {i["node_id"] for i in ray.get([lr.info.remote() for lr in pools.learners.actors])}
             wnodes = {i["node_id"] for i in ray.get([w.info.remote() for w in pools.rollout.workers])}

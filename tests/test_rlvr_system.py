@@ -53,7 +53,7 @@ def local_ray():
 def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path,
                                                                          vision_trainable):
     cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.04}, model={"freeze_vision_tower": not vision_trainable})
-    pools = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    pools = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
         recs = load_records(synth_data / "train.json").records
         params = SamplingParams(n=4, max_new_tokens=12, seed=0)

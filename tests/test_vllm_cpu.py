@@ -86,15 +86,28 @@ def engine(world, tmp_path_factory):
     with torch.no_grad():
         lens = [e.shape[0] for e in policy.embed_prompts(prompts)]
     assert min(lens) > CPU_BLOCK, lens  # every prompt has a full block for the prefix cache
-    eng = VLLMEngine(policy, proc.tokenizer, tmp_path_factory.mktemp("vllm_work"), dtype="float32",
-                     max_model_len=512)
+    export_dir = tmp_path_factory.mktemp("vllm_export")
+    eng = VLLMEngine(policy, proc.tokenizer, export_dir, dtype="float32", max_model_len=512)
+    # The LM export (15 GB at 7B) is gone once vLLM has loaded it; the engine still samples (the tests below).
+    assert list(export_dir.iterdir()) == []
     yield eng
     eng.close()
 
 
 def push(engine, named: list[tuple[str, torch.Tensor]]) -> None:
-    """A real weight update through the engine's broadcast ranks, in several buckets."""
-    assert push_weights(engine, named, 1 << 14) > 2
+    """A real weight update in the system's two groups (gloo standing in for NCCL), in several buckets. Each
+    rank receives its own part only: the vLLM worker the LM, the actor the front end; the token embedding,
+    which both use, is the one tensor that goes to both."""
+    from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param
+
+    got = push_weights(engine, named, 1 << 14)
+    assert got["buckets"] > 2
+    nbytes = {n: t.numel() * t.element_size() for n, t in named}
+    lm = sum(v for n, v in nbytes.items() if is_lm_param(n))
+    front = sum(v for n, v in nbytes.items() if not is_lm_param(n)) + nbytes[TOKEN_EMBEDDING]
+    assert got["engines"] == [lm] and got["actor"] == front
+    assert got["actor"] + got["engines"][0] == sum(nbytes.values()) + nbytes[TOKEN_EMBEDDING]
+    assert got["sent"] == {"actors": front, "engines": lm, "sent": front + lm}
 
 
 def learner_logprobs(policy, prompts, groups, temperature: float = 1.0) -> list[torch.Tensor]:
@@ -268,3 +281,41 @@ def test_an_unsupported_head_size_is_one_line_before_vllm_starts(tmp_path):
     with pytest.raises(ValueError, match=r"rollout.engine=vllm: head_dim 16 .* not one vLLM's CPU attention accepts"):
         VLLMEngine(load_policy(ckpt), AutoTokenizer.from_pretrained(ckpt), tmp_path, dtype="float32")
     shutil.rmtree(ckpt)
+
+
+def test_tensor_parallel_workers_start_as_child_processes_and_each_loads_its_shard(world, tmp_path):
+    """tensor_parallel_size=2 starts two vLLM workers as child processes of the engine's process (the "mp"
+    executor: what a rollout actor holding TP GPUs needs; vLLM's Ray executor would want one GPU per bundle).
+    Each worker is a rank of the ENGINES group, receives the whole LM once and loads its own shard: samples and
+    log-probs equal the transformers engine's and the learners', before and after an update."""
+    from r1omni_ray.engines.base import SamplingParams, is_lm_param
+    from r1omni_ray.engines.hf_engine import HFEngine
+    from r1omni_ray.engines.vllm_engine import VLLMEngine
+    from r1omni_ray.model.loading import load_policy
+
+    ckpt, proc, prompts, *_ = world
+    params = SamplingParams(greedy=True, max_new_tokens=10, logprobs=True)
+    eng = VLLMEngine(load_policy(ckpt), proc.tokenizer, tmp_path, tensor_parallel_size=2, dtype="float32",
+                     max_model_len=512)
+    try:
+        assert eng.llm.llm_engine.vllm_config.parallel_config.distributed_executor_backend == "mp"
+        new = load_policy(ckpt)
+        for label, policy in (("start", new), ("update", None)):
+            if label == "update":
+                g = torch.Generator().manual_seed(5)
+                with torch.no_grad():
+                    for n, p in new.named_parameters():
+                        if n.startswith("model.layers.") or n == "model.embed_tokens.weight":
+                            p.add_(0.3 * torch.randn(p.shape, generator=g))
+                named = [(n, p.detach()) for n, p in new.named_parameters()]
+                got = push_weights(eng, named, 1 << 14)
+                lm = sum(t.numel() * t.element_size() for n, t in named if is_lm_param(n))
+                assert got["engines"] == [lm, lm]  # each TP rank: the whole LM, once
+                policy = new
+            out = eng.generate(prompts, params)
+            hf = HFEngine(copy.deepcopy(policy), proc.tokenizer).generate(
+                prompts, SamplingParams(greedy=True, max_new_tokens=10))
+            assert [g[0].token_ids for g in out] == [g[0].token_ids for g in hf], label
+            assert_logprobs_match(out, learner_logprobs(policy, prompts, out))
+    finally:
+        eng.close()

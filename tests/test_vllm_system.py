@@ -78,7 +78,7 @@ def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray
     cfg = vllm_cfg(tmp_path)
     assert not cfg.old_logprobs_from_rollout()  # auto + vllm: off-policy steps recompute on the learners
     records = load_records(synth_data / "train.json", label_set=LABELS).records
-    groups = RLVRGroups.build(cfg, str(tiny_ckpt), str(tmp_path), LABELS)
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
         infos = ray.get([w.info.remote() for w in groups.rollout.workers])
         assert [i["engine"] for i in infos] == ["VLLMEngine", "VLLMEngine"]

@@ -100,3 +100,85 @@ def test_missing_peer_times_out_with_member_named():
     msg = q.get(timeout=120)
     p.join(30)
     assert "rollout-worker-7" in msg
+
+
+LM_AND_FRONT = [("model.embed_tokens.weight", (50, 8)), ("model.layers.0.mlp.up_proj.weight", (16, 8)),
+                ("model.layers.0.input_layernorm.weight", (8,)), ("model.norm.weight", (8,)),
+                ("model.mm_projector.0.weight", (8, 12)), ("model.audio_projector.0.weight", (8, 6)),
+                ("lm_head.weight", (50, 8))]
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_routes_send_every_tensor_once_to_the_groups_that_hold_it(engine):
+    from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param, sync_destinations
+    from r1omni_ray.weight_sync import ACTORS, ENGINES, buckets_for, plan_routes, route_bytes
+
+    metas = [ParamMeta(n, s, "float32") for n, s in LM_AND_FRONT]
+    routes = plan_routes(metas, 600, lambda n: sync_destinations(n, engine))
+    assert sorted(i for r in routes for i in r.indices) == list(range(len(metas)))
+    nb = {m.name: m.nbytes for m in metas}
+    got = route_bytes(metas, routes)
+    if engine == "hf":  # the rollout actor holds the whole model
+        assert {r.dests for r in routes} == {(ACTORS,)} and got == {ACTORS: sum(nb.values()), "sent": sum(nb.values())}
+        return
+    lm = sum(v for n, v in nb.items() if is_lm_param(n))
+    front = sum(v for n, v in nb.items() if not is_lm_param(n)) + nb[TOKEN_EMBEDDING]
+    assert got == {ENGINES: lm, ACTORS: front, "sent": lm + front}
+    to_actors = {metas[i].name for b in buckets_for(routes, ACTORS) for i in b}
+    assert to_actors == {n for n in nb if not is_lm_param(n)} | {TOKEN_EMBEDDING}
+    assert {metas[i].name for b in buckets_for(routes, ENGINES) for i in b} == {n for n in nb if is_lm_param(n)}
+
+
+RECEIVER_DELAY_S = 3.0
+
+
+def _routed_member(rank, dest, ports, worlds, q):
+    """Rank 0 sends in two groups with two staging slots; each receiver takes its group's buckets, after a
+    delay: the first two sends must not wait for it, the third (a reused slot) must."""
+    import time
+
+    from r1omni_ray.weight_sync import ACTORS, ENGINES, BucketSender, Route, buckets_for
+
+    src = {f"w{i}": torch.full((64,), float(i)) for i in range(6)}
+    metas = param_metas(src.items())
+    routes = [Route((0, 1), (ACTORS,)), Route((2,), (ACTORS, ENGINES)), Route((3, 4), (ENGINES,)),
+              Route((5,), (ACTORS,))]
+    if rank == 0:
+        groups = {d: BroadcastGroup("gloo", "127.0.0.1", ports[d], 0, worlds[d], 60, name=f"sender[{d}]")
+                  for d in (ACTORS, ENGINES)}
+        sender = BucketSender(groups, slots=2)
+        times = []
+        for r in routes:
+            t0 = time.monotonic()
+            sender.send(metas, r, [src[metas[i].name] for i in r.indices])
+            times.append(time.monotonic() - t0)
+        q.put((dest, rank, {"times": times, "sent": sender.finish()}))
+        return
+    g = BroadcastGroup("gloo", "127.0.0.1", ports[dest], rank, worlds[dest], 60, name=f"receiver[{dest}]-{rank}")
+    time.sleep(RECEIVER_DELAY_S)
+    got: dict = {}
+    n = receive_buckets(g, metas, buckets_for(routes, dest), lambda pairs: got.update({k: t.clone() for k, t in pairs}))
+    q.put((dest, rank, {"bytes": n, "ok": all(torch.equal(t, src[k]) for k, t in got.items()), "names": sorted(got)}))
+
+
+def test_bucket_sender_pipelines_two_groups_and_each_receiver_gets_its_part_exactly():
+    from r1omni_ray.weight_sync import ACTORS, ENGINES
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ports, worlds = {ACTORS: _port(), ENGINES: _port()}, {ACTORS: 3, ENGINES: 2}
+    members = [(0, None), (1, ACTORS), (2, ACTORS), (1, ENGINES)]
+    procs = [ctx.Process(target=_routed_member, args=(r, d, ports, worlds, q)) for r, d in members]
+    for p in procs:
+        p.start()
+    res = {(d, r): v for d, r, v in (q.get(timeout=120) for _ in procs)}
+    for p in procs:
+        p.join(30)
+    for r in (1, 2):
+        assert res[(ACTORS, r)] == {"bytes": 4 * 64 * 4, "ok": True, "names": ["w0", "w1", "w2", "w5"]}
+    assert res[(ENGINES, 1)] == {"bytes": 3 * 64 * 4, "ok": True, "names": ["w2", "w3", "w4"]}
+    sender = res[(None, 0)]
+    assert sender["sent"] == {ACTORS: 4 * 256, ENGINES: 3 * 256, "sent": 7 * 256}
+    # Two buckets in flight without waiting for the receivers; the third reuses the first slot and waits.
+    assert sender["times"][0] + sender["times"][1] < RECEIVER_DELAY_S / 2, sender["times"]
+    assert sender["times"][2] > RECEIVER_DELAY_S / 2, sender["times"]

@@ -7,7 +7,7 @@ import threading
 
 import torch
 
-from actors.common import free_port
+from actors.common import free_ports
 
 LOGPROB_ATOL = 1e-4  # fp32 on both sides; different kernels (vLLM's CPU attention vs SDPA)
 
@@ -22,31 +22,45 @@ def vllm_platform() -> str:
     return current_platform.device_type
 
 
-def push_weights(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> int:
-    """A real weight update: a learner-side sender and the engine's ranks (the actor's own and one per vLLM
-    worker) in one gloo broadcast group. Returns the number of buckets sent."""
+def push_weights(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> dict[str, int]:
+    """A real weight update in the system's group layout, gloo standing in for NCCL: a learner-side sender in
+    two groups, ACTORS (with the actor's own rank) and ENGINES (one rank per vLLM worker), routed as the
+    system routes them. Returns the buckets sent, and the bytes the actor and each vLLM worker received."""
+    from r1omni_ray.engines.base import sync_destinations
     from r1omni_ray.weight_sync import (
+        ACTORS,
+        ENGINES,
         BroadcastGroup,
+        BucketSender,
+        buckets_for,
         param_metas,
-        plan_buckets,
+        plan_routes,
         receive_buckets,
-        send_buckets,
     )
 
     metas = param_metas(named)
-    buckets = plan_buckets(metas, bucket_bytes)
-    port, world_size = free_port(), 2 + engine.extra_sync_ranks()
+    routes = plan_routes(metas, bucket_bytes, lambda n: sync_destinations(n, "vllm"))
+    ports = free_ports(2)
+    worlds = {ACTORS: 2, ENGINES: 1 + engine.engine_ranks()}
     box: dict = {}
 
     def learner() -> None:
-        g = BroadcastGroup("gloo", "127.0.0.1", port, 0, world_size, 120, name="learner")
-        send_buckets(g, metas, buckets, lambda idx: [named[i][1].cpu() for i in idx], "cpu")
+        groups = {d: BroadcastGroup("gloo", "127.0.0.1", port, 0, worlds[d], 120, name=f"learner[{d}]")
+                  for d, port in zip((ACTORS, ENGINES), ports, strict=True)}
+        sender = BucketSender(groups)
+        for r in routes:
+            sender.send(metas, r, [named[i][1] for i in r.indices])
+        box["sent"] = sender.finish()
 
     t = threading.Thread(target=learner)
     t.start()
-    engine.join_sync(lambda: box.setdefault("g", BroadcastGroup("gloo", "127.0.0.1", port, 1, world_size, 120,
+    engine.join_sync(lambda: box.setdefault("g", BroadcastGroup("gloo", "127.0.0.1", ports[0], 1, 2, 120,
                                                                 name="actor")),
-                     "gloo", "127.0.0.1", port, 2, world_size, 120)
-    engine.receive(lambda: receive_buckets(box["g"], metas, buckets, engine.load_weights, "cpu"), metas, buckets)
+                     "gloo", "127.0.0.1", ports[1], 1, worlds[ENGINES], 120)
+
+    def actor() -> None:
+        box["actor"] = receive_buckets(box["g"], metas, buckets_for(routes, ACTORS), engine.load_weights, "cpu")
+
+    engines = engine.receive(actor, metas, buckets_for(routes, ENGINES))
     t.join()
-    return len(buckets)
+    return {"buckets": len(routes), "actor": box["actor"], "engines": engines, "sent": box["sent"]}

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from r1omni_ray.model.modeling import MMPrompt
+from r1omni_ray.weight_sync import ACTORS, ENGINES
 
 # The Qwen2 LM's own parameters, by allow-list: what a plain Qwen2 checkpoint (and vLLM's Qwen2 model)
 # has. Everything else is the multimodal front end, whatever new module it grows.
@@ -67,6 +68,20 @@ def stop_token_ids(tokenizer: Any, generation_config: Any | None, use_checkpoint
 
 def is_lm_param(name: str) -> bool:
     return _LM_PARAM.match(name) is not None
+
+
+TOKEN_EMBEDDING = "model.embed_tokens.weight"
+
+
+def sync_destinations(name: str, engine: str) -> tuple[str, ...]:
+    """Where a learner tensor goes in a weight update (weight_sync.ACTORS / ENGINES). The hf engine holds the
+    whole model in the rollout actor. With vLLM the vLLM workers hold the LM and the actor the multimodal
+    front end, which needs the token embedding too (it embeds the prompt's text): that one tensor goes to both."""
+    if engine != "vllm":
+        return (ACTORS,)
+    if name == TOKEN_EMBEDDING:
+        return (ACTORS, ENGINES)
+    return (ENGINES,) if is_lm_param(name) else (ACTORS,)
 
 
 def step_seed(run_seed: int, step: int) -> int:

@@ -14,9 +14,10 @@ backend takes a fixed list of head sizes (vllm/v1/attention/backends/cpu_attn.py
 
 vLLM serves the Qwen2 LM only; the rollout actor keeps the multimodal front end (SigLIP, Whisper,
 projectors, BERT gate, the token embedding) and hands vLLM prompt embeddings. Weights: every vLLM worker
-(each tensor-parallel rank) joins the weight-broadcast group as a rank of its own and receives the
-buckets there, loading the LM's tensors; the actor itself is one more rank and keeps the front end's.
-Only names, dtypes, shapes and the group's address go through collective_rpc.
+(each tensor-parallel rank) is a rank of the ENGINES broadcast group (learner-0 and the vLLM workers: NCCL
+on GPUs, one process per GPU) and receives the LM's buckets there; the actor is a rank of the ACTORS group
+and receives the front end's. Only the token embedding goes to both. Only names, dtypes, shapes and the
+group's address go through collective_rpc.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -148,6 +151,11 @@ def engine_args(
         worker_extension_cls=f"{__name__}.BroadcastReceiverExtension", logprobs_mode="processed_logprobs",
         enforce_eager=cpu if enforce_eager is None else enforce_eager,
     )
+    if tensor_parallel_size > 1:
+        # The tensor-parallel workers are child processes on the actor's own devices (Ray gave the actor
+        # all of them). Left to choose inside a placement group, vLLM picks its Ray executor, which wants
+        # one GPU per bundle (vllm/v1/executor/ray_utils.py) and rejects our {GPU: TP} bundle.
+        kw["distributed_executor_backend"] = "mp"
     if cpu:
         kw["enable_chunked_prefill"] = False
         kw["max_num_batched_tokens"] = max(max_model_len or model_max_len, 4096)
@@ -247,7 +255,8 @@ def rebind_cpu_gemm(model: torch.nn.Module) -> None:
 
 def _run_beside(fn: Callable[[], Any], rpc: Callable[[], Any]) -> Any:
     """Run ``rpc`` (a collective_rpc into the vLLM workers) in a thread while this process does ``fn``: both
-    are ranks of one collective, so neither may wait for the other to finish first."""
+    take part in the same update (or the same rendezvous with learner-0), so neither may wait for the other
+    to finish first. Returns the rpc's result."""
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -259,12 +268,12 @@ def _run_beside(fn: Callable[[], Any], rpc: Callable[[], Any]) -> Any:
     t = threading.Thread(target=target, daemon=True)
     t.start()
     try:
-        out = fn()
+        fn()
     finally:
         t.join()
     if "err" in box:
         raise box["err"]
-    return out
+    return box["out"]
 
 
 class VLLMEngine:
@@ -272,7 +281,7 @@ class VLLMEngine:
         self,
         model: HumanOmniQwen2ForCausalLM,
         tokenizer,
-        work_dir: str | Path,
+        export_dir: str | Path | None = None,
         tensor_parallel_size: int = 1,
         gpu_memory_utilization: float = 0.6,
         dtype: str = "bfloat16",
@@ -283,8 +292,9 @@ class VLLMEngine:
         threads: int = 1,
         llm_overrides: dict[str, Any] | None = None,
     ) -> None:
-        """llm_overrides: further vllm.LLM arguments, over the ones derived here (benchmarks:
-        enable_prefix_caching=False)."""
+        """export_dir: node-local folder for the LM export that vLLM loads at start (None: the system's
+        temporary folder); it is deleted once vLLM has read it. llm_overrides: further vllm.LLM arguments,
+        over the ones derived here (benchmarks: enable_prefix_caching=False)."""
         # vLLM's INFO lines (several per request batch) stay out of the run's log unless asked for; read when
         # vLLM is imported, here and in every process it spawns.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -302,15 +312,21 @@ class VLLMEngine:
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
         self.tp = tensor_parallel_size
-        lm_dir = export_lm_dir(model, tokenizer, Path(work_dir) / f"vllm_lm_{os.getpid()}")
-        # The front end needs the token embedding but not the decoder stack, which vLLM holds: drop it before
-        # vLLM measures free GPU memory.
-        model.model.layers = torch.nn.ModuleList()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
-                                          max_model_len, kv_cache_gib, enforce_eager,
-                                          model.config.max_position_embeddings) | (llm_overrides or {}))
+        # The export is the full LM (15 GB at 7B): on node-local storage, in a folder of its own (mkdtemp: no
+        # two workers of a node, nor a restarted one, share it), removed as soon as vLLM has loaded it.
+        lm_dir = Path(tempfile.mkdtemp(prefix="r1omni-vllm-lm-", dir=export_dir))
+        try:
+            export_lm_dir(model, tokenizer, lm_dir)
+            # The front end needs the token embedding but not the decoder stack, which vLLM holds: drop it
+            # before vLLM measures free GPU memory.
+            model.model.layers = torch.nn.ModuleList()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
+                                              max_model_len, kv_cache_gib, enforce_eager,
+                                              model.config.max_position_embeddings) | (llm_overrides or {}))
+        finally:
+            shutil.rmtree(lm_dir, ignore_errors=True)
         self._vllm = vllm
         self.frontend = model.eval()
         self._params = dict(self.frontend.named_parameters())
@@ -341,22 +357,26 @@ class VLLMEngine:
         return groups
 
     # ---- weights ----
-    def extra_sync_ranks(self) -> int:
-        """Ranks this engine adds to the broadcast group beside the actor's own: one per vLLM worker."""
+    def engine_ranks(self) -> int:
+        """Ranks this engine holds in the ENGINES broadcast group: one per vLLM worker (tensor-parallel rank)."""
         return self.tp
 
     def join_sync(self, join_own: Callable[[], Any], backend: str, host: str, port: int, first_rank: int,
                   world_size: int, timeout_s: float) -> None:
-        """The actor joins (``join_own``) while the vLLM workers join as ranks first_rank..first_rank+TP-1."""
+        """The actor joins its own group (``join_own``) while the vLLM workers join the ENGINES group (given
+        here) as ranks first_rank..first_rank+TP-1."""
         _run_beside(join_own, lambda: self.llm.collective_rpc(
             "r1omni_join", args=(backend, host, port, first_rank, world_size, timeout_s)))
 
-    def receive(self, receive_own: Callable[[], Any], metas: Sequence[ParamMeta], buckets: list[list[int]]) -> None:
-        """The actor receives the front end's tensors while every vLLM worker receives the LM's; then the
-        prefix cache is reset: prompt_embeds prefixes are keyed by the embedding bytes, and the shared
-        prompt rows barely move at lr 1e-6, so later steps would reuse attention states of old weights."""
-        _run_beside(receive_own, lambda: self.llm.collective_rpc("r1omni_receive", args=(plain_metas(metas), buckets)))
+    def receive(self, receive_own: Callable[[], Any], metas: Sequence[ParamMeta], buckets: list[list[int]]) -> list[int]:
+        """The actor receives the front end's buckets (``receive_own``) while every vLLM worker receives
+        ``buckets``, the LM's; then the prefix cache is reset: prompt_embeds prefixes are keyed by the embedding
+        bytes, and the shared prompt rows barely move at lr 1e-6, so later steps would reuse attention states
+        of old weights. Returns the bytes each vLLM worker received."""
+        got = _run_beside(receive_own, lambda: self.llm.collective_rpc("r1omni_receive",
+                                                                       args=(plain_metas(metas), buckets)))
         self.llm.reset_prefix_cache()
+        return got
 
     @torch.no_grad()
     def load_weights(self, named: list[tuple[str, torch.Tensor]]) -> None:
