@@ -522,3 +522,45 @@ def test_logprob_validation() -> None:
         sequence_logprobs(torch.zeros(1, 2, 3), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="logits must be"):
         entropy_from_logits(torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("dtype,temperature", [(torch.float64, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.3)])
+def test_sequence_logprobs_gradients_equal_autograd_through_log_softmax(dtype, temperature) -> None:
+    """The row-at-a-time function's backward (recomputed softmax) equals autograd through the plain float32+
+    expression, also with a banned (-inf) token in the vocabulary; float64 passes torch's gradcheck."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    base[:, :, 4] = float("-inf")
+    ids = torch.randint(0, 4, (3, 5), generator=g)
+    upstream = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    ours = base.clone().to(dtype).requires_grad_(True)
+    plain = base.clone().to(dtype).requires_grad_(True)
+    (sequence_logprobs(ours, ids, temperature) * upstream).sum().backward()
+    wide = torch.float32 if dtype == torch.bfloat16 else dtype
+    expected = torch.log_softmax(plain.to(wide) / temperature, -1).gather(-1, ids[..., None]).squeeze(-1)
+    (expected * upstream.to(wide)).sum().backward()
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(ours.grad, plain.grad, atol=tol, rtol=0)
+    if dtype == torch.float64:
+        finite = base[:, :, :4].clone().requires_grad_(True)
+        assert torch.autograd.gradcheck(lambda x: sequence_logprobs(x, ids, temperature), (finite,))
+
+
+def test_sequence_logprobs_keeps_only_the_logits_for_backward() -> None:
+    """What autograd holds for backward: the bf16 logits as given (plus [B, T] normalisers), not a float32
+    copy of every row (which would be twice the logits)."""
+    logits = torch.randn(4, 16, 1000, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.randint(0, 1000, (4, 16))
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = sequence_logprobs(logits, ids)
+    held = sum(t.numel() * t.element_size() for t in {id(t): t for t in saved}.values())
+    logits_bytes = logits.numel() * logits.element_size()
+    assert logits_bytes <= held <= logits_bytes + 4 * 16 * (8 + 4)
+    lp.sum().backward()
+    assert logits.grad is not None and logits.grad.dtype == torch.bfloat16
