@@ -20,7 +20,7 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
 from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
 from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
-from r1omni_ray.learner.reference import frozen_reference
+from r1omni_ray.learner.reference import ParkedWeights, frozen_reference, sharded_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, load_policy
 from r1omni_ray.weight_sync import BroadcastGroup, BucketSender, ParamMeta, Route
@@ -75,15 +75,21 @@ class LearnerActor:
         mc = self.cfg.model
         model = load_policy(ckpt_dir, mc.dtype, mc.towers())
         freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
-        reference = None
+        reference, parked = None, None
         if with_reference:
-            home = torch.device("cpu") if lc.ref_offload else self.device
+            # Under ZeRO-3 DeepSpeed places it (partitioned); else on the GPU, or parked in host memory.
+            home = torch.device("cpu") if lc.ref_offload or lc.zero_stage == 3 else self.device
             reference = frozen_reference(model, *mc.shipped_tower_features(), home)
-        model.every_forward_runs = forward_modalities(self.cfg)  # the policy's only: collective under ZeRO-3
+        model.every_forward_runs = forward_modalities(self.cfg)  # collective under ZeRO-3: see the reference too
         if lc.gradient_checkpointing:
             model.enable_gradient_checkpointing()
         self.policy = DeepSpeedPolicy(model, self.cfg, lr, rank, world_size, self.device)
-        self.grpo = GRPOTrainer(self.policy, reference, self.cfg)
+        if reference is not None and self.policy.zero3:
+            reference.every_forward_runs = model.every_forward_runs
+            reference = sharded_reference(reference, lc.micro_batch_size, lc.ref_offload, self.policy.bf16)
+        elif reference is not None and lc.ref_offload:
+            parked = ParkedWeights(reference)
+        self.grpo = GRPOTrainer(self.policy, reference, self.cfg, parked)
         self._sft: SFTTrainer | None = None
         self.sender: BucketSender | None = None
 

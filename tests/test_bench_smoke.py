@@ -128,3 +128,24 @@ def test_grad_checkpointing_benchmark_runs():
     # A checkpointed layer keeps only its inputs for backward.
     assert rows[1]["saved_for_backward_mb"] < rows[0]["saved_for_backward_mb"]
     assert recs[-1]["summary"] and recs[-1]["peak_ratio_on_off"] > 0
+
+
+def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
+    """The 0.5B count is the reference checkpoint's, tensor for tensor (less what its forward never reads);
+    every role of both configs has an estimate, and gradient checkpointing lowers the learner's."""
+    import math
+
+    from bench.memory_model import REFERENCE, rows
+
+    ref = json.loads(REFERENCE.read_text())
+    unused = set(ref["not_used_in_forward"])
+    published = sum(math.prod(s) for k, s in ref["tensors"].items() if k not in unused)
+    out = rows(80.0)
+    assert {(r["model"], r["role"]) for r in out} == {(m, r) for m in ("0.5b", "7b") for r in ("learner", "rollout")}
+    assert all(r["params_total"] == published for r in out if r["model"] == "0.5b")
+    for m in ("0.5b", "7b"):
+        learner = {r["gradient_checkpointing"]: r["gib"] for r in out if r["model"] == m and r["role"] == "learner"}
+        assert learner[True]["activations"] < learner[False]["activations"]
+        assert learner[True]["total"] == pytest.approx(sum(v for k, v in learner[True].items() if k != "total"), abs=0.05)
+    big = next(r for r in out if r["model"] == "7b" and r["role"] == "learner" and r["gradient_checkpointing"])
+    assert big["params_total"] > 7e9 and big["fits"]

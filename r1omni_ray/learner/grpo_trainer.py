@@ -3,6 +3,7 @@ off-policy, then the clipped policy loss over micro-batches. Ray-free; the learn
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ import torch
 from r1omni_ray.config import RunConfig
 from r1omni_ray.grpo import policy_loss
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
+from r1omni_ray.learner.reference import ParkedWeights
 from r1omni_ray.step_metrics import GLOBALLY_NORMALISED
 
 
@@ -73,11 +75,11 @@ class StepSpec:
 
 
 class GRPOTrainer:
-    def __init__(self, policy: DeepSpeedPolicy, reference: Any | None, cfg: RunConfig) -> None:
-        self.policy, self.reference, self.cfg = policy, reference, cfg
-        lc = cfg.learner
-        # With learner.ref_offload the frozen reference is parked in host memory between uses.
-        self.ref_home = torch.device("cpu") if lc.ref_offload else policy.device
+    def __init__(self, policy: DeepSpeedPolicy, reference: Any | None, cfg: RunConfig,
+                 parked: ParkedWeights | None = None) -> None:
+        """parked: the reference's weights when they wait in host memory between steps (learner.ref_offload
+        below ZeRO-3; see learner/reference.py)."""
+        self.policy, self.reference, self.cfg, self.parked = policy, reference, cfg, parked
 
     def _logprobs(self, model: Any, batch: TrainBatch, with_entropy: bool = False):
         return model.completion_logprobs(batch.prompts, batch.prompt_index, batch.completions,
@@ -109,11 +111,8 @@ class GRPOTrainer:
         module = self.policy.module
         ref: list[torch.Tensor] | None = None
         if self.reference is not None:
-            if self.ref_home != self.policy.device:
-                self.reference.to(self.policy.device)
-            ref = self._frozen_logprobs(self.reference, batch, slices)
-            if self.ref_home != self.policy.device:
-                self.reference.to(self.ref_home)
+            with self.parked.on(self.policy.device) if self.parked is not None else contextlib.nullcontext():
+                ref = self._frozen_logprobs(self.reference, batch, slices)
         old: list[torch.Tensor] | None = None
         if spec.recompute_old:
             module.eval()

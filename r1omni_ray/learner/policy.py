@@ -65,7 +65,7 @@ class DeepSpeedPolicy:
         lc = cfg.learner
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.grad_accum = 1
-        bf16 = device.type == "cuda" and model.dtype == torch.bfloat16
+        bf16 = self.bf16 = device.type == "cuda" and model.dtype == torch.bfloat16
         ds_config = {
             "train_micro_batch_size_per_gpu": lc.micro_batch_size,
             "gradient_accumulation_steps": self.grad_accum,

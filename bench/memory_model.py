@@ -1,0 +1,161 @@
+"""Per-GPU memory of each role at R1-Omni-0.5B and at a HumanOmni-7B-class size, estimated from the real model
+built on the meta device (no weights allocated) and the run's own config.
+
+The 0.5B model is the published config (tests/reference/r1omni_0.5b_checkpoint_keys.json); the 7B one swaps
+the LM for Qwen2.5-7B's published dimensions (hidden 3584, 28 layers, 28 heads / 4 KV heads, MLP 18944,
+vocab 152064, untied head) with the same towers and projector kind. Parameter counts are exact (counted on
+the built model); the rest is arithmetic, each term printed:
+- learner: bf16 weights, bf16 gradients and fp32 Adam state (master, m, v) of the trainable part, each
+  divided by the ZeRO stage's sharding; the reference (sharded under ZeRO-3, else whole while its pass
+  runs); activations of one micro-batch (one prompt group through the shared prefix: the prompt once, G
+  completions), kept per layer without gradient checkpointing, one layer's worth plus layer inputs with it;
+  the completion logits (bf16, kept for backward) and one sequence's float32 row.
+- rollout (vLLM): the LM's bf16 weights per tensor-parallel rank, plus on the actor's GPU the front end
+  (towers, projectors, token embedding); the KV cache takes what gpu_memory_utilization leaves.
+Not counted: CUDA context (~0.5-1 GB), NCCL buffers, allocator fragmentation (often 10-20%), DeepSpeed's
+prefetch/bucket buffers (bounded by its config). A measured peak belongs beside these numbers
+(tests/test_gpu_memory.py measures one on a GPU when one is lent).
+
+Run: python -m bench.memory_model [--gpu-gib 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.common import emit
+from r1omni_ray.config import RunConfig, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "tests" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
+QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+             "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 28}
+# The omni prompt at R1-Omni's setting: 8 frames -> 392 visual tokens, 30 s of audio -> 500, ~80 of text.
+PROMPT_TOKENS = 972
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Counts:
+    total: int
+    trainable: int
+    reference: int  # what the reference holds: the policy without the shipped (frozen) towers
+    lm: int  # decoder layers, norm, head (and the embedding): what vLLM holds
+    front_end: int  # towers, projectors, gate, token embedding: what the rollout actor holds beside vLLM
+    hidden: int
+    intermediate: int
+    layers: int
+    kv_dim: int
+    vocab: int
+
+
+def build_config(size: str) -> Any:
+    from r1omni_ray.model.modeling import HumanOmniQwen2Config
+
+    ref = json.loads(REFERENCE.read_text())
+    towers = ref["tower_configs"]
+    vision = towers["siglip-base-patch16-224"]
+    cfg = dict(ref["config_json"], vision_config=vision.get("vision_config", vision),
+               audio_config=towers["whisper-large-v3"], bert_config=towers["bert-base-uncased"])
+    if size == "7b":
+        cfg |= QWEN25_7B
+    return HumanOmniQwen2Config(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
+
+
+def count(size: str, cfg: RunConfig) -> Counts:
+    from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param
+    from r1omni_ray.model.loading import freeze_modules
+    from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+
+    config = build_config(size)
+    with torch.device("meta"):
+        model = HumanOmniQwen2ForCausalLM(config)
+    mc = cfg.model
+    freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
+    ship_v, ship_a = mc.shipped_tower_features()
+    named = dict(model.named_parameters())
+    dropped = (("model.vision_tower.",) if ship_v else ()) + (("model.audio_tower.",) if ship_a else ())
+    n = {k: p.numel() for k, p in named.items()}
+    return Counts(
+        total=sum(n.values()), trainable=sum(n[k] for k, p in named.items() if p.requires_grad),
+        reference=sum(v for k, v in n.items() if not k.startswith(dropped)),
+        lm=sum(v for k, v in n.items() if is_lm_param(k)),
+        front_end=sum(v for k, v in n.items() if not is_lm_param(k) or k == TOKEN_EMBEDDING),
+        hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
+        kv_dim=config.num_key_value_heads * (config.hidden_size // config.num_attention_heads),
+        vocab=config.vocab_size)
+
+
+def activation_bytes_per_token_layer(c: Counts) -> int:
+    """bf16 tensors a decoder layer keeps for backward per token (attention by a fused kernel: no T x T scores):
+    norm + attention inputs, q/k/v, attention output, o-proj input (~5h + 2 kv); norm + MLP inputs, gate, up,
+    activation, product (2h + 4i); residual adds (2h)."""
+    return 2 * (5 * c.hidden + 2 * c.kv_dim + 2 * c.hidden + 4 * c.intermediate + 2 * c.hidden)
+
+
+def learner_gib(c: Counts, cfg: RunConfig, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, float]:
+    lc, rc = cfg.learner, cfg.rollout
+    n, z = lc.num_learners, lc.zero_stage
+    weights = 2 * c.total / (n if z == 3 else 1)
+    grads = 2 * c.trainable / (n if z >= 2 else 1)
+    optim = 12 * c.trainable / (n if z >= 1 else 1)
+    ref = 0.0
+    if lc.use_reference and cfg.grpo.beta > 0:
+        ref = 2 * c.reference / n if z == 3 else 2 * c.reference  # offloaded below ZeRO-3: on the GPU for its pass
+    prompts = max(1, lc.micro_batch_size // rc.group_size) if lc.shared_prefix else lc.micro_batch_size
+    completion = lc.micro_batch_size * rc.max_new_tokens
+    tokens = prompts * prompt_tokens + completion
+    per_layer = activation_bytes_per_token_layer(c) * tokens
+    act = (per_layer + 2 * c.hidden * tokens * c.layers) if lc.gradient_checkpointing else per_layer * c.layers
+    logits = 2 * completion * c.vocab + 4 * rc.max_new_tokens * c.vocab
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "reference": ref, "activations": act,
+             "logits": logits}
+    return {k: v / GIB for k, v in parts.items()} | {"total": sum(parts.values()) / GIB}
+
+
+def rollout_gib(c: Counts, cfg: RunConfig, gpu_gib: float) -> dict[str, float]:
+    rc = cfg.rollout
+    lm = 2 * c.lm / rc.tensor_parallel_size / GIB
+    front = 2 * c.front_end / GIB
+    budget = rc.gpu_memory_utilization * gpu_gib  # vLLM's share of the GPU: weights + activations + KV cache
+    return {"vllm_weights_per_gpu": lm, "front_end_on_gpu0": front, "vllm_budget": budget,
+            "kv_cache_left": budget - lm, "total_gpu0": budget + front}
+
+
+def rows(gpu_gib: float) -> list[dict[str, Any]]:
+    out = []
+    for size, path in (("0.5b", ROOT / "configs" / "r1omni_0.5b_rlvr.yaml"),
+                       ("7b", ROOT / "configs" / "humanomni_7b_rlvr.yaml")):
+        cfg = load_config(path)
+        c = count(size, cfg)
+        base = {"model": size, "config": path.name, "params_total": c.total, "params_trainable": c.trainable}
+        for ckpt in (False, True):
+            lcfg = load_config(path, [f"learner.gradient_checkpointing={str(ckpt).lower()}"])
+            est = learner_gib(c, lcfg)
+            out.append(base | {"role": "learner", "zero_stage": cfg.learner.zero_stage,
+                               "num_learners": cfg.learner.num_learners, "gradient_checkpointing": ckpt,
+                               "gib": {k: round(v, 2) for k, v in est.items()},
+                               "fits": est["total"] < gpu_gib})
+        est = rollout_gib(c, cfg, gpu_gib)
+        out.append(base | {"role": "rollout", "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+                           "gib": {k: round(v, 2) for k, v in est.items()},
+                           "fits": est["kv_cache_left"] > 0 and est["total_gpu0"] < gpu_gib})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (H100: 80)")
+    args = ap.parse_args()
+    for r in rows(args.gpu_gib):
+        emit(r | {"gpu_gib": args.gpu_gib})
+
+
+if __name__ == "__main__":
+    main()
