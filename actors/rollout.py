@@ -20,6 +20,7 @@ import torch
 from actors.common import device, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
+from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, SamplingParams
 from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
@@ -95,6 +96,10 @@ class RolloutWorker:
 
             self.engine = HFEngine(model, self.processor.tokenizer, shared_prefix=rc.shared_prefix,
                                  stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
+        if torch.cuda.is_available():
+            self.processor.feature_device = "cuda"  # the Whisper features' STFT beside the towers
+        self.decoder = MediaDecoder(
+            lambda rec, v, a: self.processor.process(rec, use_video=v, use_audio=a), rc.decode_threads)
         self.version = 0
         self.sync_group: BroadcastGroup | None = None
         self.busy_s = 0.0
@@ -105,19 +110,22 @@ class RolloutWorker:
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,
+        prefetch: list[Any] | None = None,
     ) -> tuple[Any, ...]:
         """items: (uid, OmniRecord). Call with ``num_returns=1 + len(items)``: returns the list of
         PromptSamples, then each item's PromptMedia (None for a record whose media failed to load, which
-        comes back as a PromptSamples with ``error`` set, never an exception)."""
+        comes back as a PromptSamples with ``error`` set, never an exception). prefetch: records of the next
+        call (OmniRecords), decoded on the decode threads while this one generates."""
         t0 = time.perf_counter()
         samples: list[PromptSamples] = []
         media: list[PromptMedia | None] = []
         full_inputs = []
-        for uid, rec in items:
-            try:
-                inp = self.processor.process(rec, use_video=use_video, use_audio=use_audio)
-            except DataError as e:
-                samples.append(PromptSamples(uid, rec.id, None, error=str(e), worker=self.index))
+        decoded = self.decoder.decode([rec for _, rec in items], use_video, use_audio)
+        if prefetch:
+            self.decoder.prefetch(prefetch, use_video, use_audio)
+        for (uid, rec), inp in zip(items, decoded, strict=True):
+            if isinstance(inp, DataError):
+                samples.append(PromptSamples(uid, rec.id, None, error=str(inp), worker=self.index))
                 media.append(None)
                 continue
             samples.append(PromptSamples(uid, rec.id, None, weight_version=self.version, worker=self.index))

@@ -62,13 +62,18 @@ class RolloutGroup:
         return [f"rollout-worker-{i}" for i in range(len(self.workers))]
 
     def submit(self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True,
-               use_audio: bool = True) -> list[PendingRollout]:
+               use_audio: bool = True, next_items: list[tuple[int, Any]] | None = None) -> list[PendingRollout]:
+        """next_items: the next call's items (the next step's), split the same way: each worker decodes its
+        share of them while it generates this call's (rollout.prefetch_media)."""
         out = []
-        for wi, part in enumerate(split_even(len(items), len(self.workers))):
+        split = split_even(len(items), len(self.workers))
+        ahead = split_even(len(next_items), len(self.workers)) if next_items and self.cfg.rollout.prefetch_media else None
+        for wi, part in enumerate(split):
             if len(part):
                 sub = [items[j] for j in part]
                 w = self.workers[wi]
-                refs = w.rollout.options(num_returns=1 + len(sub)).remote(sub, params, use_video, use_audio)
+                pre = [next_items[j][1] for j in ahead[wi]] if ahead is not None else None
+                refs = w.rollout.options(num_returns=1 + len(sub)).remote(sub, params, use_video, use_audio, pre)
                 self._sent_to[refs[0].hex()] = w  # hex, not the ref: the dict must not pin results
                 out.append(PendingRollout(wi, sub, refs[0], list(refs[1:])))
         return out

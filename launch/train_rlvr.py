@@ -71,7 +71,9 @@ class RLVRTrainer:
 
     def submit(self, step: int):
         d = self.cfg.data
-        return self.groups.rollout.submit(self.items_for(step), self._params_for(step), d.use_video, d.use_audio)
+        ahead = self.items_for(step + 1) if step + 1 < self.cfg.train.steps else None
+        return self.groups.rollout.submit(self.items_for(step), self._params_for(step), d.use_video, d.use_audio,
+                                          ahead)
 
     def _params_for(self, step: int) -> SamplingParams:
         p = self.params

@@ -112,6 +112,10 @@ class RolloutConfig:
     # vllm: node-local folder for the LM export vLLM loads at start (deleted once loaded). None: the system's
     # temporary folder ($TMPDIR). Never a shared file system: the export is the whole LM (15 GB at 7B).
     export_dir: str | None = None
+    # Threads that decode a step's records (frames, audio, features, tokens) side by side; with prefetch_media
+    # each rollout call also starts decoding the next step's records while it generates.
+    decode_threads: int = 4
+    prefetch_media: bool = True
 
 
 @dataclass
@@ -290,7 +294,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
     "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
-    "rollout.min_new_tokens": (0, True), "rollout.kv_cache_gib": (0, False),
+    "rollout.min_new_tokens": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),

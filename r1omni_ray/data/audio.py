@@ -93,15 +93,17 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, max_seconds: f
     return np.ascontiguousarray(wave, dtype=np.float32)
 
 
-def audio_features(wave: np.ndarray, feature_extractor) -> torch.Tensor:
+def audio_features(wave: np.ndarray, feature_extractor, device: str = "cpu") -> torch.Tensor:
     """Whisper log-mel features ``[n_mels, n_frames]`` (padded / truncated to the extractor's
     ``chunk_length``; e.g. ``[128, 3000]`` for Whisper-large-v3).  ``wave`` must already be at the
-    extractor's ``sampling_rate``."""
+    extractor's ``sampling_rate``. ``device``: where the extractor's torch STFT runs ("cuda" on a rollout
+    GPU); the features come back on the CPU either way."""
     wave = np.asarray(wave, dtype=np.float32).reshape(-1)
     if wave.size == 0:
         raise ValueError("cannot compute features of an empty waveform")
     out = feature_extractor(
-        wave, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt", return_attention_mask=False
+        wave, sampling_rate=feature_extractor.sampling_rate, return_tensors="pt", return_attention_mask=False,
+        device=device,
     )
     feats = out["input_features"]
     if not isinstance(feats, torch.Tensor):
@@ -110,8 +112,8 @@ def audio_features(wave: np.ndarray, feature_extractor) -> torch.Tensor:
 
 
 def load_audio_features(
-    path: str | os.PathLike, feature_extractor, max_seconds: float | None = None
+    path: str | os.PathLike, feature_extractor, max_seconds: float | None = None, device: str = "cpu"
 ) -> torch.Tensor:
-    """``audio_features(load_audio(path, feature_extractor.sampling_rate, max_seconds))``."""
+    """``audio_features(load_audio(path, feature_extractor.sampling_rate, max_seconds), device=device)``."""
     wave = load_audio(path, sample_rate=feature_extractor.sampling_rate, max_seconds=max_seconds)
-    return audio_features(wave, feature_extractor)
+    return audio_features(wave, feature_extractor, device)

@@ -146,6 +146,8 @@ class OmniProcessor:
         self.num_frames = int(num_frames)
         self.max_audio_seconds = max_audio_seconds
         self.input_style = input_style
+        # Where the Whisper features' STFT runs: a rollout worker with a GPU sets "cuda".
+        self.feature_device = "cpu"
 
     # ------------------------------------------------------------------------------------------
     def build_prompt(self, question: str, use_video: bool = True, use_audio: bool = True) -> str:
@@ -163,7 +165,7 @@ class OmniProcessor:
             load_video_frames(record.video, self.num_frames, self.image_processor, pad=pad) if use_video else None
         )
         feats = (
-            load_audio_features(record.audio, self.feature_extractor, self.max_audio_seconds)
+            load_audio_features(record.audio, self.feature_extractor, self.max_audio_seconds, self.feature_device)
             if use_audio
             else None
         )
