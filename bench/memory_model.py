@@ -92,6 +92,20 @@ def count(size: str, cfg: RunConfig) -> Counts:
         vocab=config.vocab_size)
 
 
+def trainable_metas(size: str, cfg: RunConfig) -> list[Any]:
+    """What a learner broadcasts per update (LearnerActor.sync_metas: every trainable parameter, bf16), from
+    the model built on the meta device."""
+    from r1omni_ray.model.loading import freeze_modules
+    from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+    from r1omni_ray.weight_sync import ParamMeta
+
+    with torch.device("meta"):
+        model = HumanOmniQwen2ForCausalLM(build_config(size))
+    mc = cfg.model
+    freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
+    return [ParamMeta(n, tuple(p.shape), "bfloat16") for n, p in model.named_parameters() if p.requires_grad]
+
+
 def activation_bytes_per_token_layer(c: Counts) -> int:
     """bf16 tensors a decoder layer keeps for backward per token (attention by a fused kernel: no T x T scores):
     norm + attention inputs, q/k/v, attention output, o-proj input (~5h + 2 kv); norm + MLP inputs, gate, up,

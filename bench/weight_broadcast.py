@@ -12,11 +12,25 @@ machine's memcpy bandwidth (a torch copy of a large tensor, fresh `clone` and pr
 the limit: a same-host broadcast copies every byte at least once per receiver.
 
 Output: one JSON line with the memcpy figures, then one per (model, receivers, bucket size).
+
+Then (or alone, with --estimate-only) the GPU-cluster figures that this machine cannot measure, for the
+0.5B and 7B configs: the bytes each rank receives per update, from the real route plan over the model
+built on the meta device (weight_sync.plan_routes), and a time estimate from link speeds given as flags:
+- this layout (NCCL; ZeRO-3 gathers each bucket while the previous one is on the wire): learner-0 sends the
+  LM once into the ENGINES group and the front end once into ACTORS; a pipelined NCCL broadcast costs about
+  bytes / link bandwidth whatever the number of receivers, so
+      t = max(gather, send) + one bucket's gather,  gather = B_total (N-1)/N / nvlink,
+      send = (B_engines + B_actors) / inter_node
+- the layout before it (gloo with CPU staging, both the actor and its vLLM worker receive everything):
+      t = B_total / pcie (device to host) + B_total * ceil(log2(R + 1)) / tcp  (a binomial tree from
+      learner-0 over R = workers x (1 + TP) ranks) + gather
+The link speeds are assumptions (flags), not measurements.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing as mp
 import socket
 import sys
@@ -153,6 +167,50 @@ def run_config(dims: Qwen2Dims, dtype: torch.dtype, params: dict[str, torch.Tens
     return times
 
 
+def update_estimate(b_total: int, b_engines: int, b_actors: int, bucket: int, learners: int, workers: int, tp: int,
+                    nvlink_gbps: float, inter_node_gbps: float, pcie_gbps: float, tcp_gbps: float) -> dict[str, float]:
+    """Seconds per update (see the module docstring); bandwidths in GB/s."""
+    gb = 1e9
+    gather = b_total * (learners - 1) / learners / (nvlink_gbps * gb)
+    send = (b_engines + b_actors) / (inter_node_gbps * gb)
+    first_bucket = min(bucket, b_total) * (learners - 1) / learners / (nvlink_gbps * gb)
+    ranks = workers * (1 + tp)
+    old = b_total / (pcie_gbps * gb) + b_total * math.ceil(math.log2(ranks + 1)) / (tcp_gbps * gb) + gather
+    return {"gather_s": gather, "send_s": send, "pipelined_s": max(gather, send) + first_bucket,
+            "serial_s": gather + send, "before_gloo_staged_s": old}
+
+
+def estimate_lines(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from bench.memory_model import ROOT, trainable_metas
+    from r1omni_ray.config import load_config
+    from r1omni_ray.engines.base import sync_destinations
+    from r1omni_ray.weight_sync import ACTORS, ENGINES, plan_routes, route_bytes
+
+    out = []
+    for size, name in (("0.5b", "r1omni_0.5b_rlvr.yaml"), ("7b", "humanomni_7b_rlvr.yaml")):
+        cfg = load_config(ROOT / "configs" / name)
+        metas = trainable_metas(size, cfg)
+        bucket = int(cfg.learner.broadcast_bucket_mb * 2**20)
+        routes = plan_routes(metas, bucket, lambda n, e=cfg.rollout.engine: sync_destinations(n, e))
+        got = route_bytes(metas, routes)
+        total = sum(m.nbytes for m in metas)
+        rc, lc = cfg.rollout, cfg.learner
+        est = update_estimate(total, got.get(ENGINES, 0), got.get(ACTORS, 0), bucket, lc.num_learners,
+                              rc.num_workers, rc.tensor_parallel_size, args.nvlink_gbps, args.inter_node_gbps,
+                              args.pcie_gbps, args.tcp_gbps)
+        out.append({
+            "bench": "weight_broadcast", "kind": "gpu_cluster_estimate", "model": size, "config": name,
+            "learners": lc.num_learners, "rollout_workers": rc.num_workers, "tensor_parallel_size": rc.tensor_parallel_size,
+            "bytes_trainable": total, "bytes_sent_by_learner0": got["sent"],
+            "bytes_per_rollout_actor": got.get(ACTORS, 0), "bytes_per_vllm_worker": got.get(ENGINES, 0),
+            "bytes_per_rollout_gpu_before": 2 * total, "collectives": len(routes),
+            "links_gbps": {"nvlink": args.nvlink_gbps, "inter_node": args.inter_node_gbps, "pcie": args.pcie_gbps,
+                           "tcp": args.tcp_gbps},
+            "seconds": {k: rounded(v, 2) for k, v in est.items()},
+        })
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,0.5b", help="comma-separated: tiny, 0.5b, 1.5b")
@@ -169,7 +227,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout-s", type=float, default=300.0)
     add_tiny_lm_flags(p)
     p.add_argument("--vocab-size", type=int, default=0, help="tiny model vocab (0: the local tiny tokenizer's)")
+    p.add_argument("--estimate-only", action="store_true", help="print only the GPU-cluster estimates")
+    p.add_argument("--nvlink-gbps", type=float, default=150.0, help="estimate: ZeRO-3 all-gather bandwidth per GPU")
+    p.add_argument("--inter-node-gbps", type=float, default=25.0, help="estimate: one GPU's NIC (200 Gb/s)")
+    p.add_argument("--pcie-gbps", type=float, default=25.0, help="estimate: device-to-host copies")
+    p.add_argument("--tcp-gbps", type=float, default=2.5, help="estimate: gloo over TCP, per stream")
     args = p.parse_args(argv)
+    if args.estimate_only:
+        for line in estimate_lines(args):
+            emit(line)
+        return 0
 
     from bench.common import memcpy_bandwidth
 
@@ -211,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             del params
     measure_memcpy("end")  # a second look: the machine may be shared, the start figure is the reference
+    for line in estimate_lines(args):
+        emit(line)
     return 0
 
 

@@ -61,6 +61,13 @@ def test_weight_broadcast_benchmark_runs(capsys):
     rows = [r for r in recs if "kind" not in r]
     assert sorted(r["bucket_mb"] for r in rows) == [0.0, 1.0]
     assert all(r["receivers"] == 1 and r["bytes"] > 0 and r["seconds_median"] > 0 for r in rows)
+    # The GPU-cluster lines: each rollout GPU receives its part once (the vLLM worker the LM, the actor the
+    # front end), less than the twice-everything of the layout before; pipelining is never slower.
+    est = {r["model"]: r for r in recs if r.get("kind") == "gpu_cluster_estimate"}
+    assert set(est) == {"0.5b", "7b"}
+    for r in est.values():
+        assert r["bytes_per_vllm_worker"] + r["bytes_per_rollout_actor"] < r["bytes_per_rollout_gpu_before"]
+        assert r["seconds"]["pipelined_s"] <= r["seconds"]["serial_s"] < r["seconds"]["before_gloo_staged_s"]
 
 
 def _run_module(module: str, argv: list[str], timeout: int) -> list[dict]:
