@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import io
 import os
 import time
@@ -22,7 +23,7 @@ from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
 from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
 from r1omni_ray.learner.reference import ParkedWeights, frozen_reference, sharded_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
-from r1omni_ray.model.loading import freeze_modules, load_policy
+from r1omni_ray.model.loading import freeze_modules, learner_attention, load_policy, set_lm_attention
 from r1omni_ray.weight_sync import BroadcastGroup, BucketSender, ParamMeta, Route
 
 
@@ -74,6 +75,8 @@ class LearnerActor:
         self.device = device()
         mc = self.cfg.model
         model = load_policy(ckpt_dir, mc.dtype, mc.towers())
+        set_lm_attention(model, learner_attention(lc.attn_implementation, self.device, model.dtype,
+                                                  importlib.util.find_spec("flash_attn") is not None))
         freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
         reference, parked = None, None
         if with_reference:

@@ -183,6 +183,10 @@ class LearnerConfig:
     shared_prefix: bool = True
     # Recompute activations in backward (TRL's default; what a 7B policy needs). Off: R1-Omni's setting.
     gradient_checkpointing: bool = False
+    # The LM's attention on the learners. "auto": flash_attention_2 where the flash-attn package is installed
+    # and the policy is bf16/fp16 on a GPU (transformers then unpads every batch by its attention mask:
+    # varlen, no compute on padding; the shared prefix stays), else sdpa.
+    attn_implementation: str = "auto"
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
@@ -284,6 +288,7 @@ _CHOICES = {
     "learner.old_logprobs": {"auto", "rollout", "recompute"},
     "wandb.mode": {"auto", "online", "offline", "disabled"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
+    "learner.attn_implementation": {"auto", "sdpa", "flash_attention_2"},
     "ray.placement_strategy": {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"},
 }
 

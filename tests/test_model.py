@@ -126,3 +126,18 @@ def test_loads_an_export_in_the_earlier_flat_tower_layout(model, tmp_path):
     loaded = load_policy(tmp_path, "float32")
     a, b = model.state_dict(), loaded.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_learner_attention_takes_flash_only_where_it_can_run():
+    import pytest as _pytest
+
+    from r1omni_ray.model.loading import learner_attention
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert learner_attention("auto", gpu, torch.bfloat16, flash_installed=True) == "flash_attention_2"
+    assert learner_attention("auto", gpu, torch.float32, flash_installed=True) == "sdpa"  # flash: half only
+    assert learner_attention("auto", gpu, torch.bfloat16, flash_installed=False) == "sdpa"
+    assert learner_attention("auto", cpu, torch.bfloat16, flash_installed=True) == "sdpa"
+    assert learner_attention("sdpa", gpu, torch.bfloat16, flash_installed=True) == "sdpa"
+    with _pytest.raises(ValueError, match="flash_attention_2: the flash-attn package is not installed"):
+        learner_attention("flash_attention_2", gpu, torch.bfloat16, flash_installed=False)

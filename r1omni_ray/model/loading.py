@@ -111,6 +111,22 @@ def _short_list(keys: list[str], n: int = 8) -> str:
     return ", ".join(keys[:n]) + more
 
 
+def learner_attention(requested: str, device: torch.device, dtype: torch.dtype, flash_installed: bool) -> str:
+    """The LM attention the learners use (learner.attn_implementation; see the config)."""
+    usable = flash_installed and device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    if requested == "flash_attention_2" and not usable:
+        why = "the flash-attn package is not installed" if not flash_installed else "it needs bf16/fp16 on a GPU"
+        raise ValueError(f"learner.attn_implementation=flash_attention_2: {why} (auto picks sdpa then)")
+    if requested == "auto":
+        return "flash_attention_2" if usable else "sdpa"
+    return requested
+
+
+def set_lm_attention(model: torch.nn.Module, implementation: str) -> None:
+    """The decoder layers read the top-level config's choice at every forward; the towers keep their own."""
+    model.config._attn_implementation = implementation
+
+
 def load_policy(
     ckpt_dir: str | Path, dtype: str = "auto", towers: TowerPaths = TowerPaths()
 ) -> HumanOmniQwen2ForCausalLM:
