@@ -98,8 +98,10 @@ class LearnerActor:
 
     # ---- info ----
     def info(self) -> dict[str, Any]:
+        sync_ports = sorted(g.port for g in self.sender.groups.values()) if self.sender is not None else []
         return {"rank": self.rank, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "version": self.policy.version}
+                "pid": os.getpid(), "version": self.policy.version, "master_port": int(os.environ["MASTER_PORT"]),
+                "sync_ports": sync_ports, "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
 
     def sync_metas(self) -> list[ParamMeta]:
         """Layout of the tensors broadcast to rollout workers: every trainable parameter."""

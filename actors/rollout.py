@@ -106,7 +106,8 @@ class RolloutWorker:
 
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
-                "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__}
+                "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__,
+                "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,

@@ -20,6 +20,11 @@ log = logging.getLogger("r1omni_ray")
 
 
 def setup_logging() -> None:
+    # The driver imports DeepSpeed too (transformers' save_pretrained does, through accelerate): name its
+    # accelerator on a machine without CUDA, as every actor does, instead of its warning in the job log.
+    from actors.common import name_cpu_accelerator
+
+    name_cpu_accelerator()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("transformers", "deepspeed", "wandb", "filelock", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -122,7 +122,7 @@ class BroadcastGroup:
     def __init__(
         self, backend: str, host: str, port: int, rank: int, world_size: int, timeout_s: float, name: str
     ) -> None:
-        self.rank, self.world_size, self.name, self.backend = rank, world_size, name, backend
+        self.rank, self.world_size, self.name, self.backend, self.port = rank, world_size, name, backend, port
         self.buffers: dict[tuple, torch.Tensor] = {}
         self.timeout = datetime.timedelta(seconds=timeout_s)
         try:

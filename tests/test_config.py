@@ -91,3 +91,26 @@ def test_where_off_policy_old_logprobs_come_from():
     cfg = load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout", "rollout.temperature=0.7"])
     check_rlvr(cfg)
     assert cfg.old_logprobs_from_rollout()
+
+
+def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_range():
+    import socket
+
+    from actors.common import free_ports
+    from r1omni_ray.config import ConfigError, config_from_dict
+
+    cfg = config_from_dict({"ray": {"network_interface": "ib0", "port_range": [29500, 29599]}})
+    assert cfg.ray.actor_env() == {"GLOO_SOCKET_IFNAME": "ib0", "NCCL_SOCKET_IFNAME": "ib0"}
+    assert config_from_dict({}).ray.actor_env() == {} and config_from_dict({}).ray.placement_strategy == "PACK"
+    with pytest.raises(ConfigError, match=r"ray.port_range: \[10, 11\] must be \[first, last\]"):
+        config_from_dict({"ray": {"port_range": [10, 11]}})
+    with socket.socket() as busy:  # a port in use is skipped
+        busy.bind(("", 0))
+        taken = busy.getsockname()[1]
+        got = free_ports(2, [taken, taken + 50])
+    assert taken not in got and len(set(got)) == 2 and all(taken < p <= taken + 50 for p in got)
+    with pytest.raises(RuntimeError, match="fewer than 2 free ports"):
+        with socket.socket() as busy:
+            busy.bind(("", 0))
+            p = busy.getsockname()[1]
+            free_ports(2, [p, p])

@@ -21,13 +21,20 @@ def test_two_node_cluster_zero3_training_and_broadcast(tiny_ckpt, synth_data, tm
     cluster.add_node(num_cpus=3, resources={"rollout_node": 4})
     ray.init(address=cluster.address)
     try:
+        # The collectives on a named interface (loopback: both "nodes" are this machine) and ports from a range.
+        ports = [41000, 41999]
         cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
-                        rollout={"node_resource": "rollout_node"})
+                        rollout={"node_resource": "rollout_node"},
+                        ray={"network_interface": "lo", "port_range": ports})
         pools = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
         try:
-            lnodes = {i["node_id"] for i in ray.get([lr.info.remote() for lr in pools.learners.actors])}
-            wnodes = {i["node_id"] for i in ray.get([w.info.remote() for w in pools.rollout.workers])}
+            linfo = ray.get([lr.info.remote() for lr in pools.learners.actors])
+            winfo = ray.get([w.info.remote() for w in pools.rollout.workers])
+            lnodes, wnodes = {i["node_id"] for i in linfo}, {i["node_id"] for i in winfo}
             assert len(lnodes) == 1 and len(wnodes) == 1 and lnodes.isdisjoint(wnodes)
+            assert {i["ifname"] for i in linfo + winfo} == {"lo"}
+            used = [linfo[0]["master_port"], *linfo[0]["sync_ports"]]
+            assert len(used) == 2 and all(ports[0] <= p <= ports[1] for p in used)  # hf engine: the ACTORS group
             recs = load_records(synth_data / "train.json").records
             logger = RunLogger(tmp_path, WandbConfig(mode="disabled"), {})
             hist = RLVRTrainer(cfg, pools, recs, None, LABELS, logger).fit()
