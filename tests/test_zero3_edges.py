@@ -1,6 +1,7 @@
 """ZeRO-3 ranks run the same collectives whatever their micro-batch holds: a rank whose completions are all
 1 token long, whose prompt has no audio track, or that has no sample of its own, still finishes the step (no hang until dist_timeout_s)
-and the update equals ZeRO-0's on the same shards. Real Ray + DeepSpeed on CPU (gloo)."""
+and the update equals ZeRO-0's on the same shards. The KL term's reference is itself ZeRO-3-sharded there
+(ZeRO-0: a whole copy per rank), so its forwards are held to the same rule. Real Ray + DeepSpeed on CPU (gloo)."""
 
 import pytest
 import ray
@@ -27,10 +28,11 @@ def local_ray():
     ray.shutdown()
 
 
-def _cfg(out, zero: int, checkpointing: bool = False):
+def _cfg(out, zero: int, checkpointing: bool = False, ref_offload: bool = False):
     return config_from_dict({
         "learner": {"num_learners": 2, "zero_stage": zero, "lr": 1e-2, "micro_batch_size": 4,
-                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 60, "gradient_checkpointing": checkpointing},
+                    "num_cpus_per_learner": 0.5, "dist_timeout_s": 60, "gradient_checkpointing": checkpointing,
+                    "ref_offload": ref_offload},
         "grpo": {"beta": 0.04},
         "train": {"output_dir": str(out)},
         "wandb": {"mode": "disabled"},
@@ -92,8 +94,10 @@ def test_zero3_ranks_with_one_token_audio_less_or_no_samples_finish_and_match_ze
     assert AUDIO_TOKEN_INDEX not in ids and VIDEO_TOKEN_INDEX in ids
     zero0 = _train(_cfg(tmp_path / "z0", 0), tiny_ckpt, tmp_path / "z0", steps)
     zero3 = _train(_cfg(tmp_path / "z3", 3), tiny_ckpt, tmp_path / "z3", steps)
-    # And with gradient checkpointing (replayed layers, the shared prefix kept) under ZeRO-3's hooks.
-    zero3_ckpt = _train(_cfg(tmp_path / "z3c", 3, checkpointing=True), tiny_ckpt, tmp_path / "z3c", steps)
+    # And with gradient checkpointing (replayed layers, the shared prefix kept) under ZeRO-3's hooks, and the
+    # ZeRO-3 reference's shards offloaded to host memory (DeepSpeed's offload_param).
+    zero3_ckpt = _train(_cfg(tmp_path / "z3c", 3, checkpointing=True, ref_offload=True), tiny_ckpt, tmp_path / "z3c",
+                        steps)
     start = load_policy(tiny_ckpt, "float32").state_dict()
     runs = [(step, a, b) for other in (zero3, zero3_ckpt) for step, (a, b) in enumerate(zip(other, zero0, strict=True))]
     for step, a, b in runs:
