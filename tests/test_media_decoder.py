@@ -53,3 +53,24 @@ def test_prefetched_records_are_not_decoded_again_and_an_unused_prefetch_is_drop
     assert dec.decode([Rec("w")], True, True) == ["inputs:w:True:True"]
     assert proc.calls.count(("w", True, True)) == 1
     dec.close()
+
+
+def test_the_real_processor_on_four_threads_equals_one_record_at_a_time(tiny_ckpt, synth_data):
+    """Frames, audio, features and both tokenisers on 4 threads (the tokenisers take turns): every input equals
+    the serial one exactly."""
+    import torch
+
+    from r1omni_ray.data.processor import OmniProcessor
+    from r1omni_ray.data.records import load_records
+
+    proc = OmniProcessor.from_pretrained(tiny_ckpt)
+    recs = load_records(synth_data / "train.json").records * 3
+    dec = MediaDecoder(lambda r, v, a: proc.process(r, use_video=v, use_audio=a), threads=4)
+    parallel = dec.decode(recs, True, True)
+    dec.close()
+    for r, got in zip(recs, parallel, strict=True):
+        want = proc.process(r)
+        assert got.prompt_ids == want.prompt_ids and got.bert_input_ids == want.bert_input_ids
+        for name in ("pixel_values", "audio_features"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert (a is None and b is None) or torch.equal(a, b), (r.id, name)

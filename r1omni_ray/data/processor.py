@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -148,6 +149,10 @@ class OmniProcessor:
         self.input_style = input_style
         # Where the Whisper features' STFT runs: a rollout worker with a GPU sets "cuda".
         self.feature_device = "cpu"
+        # process() runs on several threads (data/media_decoder.py): the media decode in parallel, the
+        # tokenisers one at a time (a fast tokenizer whose truncation setting changes is mutably borrowed and
+        # raises "Already borrowed" under concurrent calls; not seen here, where it never changes: cheap insurance).
+        self._text_lock = threading.Lock()
 
     # ------------------------------------------------------------------------------------------
     def build_prompt(self, question: str, use_video: bool = True, use_audio: bool = True) -> str:
@@ -157,8 +162,9 @@ class OmniProcessor:
         """Load and preprocess one record.  Media problems raise MediaError (naming the file)."""
         use_video = use_video and record.video is not None
         use_audio = use_audio and record.audio is not None
-        text = build_prompt(record.question, self.tokenizer, self.input_style, use_video, use_audio)
-        prompt_ids = tokenize_with_placeholders(text.prompt, self.tokenizer)
+        with self._text_lock:
+            text = build_prompt(record.question, self.tokenizer, self.input_style, use_video, use_audio)
+            prompt_ids = tokenize_with_placeholders(text.prompt, self.tokenizer)
         # The trainer pads frames to squares (aspect_ratio="pad"); the inference path does not.
         pad = self.input_style == "trainer"
         pixel_values = (
@@ -170,7 +176,8 @@ class OmniProcessor:
             else None
         )
         # Both reference paths truncate at the BERT tokenizer's own model_max_length (512 for bert-base).
-        bert_ids = self.bert_tokenizer(text.bert_text, truncation=True)["input_ids"]
+        with self._text_lock:
+            bert_ids = self.bert_tokenizer(text.bert_text, truncation=True)["input_ids"]
         return OmniInputs(
             record_id=record.id,
             prompt_ids=prompt_ids,
