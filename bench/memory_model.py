@@ -13,7 +13,8 @@ the built model); the rest is arithmetic, each term printed:
 - rollout (vLLM): the LM's bf16 weights per tensor-parallel rank, plus on the actor's GPU the front end
   (towers, projectors, token embedding); the KV cache takes what gpu_memory_utilization leaves.
 Not counted: CUDA context (~0.5-1 GB), NCCL buffers, allocator fragmentation (often 10-20%), DeepSpeed's
-prefetch/bucket buffers (bounded by its config). A measured peak belongs beside these numbers
+prefetch/bucket buffers (bounded by its config), learner-0's two weight-broadcast staging buffers
+(2 x learner.broadcast_bucket_mb). A measured peak belongs beside these numbers
 (tests/test_gpu_memory.py measures one on a GPU when one is lent).
 
 Run: python -m bench.memory_model [--gpu-gib 80]
