@@ -314,7 +314,7 @@ class BenchSystem:
                                       "completions_per_step": wl.completions_per_step},
             "layouts": [lay.name for lay in self.layouts],
             "model": {"trainable_params": sum(m.numel for m in metas), "broadcast_bytes": sum(m.nbytes for m in metas),
-                      "broadcast_buckets": len(pools.sync.buckets)},
+                      "broadcast_buckets": len(pools.sync.routes)},
         }
 
     def run(self, layout: Layout) -> dict[str, Any]:
