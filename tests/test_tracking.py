@@ -38,7 +38,7 @@ class FakeRollout:
         self.workers, self.restarts, self.reissued = [None], 0, 0
         self.version = 0
 
-    def submit(self, items, params, use_video=True, use_audio=True):
+    def submit(self, items, params, use_video=True, use_audio=True, next_items=None):
         return [PendingRollout(0, items, None, [])]
 
     def collect(self, pending, params, use_video=True, use_audio=True):
@@ -70,6 +70,9 @@ class FakeSync:
     def broadcast(self, version):
         self.version = self.rollout.version = version
         return {"broadcast_wall_s": 0.01}
+
+    def byte_metrics(self):
+        return {"broadcast/sent_bytes": 1e6, "broadcast/actor_bytes": 1e6}
 
 
 class FakeGroups:

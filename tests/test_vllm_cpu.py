@@ -90,6 +90,8 @@ def engine(world, tmp_path_factory):
     eng = VLLMEngine(policy, proc.tokenizer, export_dir, dtype="float32", max_model_len=512)
     # The LM export (15 GB at 7B) is gone once vLLM has loaded it; the engine still samples (the tests below).
     assert list(export_dir.iterdir()) == []
+    # The actor keeps the front end only: what vLLM holds (layers, final norm) is not a second copy here.
+    assert not any(n.startswith(("model.layers.", "model.norm.")) for n in eng.named_tensors())
     yield eng
     eng.close()
 

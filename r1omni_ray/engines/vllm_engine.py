@@ -317,9 +317,13 @@ class VLLMEngine:
         lm_dir = Path(tempfile.mkdtemp(prefix="r1omni-vllm-lm-", dir=export_dir))
         try:
             export_lm_dir(model, tokenizer, lm_dir)
-            # The front end needs the token embedding but not the decoder stack, which vLLM holds: drop it
-            # before vLLM measures free GPU memory.
+            # The front end needs the token embedding but not the decoder stack, its final norm or an untied LM
+            # head (1 GB at 7B), which vLLM holds and which updates no longer send here: drop them before vLLM
+            # measures free GPU memory.
             model.model.layers = torch.nn.ModuleList()
+            model.model.norm = torch.nn.Identity()
+            if not model.config.tie_word_embeddings:
+                model.lm_head = torch.nn.Identity()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
