@@ -38,6 +38,7 @@ from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import group_advantages
 from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed, old_logprob_source
 from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
 from r1omni_ray.timing import PhaseTimer
 from r1omni_ray.tracking import RunLogger, progress, truncate_step_log
@@ -63,7 +64,7 @@ class RLVRTrainer:
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
                                      max_new_tokens=rc.max_new_tokens, min_new_tokens=rc.min_new_tokens,
                                      # only overlapped steps are off-policy: only they use the engine's own
-                                     logprobs=rc.sampling_logprobs or (cfg.train.overlap and cfg.old_logprobs_from_rollout()))
+                                     logprobs=rc.sampling_logprobs or (cfg.train.overlap and engine_logprobs_allowed(cfg)))
 
     def items_for(self, step: int) -> list[tuple[int, Any]]:
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
@@ -146,12 +147,9 @@ class RLVRTrainer:
         shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
                                                cfg.learner.micro_batch_size)
         learner_version = groups.sync.version
-        off_policy = any(g.weight_version != learner_version for g in samples)
-        from_rollout = (off_policy and cfg.old_logprobs_from_rollout() and not cfg.learner.recompute_old_logprobs
-                        and all(c.logprobs is not None for c in completions))
-        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens,
-                        recompute_old=cfg.learner.recompute_old_logprobs or (off_policy and not from_rollout),
-                        rollout_old=from_rollout)
+        old = old_logprob_source(cfg, [g.weight_version for g in samples], learner_version,
+                                 all(c.logprobs is not None for c in completions))
+        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, old)
         with timer.phase("train"):
             learner = groups.learners.train(shards, spec)
         if self.inflight:

@@ -271,11 +271,6 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def old_logprobs_from_rollout(self) -> bool:
-        """Whether off-policy steps take the old log-probs from the rollout engine (see learner.old_logprobs)."""
-        src = self.learner.old_logprobs
-        return src == "rollout" or (src == "auto" and self.rollout.engine == "hf")
-
 
 _CHOICES = {
     "rollout.engine": {"hf", "vllm"},

@@ -82,15 +82,16 @@ def test_rlvr_needs_a_rollout_worker():
 
 def test_where_off_policy_old_logprobs_come_from():
     from r1omni_ray.config import check_rlvr
+    from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed
 
-    assert load_config(None, []).old_logprobs_from_rollout()  # auto + hf: the engine's own, no extra pass
-    assert not load_config(None, ["rollout.engine=vllm"]).old_logprobs_from_rollout()
-    assert not load_config(None, ["learner.old_logprobs=recompute"]).old_logprobs_from_rollout()
+    assert engine_logprobs_allowed(load_config(None, []))  # auto + hf: the engine's own, no extra pass
+    assert not engine_logprobs_allowed(load_config(None, ["rollout.engine=vllm"]))
+    assert not engine_logprobs_allowed(load_config(None, ["learner.old_logprobs=recompute"]))
     # vLLM returns processed log-probs (after temperature): its own are a valid opt-in at any temperature
     # (tests/test_vllm_cpu.py proves them equal to the learners' at T=0.7).
     cfg = load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout", "rollout.temperature=0.7"])
     check_rlvr(cfg)
-    assert cfg.old_logprobs_from_rollout()
+    assert engine_logprobs_allowed(cfg)
 
 
 def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_range():
@@ -114,3 +115,20 @@ def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_ra
             busy.bind(("", 0))
             p = busy.getsockname()[1]
             free_ports(2, [p, p])
+
+
+@pytest.mark.parametrize("overrides,versions,present,want", [
+    ([], [3, 3], True, "forward"),  # on-policy: the training forward's own
+    ([], [3, 2], True, "rollout"),  # off-policy, hf (auto): the engine's own
+    ([], [3, 2], False, "recompute"),  # ... unless some completion lacks them
+    (["rollout.engine=vllm"], [3, 2], True, "recompute"),  # auto + vLLM: other kernels, recompute
+    (["rollout.engine=vllm"], [3, 3], True, "forward"),
+    (["rollout.engine=vllm", "learner.old_logprobs=rollout"], [2, 3], True, "rollout"),  # an explicit opt-in
+    (["learner.old_logprobs=recompute"], [3, 2], True, "recompute"),
+    (["learner.recompute_old_logprobs=true"], [3, 3], True, "recompute"),  # forced, even on-policy
+    (["learner.recompute_old_logprobs=true", "learner.old_logprobs=rollout"], [3, 2], True, "recompute"),
+])
+def test_old_logprob_source_table(overrides, versions, present, want):
+    from r1omni_ray.learner.old_logprobs import old_logprob_source
+
+    assert old_logprob_source(load_config(None, overrides), versions, 3, present) == want

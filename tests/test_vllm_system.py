@@ -20,6 +20,7 @@ from launch.train_rlvr import RLVRTrainer
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.tracking import RunLogger
 from tests.vllm_support import LOGPROB_ATOL, vllm_platform
@@ -76,7 +77,7 @@ def kill_when(trainer: RLVRTrainer, groups: RLVRGroups, step: int, box: dict[str
 
 def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray, tiny_ckpt, synth_data, tmp_path):
     cfg = vllm_cfg(tmp_path)
-    assert not cfg.old_logprobs_from_rollout()  # auto + vllm: off-policy steps recompute on the learners
+    assert not engine_logprobs_allowed(cfg)  # auto + vllm: off-policy steps recompute on the learners
     records = load_records(synth_data / "train.json", label_set=LABELS).records
     groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:

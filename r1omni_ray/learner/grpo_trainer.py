@@ -14,6 +14,7 @@ import torch
 
 from r1omni_ray.config import RunConfig
 from r1omni_ray.grpo import policy_loss
+from r1omni_ray.learner.old_logprobs import FORWARD, RECOMPUTE, ROLLOUT, SOURCES
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
 from r1omni_ray.step_metrics import GLOBALLY_NORMALISED
@@ -48,7 +49,7 @@ class TrainBatch:
     def rollout_old_logprobs(self, width: int) -> torch.Tensor:
         """The sampling log-probs as a right-padded [N, width] tensor (padding is masked by the loss)."""
         if self.sampling_logprobs is None:
-            raise ValueError("StepSpec.rollout_old is set but the batch carries no sampling log-probs "
+            raise ValueError("StepSpec.old_logprobs is rollout but the batch carries no sampling log-probs "
                              "(the rollout engine was not asked for them)")
         out = torch.zeros(len(self.completions), width)
         for i, (lp, c) in enumerate(zip(self.sampling_logprobs, self.completions, strict=True)):
@@ -60,18 +61,18 @@ class TrainBatch:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What every rank must agree on (ZeRO-3 forwards are collective): micro-batches per rank, whether the
-    old log-probs need their own pass, and the global counts the loss divides by."""
+    """What every rank must agree on (ZeRO-3 forwards are collective): micro-batches per rank, where the old
+    log-probs come from (a RECOMPUTE pass runs on every rank), and the global counts the loss divides by."""
 
     num_micro: int
     num_global_tokens: int
     num_global_seqs: int
     max_len: int
-    # True when any sample came from other weights than the learners' (overlap mode, a re-issued prompt)
-    # or learner.recompute_old_logprobs asks for it; else the training forward's own log-probs are used.
-    recompute_old: bool = False
-    # Off-policy, but the batch carries the rollout engine's own sampling log-probs: those are the old ones.
-    rollout_old: bool = False
+    old_logprobs: str = FORWARD  # learner/old_logprobs.py: FORWARD | ROLLOUT | RECOMPUTE
+
+    def __post_init__(self) -> None:
+        if self.old_logprobs not in SOURCES:
+            raise ValueError(f"StepSpec.old_logprobs: {self.old_logprobs!r} is not one of {SOURCES}")
 
 
 class GRPOTrainer:
@@ -114,7 +115,7 @@ class GRPOTrainer:
             with self.parked.on(self.policy.device) if self.parked is not None else contextlib.nullcontext():
                 ref = self._frozen_logprobs(self.reference, batch, slices)
         old: list[torch.Tensor] | None = None
-        if spec.recompute_old:
+        if spec.old_logprobs == RECOMPUTE:
             module.eval()
             old = self._frozen_logprobs(module, batch, slices)
         t_frozen = time.perf_counter() - t0
@@ -127,10 +128,10 @@ class GRPOTrainer:
             sub = batch.sub(sl)
             lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
             mask = sub.loss_mask(mask)
-            # On-policy the sampling weights are these weights: the old log-probs are this forward's own.
-            if old is not None:
+            # FORWARD: the sampling weights are these weights, the old log-probs are this forward's own.
+            if spec.old_logprobs == RECOMPUTE:
                 old_lp = old[k].to(lp)
-            elif spec.rollout_old:
+            elif spec.old_logprobs == ROLLOUT:
                 old_lp = sub.rollout_old_logprobs(lp.shape[1]).to(lp)
             else:
                 old_lp = lp.detach()
@@ -158,8 +159,8 @@ class GRPOTrainer:
         out |= self.policy.end_update()
         out["nonfinite_microbatches"] = float(nonfinite)
         out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
-        out["recomputed_old_logprobs"] = float(spec.recompute_old)
-        out["rollout_old_logprobs"] = float(spec.rollout_old)
+        out["recomputed_old_logprobs"] = float(spec.old_logprobs == RECOMPUTE)
+        out["rollout_old_logprobs"] = float(spec.old_logprobs == ROLLOUT)
         out["frozen_logprob_s"] = t_frozen
         out["update_s"] = time.perf_counter() - t0 - t_frozen
         return out
