@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from actors.learner_group import LearnerGroup
 from actors.reward_group import RewardGroup
 from actors.rollout_group import RolloutGroup
-from actors.weight_broadcast import WeightSync
+from actors.weight_sync import WeightSync
 from r1omni_ray.config import RunConfig
 
 

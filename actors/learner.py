@@ -19,12 +19,12 @@ import torch
 from actors.common import device, free_ports, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
-from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
+from r1omni_ray.learner.grpo_update import GRPOUpdate, StepSpec, TrainBatch
 from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
 from r1omni_ray.learner.reference import ParkedWeights, frozen_reference, sharded_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, learner_attention, load_policy, set_lm_attention
-from r1omni_ray.weight_sync import BroadcastGroup, BucketSender, ParamMeta, Route
+from r1omni_ray.weight_broadcast import BroadcastGroup, BucketSender, ParamMeta, Route
 
 
 @dataclass
@@ -92,7 +92,7 @@ class LearnerActor:
             reference = sharded_reference(reference, lc.micro_batch_size, lc.ref_offload, self.policy.bf16)
         elif reference is not None and lc.ref_offload:
             parked = ParkedWeights(reference)
-        self.grpo = GRPOTrainer(self.policy, reference, self.cfg, parked)
+        self.grpo = GRPOUpdate(self.policy, reference, self.cfg, parked)
         self._sft: SFTTrainer | None = None
         self.sender: BucketSender | None = None
 

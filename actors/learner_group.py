@@ -18,7 +18,7 @@ from actors.placement import (
 from actors.rollout import PromptSamples
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import plan_learner_shards
-from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.step_metrics import reduce_learner_metrics
 
 

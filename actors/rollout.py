@@ -25,7 +25,7 @@ from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, SamplingParams
 from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
 from r1omni_ray.model.loading import load_policy
-from r1omni_ray.weight_sync import (
+from r1omni_ray.weight_broadcast import (
     ACTORS,
     ENGINES,
     BroadcastGroup,

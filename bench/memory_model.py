@@ -98,7 +98,7 @@ def trainable_metas(size: str, cfg: RunConfig) -> list[Any]:
     the model built on the meta device."""
     from r1omni_ray.model.loading import freeze_modules
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-    from r1omni_ray.weight_sync import ParamMeta
+    from r1omni_ray.weight_broadcast import ParamMeta
 
     with torch.device("meta"):
         model = HumanOmniQwen2ForCausalLM(build_config(size))

@@ -6,7 +6,7 @@ tokens, G completions of exactly --new-tokens tokens. The LM is tiny-width (benc
 towers are tiny too (--tower-hidden) but run at the real sequence lengths.
 
 learner: one GRPO update (frozen-reference log-probs, then forward + backward + DeepSpeed step, world size
-1 on gloo) through the real DeepSpeedPolicy and GRPOTrainer, in four variants side by side on the same
+1 on gloo) through the real DeepSpeedPolicy and GRPOUpdate, in four variants side by side on the same
 weights: per-completion forward on raw media (what the learner did before), shared prefix only, shipped
 tower features only, both (the default now). It prints completion tokens/s and the ratio to the first.
 
@@ -109,7 +109,7 @@ def _init_dist() -> None:
 
 def bench_learner(args: argparse.Namespace, model, prompts, vocab_ids: list[int]) -> list[dict[str, Any]]:
     from r1omni_ray.config import config_from_dict
-    from r1omni_ray.learner.grpo_trainer import GRPOTrainer, StepSpec, TrainBatch
+    from r1omni_ray.learner.grpo_update import GRPOUpdate, StepSpec, TrainBatch
     from r1omni_ray.learner.policy import DeepSpeedPolicy
     from r1omni_ray.learner.reference import frozen_reference
     from r1omni_ray.model.loading import freeze_modules
@@ -134,7 +134,7 @@ def bench_learner(args: argparse.Namespace, model, prompts, vocab_ids: list[int]
     for name, shared, feats in LEARNER_VARIANTS:
         vcfg = config_from_dict(base | {"learner": base["learner"] | {"shared_prefix": shared}})
         reference = frozen_reference(model, feats, feats, torch.device("cpu"))
-        trainer = GRPOTrainer(policy, reference, vcfg)
+        trainer = GRPOUpdate(policy, reference, vcfg)
         batch = TrainBatch(featured if feats else prompts, index, comps, adv)
         times = []
         for k in range(args.warmup + args.steps):

@@ -1,6 +1,6 @@
 """Weight broadcast: seconds and GB/s to push a model from a learner to N receiver processes.
 
-This process plays the learner (rank 0 of an r1omni_ray.weight_sync.BroadcastGroup, gloo) and holds the
+This process plays the learner (rank 0 of an r1omni_ray.weight_broadcast.BroadcastGroup, gloo) and holds the
 model as synthetic parameters with the shapes of a Qwen2 language model: Qwen2.5-0.5B in bf16 (`0.5b`),
 Qwen2.5-1.5B (`1.5b`), or the GRPO benchmark's tiny Qwen2 in fp32 (`tiny`, the CPU learners' dtype).
 N receivers are spawned processes (rank 1..N) that receive with receive_buckets and copy every tensor
@@ -54,7 +54,7 @@ from bench.common import (
     tiny_lm_from_flags,
     tiny_vocab_size,
 )
-from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, plan_buckets, receive_buckets, send_buckets
+from r1omni_ray.weight_broadcast import BroadcastGroup, ParamMeta, plan_buckets, receive_buckets, send_buckets
 
 HOST = "127.0.0.1"
 
@@ -184,7 +184,7 @@ def estimate_lines(args: argparse.Namespace) -> list[dict[str, Any]]:
     from bench.memory_model import ROOT, trainable_metas
     from r1omni_ray.config import load_config
     from r1omni_ray.engines.base import sync_destinations
-    from r1omni_ray.weight_sync import ACTORS, ENGINES, plan_routes, route_bytes
+    from r1omni_ray.weight_broadcast import ACTORS, ENGINES, plan_routes, route_bytes
 
     out = []
     for size, name in (("0.5b", "r1omni_0.5b_rlvr.yaml"), ("7b", "humanomni_7b_rlvr.yaml")):

@@ -7,8 +7,8 @@ from typing import Any
 
 from actors.rollout_group import PendingRollout, RolloutGroup
 from r1omni_ray.completions import split_reasoning
+from r1omni_ray.emotion_metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.rewards import extract_answer, format_reward
 from r1omni_ray.tracking import progress
 

@@ -37,7 +37,7 @@ from r1omni_ray.data.records import load_records
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import group_advantages
-from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed, old_logprob_source
 from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
 from r1omni_ray.timing import PhaseTimer

@@ -9,7 +9,7 @@ import ray
 
 from launch.evaluate import main, write_report
 from launch.evaluation import EvalResult
-from r1omni_ray.metrics import emotion_metrics
+from r1omni_ray.emotion_metrics import emotion_metrics
 from r1omni_ray.tracking import read_offline_run
 
 LABELS = ["happy", "sad", "angry", "neutral"]

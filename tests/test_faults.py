@@ -32,10 +32,10 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.records import load_records
 from r1omni_ray.data.synthetic import make_corrupt_media
-from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.tracking import RunLogger
-from r1omni_ray.weight_sync import CollectiveError
+from r1omni_ray.weight_broadcast import CollectiveError
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from r1omni_ray.emotion_metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.labels import DFEW_LABELS, MAFW_LABELS, RAVDESS_LABELS
-from r1omni_ray.metrics import EmotionMetrics, emotion_metrics
 
 
 def test_hand_example() -> None:

@@ -1,5 +1,5 @@
 """On-policy GRPO needs no separate old-log-prob pass: the training forward's own log-probs, detached, give
-the same loss and gradients as a no-grad pass before it (what r1omni_ray.learner.grpo_trainer relies on)."""
+the same loss and gradients as a no-grad pass before it (what r1omni_ray.learner.grpo_update relies on)."""
 
 from types import SimpleNamespace
 

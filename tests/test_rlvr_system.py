@@ -12,7 +12,7 @@ from actors.learner_group import shard_for_learners
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 pytestmark = pytest.mark.slow

@@ -73,7 +73,7 @@ def test_fewer_samples_than_learners_pads_with_weight_zero_copies():
     from actors.learner_group import shard_for_learners
     from actors.rollout import PromptSamples
     from r1omni_ray.engines.base import Completion
-    from r1omni_ray.learner.grpo_trainer import TrainBatch
+    from r1omni_ray.learner.grpo_update import TrainBatch
 
     samples = [PromptSamples(0, "r0", "inputs-0", [Completion([5, 6], "", "stop")], media_ref="ref-0")]
     shards, num_micro = shard_for_learners(samples, [0.7], 3, 4)

@@ -21,7 +21,7 @@ from r1omni_ray.engines.vllm_engine import (
     sampling_kwargs,
     split_lm_weights,
 )
-from r1omni_ray.weight_sync import ParamMeta
+from r1omni_ray.weight_broadcast import ParamMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -81,7 +81,7 @@ def test_broadcast_metadata_crosses_as_plain_values():
 
 
 def test_broadcast_ranks_cover_every_vllm_worker():
-    from actors.weight_broadcast import rank_offsets
+    from actors.weight_sync import rank_offsets
 
     # learner rank 0; an HF worker (1 rank), a vLLM worker with TP 2 (actor + 2), an HF worker.
     assert rank_offsets([1, 3, 1]) == ([1, 2, 5], 6)

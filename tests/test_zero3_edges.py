@@ -15,7 +15,7 @@ from r1omni_ray.data.processor import OmniProcessor
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import Completion
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
-from r1omni_ray.learner.grpo_trainer import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.model.loading import load_policy
 
 pytestmark = pytest.mark.slow

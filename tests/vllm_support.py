@@ -27,7 +27,7 @@ def push_weights(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: in
     two groups, ACTORS (with the actor's own rank) and ENGINES (one rank per vLLM worker), routed as the
     system routes them. Returns the buckets sent, and the bytes the actor and each vLLM worker received."""
     from r1omni_ray.engines.base import sync_destinations
-    from r1omni_ray.weight_sync import (
+    from r1omni_ray.weight_broadcast import (
         ACTORS,
         ENGINES,
         BroadcastGroup,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from r1omni_ray.model.modeling import MMPrompt
-from r1omni_ray.weight_sync import ACTORS, ENGINES
+from r1omni_ray.weight_broadcast import ACTORS, ENGINES
 
 # The Qwen2 LM's own parameters, by allow-list: what a plain Qwen2 checkpoint (and vLLM's Qwen2 model)
 # has. Everything else is the multimodal front end, whatever new module it grows.

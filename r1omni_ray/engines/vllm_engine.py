@@ -43,7 +43,7 @@ from r1omni_ray.engines.base import (
     trim_at_eos,
 )
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
-from r1omni_ray.weight_sync import BroadcastGroup, ParamMeta, receive_buckets
+from r1omni_ray.weight_broadcast import BroadcastGroup, ParamMeta, receive_buckets
 
 # The versions each platform's code above was read against (pyproject: the cpu and gpu extras).
 SUPPORTED = {"cpu": ">=0.32,<0.33", "cuda": ">=0.33,<0.34"}

@@ -15,7 +15,7 @@ from r1omni_ray.data.sampler import split_by_groups, split_even
 from r1omni_ray.grpo import grad_scale_for_framework
 from r1omni_ray.model.loading import set_train_mode
 from r1omni_ray.safe_load import install_safe_checkpoint_loading
-from r1omni_ray.weight_sync import CollectiveError
+from r1omni_ray.weight_broadcast import CollectiveError
 
 
 def micro_slices(n: int, num_micro: int, groups: Sequence[Any] | None = None,

@@ -15,7 +15,7 @@ from actors.learner_group import LearnerGroup
 from actors.rollout_group import RolloutGroup
 from r1omni_ray.config import RunConfig
 from r1omni_ray.engines.base import sync_destinations
-from r1omni_ray.weight_sync import ACTORS, ENGINES, plan_routes, route_bytes
+from r1omni_ray.weight_broadcast import ACTORS, ENGINES, plan_routes, route_bytes
 
 
 def rank_offsets(ranks_per_worker: list[int]) -> tuple[list[int], int]:

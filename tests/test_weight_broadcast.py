@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from r1omni_ray.weight_sync import (
+from r1omni_ray.weight_broadcast import (
     BroadcastGroup,
     CollectiveError,
     ParamMeta,
@@ -111,7 +111,7 @@ LM_AND_FRONT = [("model.embed_tokens.weight", (50, 8)), ("model.layers.0.mlp.up_
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_routes_send_every_tensor_once_to_the_groups_that_hold_it(engine):
     from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param, sync_destinations
-    from r1omni_ray.weight_sync import ACTORS, ENGINES, buckets_for, plan_routes, route_bytes
+    from r1omni_ray.weight_broadcast import ACTORS, ENGINES, buckets_for, plan_routes, route_bytes
 
     metas = [ParamMeta(n, s, "float32") for n, s in LM_AND_FRONT]
     routes = plan_routes(metas, 600, lambda n: sync_destinations(n, engine))
@@ -137,7 +137,7 @@ def _routed_member(rank, dest, ports, worlds, q):
     delay: the first two sends must not wait for it, the third (a reused slot) must."""
     import time
 
-    from r1omni_ray.weight_sync import ACTORS, ENGINES, BucketSender, Route, buckets_for
+    from r1omni_ray.weight_broadcast import ACTORS, ENGINES, BucketSender, Route, buckets_for
 
     src = {f"w{i}": torch.full((64,), float(i)) for i in range(6)}
     metas = param_metas(src.items())
@@ -162,7 +162,7 @@ def _routed_member(rank, dest, ports, worlds, q):
 
 
 def test_bucket_sender_pipelines_two_groups_and_each_receiver_gets_its_part_exactly():
-    from r1omni_ray.weight_sync import ACTORS, ENGINES
+    from r1omni_ray.weight_broadcast import ACTORS, ENGINES
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()

@@ -75,7 +75,7 @@ class StepSpec:
             raise ValueError(f"StepSpec.old_logprobs: {self.old_logprobs!r} is not one of {SOURCES}")
 
 
-class GRPOTrainer:
+class GRPOUpdate:
     def __init__(self, policy: DeepSpeedPolicy, reference: Any | None, cfg: RunConfig,
                  parked: ParkedWeights | None = None) -> None:
         """parked: the reference's weights when they wait in host memory between steps (learner.ref_offload
