@@ -24,6 +24,7 @@ from actors.rollout import PromptSamples, RolloutWorker
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.tracking import progress
 
 log = logging.getLogger("r1omni_ray")
 
@@ -136,3 +137,21 @@ class RolloutGroup:
 
     def shutdown(self) -> None:
         release(self.workers, self.pg)
+
+
+def wait_with_progress(pending: list[PendingRollout] | None, desc: str) -> None:
+    """Advance a progress bar as rollout shards finish; results and failures are then gathered by
+    RolloutGroup.collect. A no-op when the bar is disabled (non-interactive logs)."""
+    if not pending:
+        return
+    if not all(isinstance(p.ref, ray.ObjectRef) for p in pending):
+        return
+    bar = progress(total=sum(len(p.items) for p in pending), desc=desc, unit="prompt")
+    if bar.disable:
+        return
+    sizes = {p.ref: len(p.items) for p in pending}
+    waiting = list(sizes)
+    while waiting:
+        done, waiting = ray.wait(waiting, num_returns=1)
+        bar.update(sum(sizes[r] for r in done))
+    bar.close()

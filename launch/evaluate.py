@@ -19,8 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from actors.evaluation import EvalResult, evaluate_records
 from launch.common import base_parser, init_ray, parse_config, resolve_labels, run_main, setup_logging
-from launch.evaluation import EvalResult, evaluate_records
+from launch.splits import load_split
 from r1omni_ray.attribution import (
     AttributionRow,
     modality_attribution,
@@ -176,7 +177,6 @@ def log_report(logger: RunLogger, metrics: dict[str, Any], rows_path: Path, step
 def run_evaluation(cfg: RunConfig, ckpt: str, data: str, label_set: str | None = None, out: str | None = None,
                    attribution: bool = False) -> dict[str, Any]:
     from actors.rollout_group import RolloutGroup
-    from launch.train_rlvr import load_split
 
     model_dir = resolve_model_dir(ckpt)
     log.info("evaluating checkpoint %s (from --ckpt %s)", model_dir, ckpt)

@@ -13,27 +13,22 @@ import ray
 import torch
 
 from actors.calls import wire_bytes
+from actors.evaluation import EvalResult, evaluate_records
 from actors.groups import RLVRGroups
 from actors.learner_group import shard_for_learners
 from actors.rollout import PromptSamples, usable_samples
+from actors.rollout_group import wait_with_progress
+from launch.checkpointer import Checkpointer, resume_state
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
-from launch.evaluation import evaluate_records, wait_with_progress
 from launch.preflight import preflight
+from launch.splits import load_split, load_split_counted
 from r1omni_ray.checkpointing import (
     DEEPSPEED_SUBDIR,
     HF_SUBDIR,
-    DriverState,
-    begin_checkpoint,
-    commit_checkpoint,
-    latest_checkpoint,
     link_or_copy_tree,
-    prune_checkpoints,
-    read_state,
-    step_name,
 )
 from r1omni_ray.completions import split_reasoning
-from r1omni_ray.config import ConfigError, RunConfig, check_rlvr
-from r1omni_ray.data.records import load_records
+from r1omni_ray.config import RunConfig, check_rlvr
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import group_advantages
@@ -48,18 +43,21 @@ log = logging.getLogger("r1omni_ray")
 
 class RLVRTrainer:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], eval_records: list[Any] | None,
-                 labels: list[str], logger: RunLogger, start_step: int = 0) -> None:
+                 labels: list[str], logger: RunLogger, start_step: int = 0, skipped_at_load: int = 0,
+                 checkpointer: Checkpointer | None = None) -> None:
+        """skipped_at_load: records dropped when the dataset was read (counted on every row)."""
         self.cfg, self.groups, self.records, self.eval_records = cfg, groups, records, eval_records
         self.labels, self.logger = labels, logger
         self.step = start_step
         self.history: list[dict[str, float]] = []
         self.batches: dict[int, list[str]] = {}  # step index -> record ids of its prompts
-        self.checkpointer: Checkpointer | None = None
+        self.checkpointer = checkpointer
+        self.skipped_at_load = skipped_at_load
         self.timer = PhaseTimer()
         self.inflight: list[Any] = []  # the overlapped next rollout, if any
         self._table: tuple[list[str], list[list[Any]]] | None = None  # this step's sample table
         self._diag_keys: set[str] = set()
-        self.skipped_at_load = 0  # records dropped when the dataset was read (set by run_rlvr)
+        self._tokens = 0.0  # completion tokens trained on in the step being logged
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
                                      max_new_tokens=rc.max_new_tokens, min_new_tokens=rc.min_new_tokens,
@@ -99,8 +97,7 @@ class RLVRTrainer:
             metrics = self.train_on(samples)
             metrics |= self.timer.reset()
             metrics["time/step"] = time.perf_counter() - t0
-            n_tokens = metrics.pop("_tokens", 0.0)
-            metrics["throughput/tokens_per_s"] = n_tokens / metrics["time/step"]
+            metrics["throughput/tokens_per_s"] = self._tokens / metrics["time/step"]
             metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
             self.step += 1
             self.log(metrics)
@@ -118,65 +115,93 @@ class RLVRTrainer:
         W&B step counter is final). The end-of-run eval and checkpoint are run_rlvr's."""
         tc, every = self.cfg.train, self.cfg.checkpoint.every
         if tc.eval_every > 0 and self.eval_records and self.step % tc.eval_every == 0 and self.step < tc.steps:
-            ev = evaluate_records(self.groups.rollout, self.eval_records, self.labels, self.cfg.rollout.max_new_tokens,
-                                  self.cfg.data.use_video, self.cfg.data.use_audio)
-            self.logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar,
-                             "eval/format_rate": ev.format_rate}, step=self.step)
+            self.evaluate()
         if self.checkpointer is not None and every > 0 and self.step % every == 0 and self.step < tc.steps:
-            self.checkpointer.save(self)
+            self.checkpointer.save(self.step, len(self.records))
+
+    def evaluate(self) -> EvalResult:
+        """Greedy evaluation of the eval split on the rollout workers, logged at the current step."""
+        d = self.cfg.data
+        ev = evaluate_records(self.groups.rollout, self.eval_records or [], self.labels,
+                              self.cfg.rollout.max_new_tokens, d.use_video, d.use_audio)
+        self.logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar, "eval/format_rate": ev.format_rate},
+                        step=self.step)
+        return ev
 
     def train_on(self, samples: list[PromptSamples]) -> dict[str, float]:
-        """Score, advantages, one learner call, broadcast. Heavy media never pass through here: the learners
-        fetch them by reference."""
-        cfg, groups, timer = self.cfg, self.groups, self.timer
+        """Score, advantages, one learner call, broadcast, metrics. Heavy media never pass through here: the
+        learners fetch them by reference."""
         # Bad media: logged and counted (data.on_error=skip) or a DataError naming the file (raise).
-        samples, data_errors = usable_samples(samples, cfg.data.on_error)
+        samples, data_errors = usable_samples(samples, self.cfg.data.on_error)
         if not samples:
             log.warning("step %d: every record failed to load; no update this step", self.step + 1)
             # The same counters as any other row (a skipped step has no rewards: diagnostics count 0).
+            self._tokens = 0.0
             return self._counters(len(data_errors)) | {"data/skipped_steps": 1.0} | {
                 f"reward/diag_{k}": 0.0 for k in sorted(self._diag_keys)}
         completions = [c for g in samples for c in g.completions]
-        with timer.phase("reward"):
-            rb = groups.rewards.score([c.text for c in completions],
-                                      [g.inputs.solution for g in samples for _ in g.completions])
-        G = cfg.rollout.group_size
-        adv = group_advantages(torch.tensor(rb.total, dtype=torch.float32), G, scale=cfg.grpo.advantage_scale,
-                               eps=cfg.grpo.advantage_eps)
+        rb = self._score(samples, completions)
+        adv = group_advantages(torch.tensor(rb.total, dtype=torch.float32), self.cfg.rollout.group_size,
+                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
+        version = self.groups.sync.version
+        learner, shards = self._update(samples, completions, adv, version)
+        self._wait_for_overlapped_rollout()
+        with self.timer.phase("broadcast"):
+            self.groups.sync.broadcast(version + 1)
+        m = self._step_metrics(samples, completions, rb, adv, learner, shards, version, len(data_errors))
+        self._warn(rb, m)
+        self._table = self._samples_table(samples, rb)
+        self._tokens = float(sum(len(c.token_ids) for c in completions))
+        return m
+
+    def _score(self, samples: list[PromptSamples], completions: list[Any]) -> Any:
+        with self.timer.phase("reward"):
+            return self.groups.rewards.score([c.text for c in completions],
+                                             [g.inputs.solution for g in samples for _ in g.completions])
+
+    def _update(self, samples: list[PromptSamples], completions: list[Any], adv: torch.Tensor,
+                version: int) -> tuple[dict[str, float], list[Any]]:
+        """One learner call: the shards, where the old log-probs come from, the update on every rank."""
+        cfg = self.cfg
         lens = [len(c.token_ids) for c in completions]
         shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
                                                cfg.learner.micro_batch_size)
-        learner_version = groups.sync.version
-        old = old_logprob_source(cfg, [g.weight_version for g in samples], learner_version,
+        old = old_logprob_source(cfg, [g.weight_version for g in samples], version,
                                  all(c.logprobs is not None for c in completions))
         spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, old)
-        with timer.phase("train"):
-            learner = groups.learners.train(shards, spec)
+        with self.timer.phase("train"):
+            return self.groups.learners.train(shards, spec), shards
+
+    def _wait_for_overlapped_rollout(self) -> None:
+        """A worker takes weights only between rollouts: the overlapped rollout must end first."""
         if self.inflight:
-            # A worker takes weights only between rollouts: the overlapped rollout must end first.
-            with timer.phase("rollout_wait"):
+            with self.timer.phase("rollout_wait"):
                 ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
             self.inflight = []
-        with timer.phase("broadcast"):
-            groups.sync.broadcast(learner_version + 1)
-        m = reward_metrics(rb.total, rb.per_reward, G, rb.errors, rb.diagnostics)
+
+    def _step_metrics(self, samples: list[PromptSamples], completions: list[Any], rb: Any, adv: torch.Tensor,
+                      learner: dict[str, float], shards: list[Any], version: int,
+                      skipped_records: int) -> dict[str, float]:
+        m = reward_metrics(rb.total, rb.per_reward, self.cfg.rollout.group_size, rb.errors, rb.diagnostics)
         m |= advantage_metrics(adv)
-        m |= response_metrics(lens, [c.finish_reason for c in completions])
+        m |= response_metrics([len(c.token_ids) for c in completions], [c.finish_reason for c in completions])
         m |= {f"learner/{k}": v for k, v in learner.items()}
         # Inside the learner call: the frozen passes (reference, and old log-probs off-policy), then the update.
         m["time/logprob"] = learner.get("frozen_logprob_s", 0.0)
         m["time/update"] = learner.get("update_s", 0.0)
-        m |= groups.sync.byte_metrics()
-        m["weight_version"] = float(learner_version + 1)
-        m["weight_version_lag"] = float(learner_version - min(g.weight_version for g in samples))
-        m |= self._counters(len(data_errors))
+        m |= self.groups.sync.byte_metrics()
+        m["weight_version"] = float(version + 1)
+        m["weight_version_lag"] = float(version - min(g.weight_version for g in samples))
+        m |= self._counters(skipped_records)
         m["data/skipped_steps"] = 0.0
         self._diag_keys |= set(rb.diagnostics)
         # What crossed the driver this step (prompt metadata, completions, shards with refs) against the
         # media that went from the rollout workers to the learners by reference.
         m["data/driver_bytes"] = float(wire_bytes(samples) + wire_bytes(shards))
         m["data/media_bytes"] = float(sum(g.media_bytes for g in samples))
-        m["_tokens"] = float(sum(lens))
+        return m
+
+    def _warn(self, rb: Any, m: dict[str, float]) -> None:
         for k, v in rb.errors.items():
             if v:
                 log.warning("step %d: reward %r failed on %d samples (they score 0): %s", self.step + 1, k, v,
@@ -184,8 +209,6 @@ class RLVRTrainer:
         if m.get("learner/skipped_update"):
             log.warning("step %d: non-finite loss or gradient on a learner; update skipped on every rank, "
                         "weights unchanged", self.step + 1)
-        self._table = self._samples_table(samples, rb)
-        return m
 
     def _counters(self, skipped_records: int) -> dict[str, float]:
         g = self.groups
@@ -221,66 +244,6 @@ class RLVRTrainer:
             self.step, m.get("reward/total_mean", nan), m.get("accuracy", nan), m.get("format_rate", nan),
             m.get("learner/kl", 0.0), m.get("learner/loss", 0.0), m.get("response/length_mean", nan), m["time/step"],
         )
-
-
-def load_split_counted(path: str | None, labels: list[str], cfg: RunConfig) -> tuple[list[Any] | None, int]:
-    """(records, how many were skipped at load time: malformed lines, unknown labels, missing files)."""
-    if path is None:
-        return None, 0
-    res = load_records(path, root=cfg.data.root, label_set=labels, on_error=cfg.data.on_error)
-    for idx, reason in res.skipped:
-        log.warning("%s: skipped record %d: %s", path, idx, reason)
-    return res.records, len(res.skipped)
-
-
-def load_split(path: str | None, labels: list[str], cfg: RunConfig) -> list[Any] | None:
-    return load_split_counted(path, labels, cfg)[0]
-
-
-class Checkpointer:
-    """Writes ``<out>/checkpoints/step_N`` atomically: every learner's DeepSpeed state (a collective save;
-    on a multi-node cluster output_dir must be a shared filesystem, each rank writes its own shards) plus
-    the driver state, then moves ``latest`` and prunes to ``checkpoint.keep_last``."""
-
-    def __init__(self, cfg: RunConfig, groups: RLVRGroups, out: Path, init_ckpt: str, logger: RunLogger) -> None:
-        self.cfg, self.groups, self.out, self.init_ckpt, self.logger = cfg, groups, out, init_ckpt, logger
-        self.last: Path | None = None
-
-    def save(self, trainer: RLVRTrainer, with_hf: bool = False) -> Path:
-        t0 = time.perf_counter()
-        step, tag = trainer.step, step_name(trainer.step)
-        tmp = begin_checkpoint(self.out, step)
-        learners = self.groups.learners
-        learners.save_checkpoint(str(tmp / DEEPSPEED_SUBDIR), tag)
-        sums = learners.checksums()
-        if with_hf:
-            learners.save_hf(str(tmp / HF_SUBDIR))
-        state = DriverState(
-            step=step, seed=self.cfg.train.seed, weight_version=self.groups.sync.version,
-            prompts_per_step=self.cfg.train.prompts_per_step, num_records=len(trainer.records),
-            init_ckpt=self.init_ckpt, wandb_run_id=self.logger.run_id, wandb_step=self.logger.wandb_step,
-            deepspeed_tag=tag, weights_checksum=sums,
-        )
-        self.last = commit_checkpoint(self.out, step, state)
-        removed = prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
-        log.info("checkpoint %s (weight version %d) in %.1fs%s", self.last, state.weight_version,
-                 time.perf_counter() - t0, f"; pruned {[r.name for r in removed]}" if removed else "")
-        return self.last
-
-
-def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int) -> tuple[Path, DriverState]:
-    """The checkpoint to continue from (``latest`` or an explicit dir) and its driver state, checked
-    against the config: the data order is a function of (seed, prompts_per_step, dataset size)."""
-    ck = latest_checkpoint(out) if resume is True or resume == "latest" else Path(str(resume))
-    if ck is None:
-        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
-    state = read_state(ck)
-    got = (state.seed, state.prompts_per_step, state.num_records)
-    want = (cfg.train.seed, cfg.train.prompts_per_step, num_records)
-    if got != want:
-        raise ConfigError(f"{ck}: saved (seed, prompts_per_step, records) {got} != this run's {want}; "
-                         "resuming would change the data order")
-    return ck, state
 
 
 def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | None = None,
@@ -321,26 +284,19 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             result["resumed_from"] = str(ck_dir)
             result["resume_check"] = {"saved": state.weights_checksum, "loaded": sums}
         trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
-                              start_step=state.step if state else 0)
-        trainer.skipped_at_load = skipped_at_load
-        trainer.checkpointer = Checkpointer(cfg, groups, out, ckpt, logger)
+                              start_step=state.step if state else 0, skipped_at_load=skipped_at_load,
+                              checkpointer=Checkpointer(cfg, groups, out, ckpt, logger))
         if eval_before and eval_records and state is None:
-            ev = evaluate_records(groups.rollout, eval_records, prep.labels, cfg.rollout.max_new_tokens,
-                                  cfg.data.use_video, cfg.data.use_audio)
+            ev = trainer.evaluate()  # at step 0
             result["eval_before"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
-            logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar, "eval/format_rate": ev.format_rate},
-                       step=0)
         result["history"] = trainer.fit()
         result["batches"] = dict(trainer.batches)
         if eval_records:
-            ev = evaluate_records(groups.rollout, eval_records, prep.labels, cfg.rollout.max_new_tokens,
-                                  cfg.data.use_video, cfg.data.use_audio)
+            ev = trainer.evaluate()
             result["eval"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
-            logger.log({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar, "eval/format_rate": ev.format_rate},
-                       step=trainer.step)
             logger.summary({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar})
         # End of run: a full checkpoint with an HF export; final_model shares its files (hard links).
-        final_ckpt = trainer.checkpointer.save(trainer, with_hf=True)
+        final_ckpt = trainer.checkpointer.save(trainer.step, len(records), with_hf=True)
         final_dir = out / "final_model"
         link_or_copy_tree(final_ckpt / HF_SUBDIR, final_dir)
         result["checkpoint"] = str(final_ckpt)

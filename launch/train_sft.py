@@ -13,7 +13,7 @@ import numpy as np
 from actors.learner_group import LearnerGroup
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.preflight import preflight
-from launch.train_rlvr import load_split
+from launch.splits import load_split
 from r1omni_ray.config import ConfigError, RunConfig
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.sampler import shared_micro_batches, split_even

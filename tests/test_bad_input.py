@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from actors.rollout import PromptSamples, usable_samples
-from launch.train_rlvr import load_split
+from launch.splits import load_split
 from r1omni_ray.config import ConfigError, WandbConfig, config_from_dict, load_config
 from r1omni_ray.data.errors import DataError, MediaError
 from r1omni_ray.data.records import load_records

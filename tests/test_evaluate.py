@@ -7,8 +7,8 @@ import json
 import pytest
 import ray
 
+from actors.evaluation import EvalResult
 from launch.evaluate import main, write_report
-from launch.evaluation import EvalResult
 from r1omni_ray.emotion_metrics import emotion_metrics
 from r1omni_ray.tracking import read_offline_run
 

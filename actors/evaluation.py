@@ -1,38 +1,18 @@
-"""Greedy evaluation on a pool of rollout workers: predictions -> WAR / UAR / confusion."""
+"""Greedy evaluation on the rollout workers: predictions -> WAR / UAR / confusion (the RLVR driver's periodic and
+final evaluations, and launch/evaluate.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
-from actors.rollout_group import PendingRollout, RolloutGroup
+from actors.rollout_group import RolloutGroup, wait_with_progress
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.emotion_metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.rewards import extract_answer, format_reward
-from r1omni_ray.tracking import progress
 
 EVAL_PROMPTS_PER_CALL = 32  # per worker and submission: big enough for engine batching
-
-
-def wait_with_progress(pending: list[PendingRollout] | None, desc: str) -> None:
-    """Advance a progress bar as rollout shards finish; results and failures are then gathered by
-    RolloutGroup.collect. A no-op when the bar is disabled (non-interactive logs)."""
-    if not pending:
-        return
-    import ray
-
-    if not all(isinstance(p.ref, ray.ObjectRef) for p in pending):
-        return
-    bar = progress(total=sum(len(p.items) for p in pending), desc=desc, unit="prompt")
-    if bar.disable:
-        return
-    sizes = {p.ref: len(p.items) for p in pending}
-    waiting = list(sizes)
-    while waiting:
-        done, waiting = ray.wait(waiting, num_returns=1)
-        bar.update(sum(sizes[r] for r in done))
-    bar.close()
 
 
 @dataclass

@@ -1,0 +1,72 @@
+"""The RLVR run's checkpoints: writing one (learners' DeepSpeed state + the driver state, atomically) and
+choosing and checking the one a resumed run continues from."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from actors.groups import RLVRGroups
+from r1omni_ray.checkpointing import (
+    DEEPSPEED_SUBDIR,
+    HF_SUBDIR,
+    DriverState,
+    begin_checkpoint,
+    commit_checkpoint,
+    latest_checkpoint,
+    prune_checkpoints,
+    read_state,
+    step_name,
+)
+from r1omni_ray.config import ConfigError, RunConfig
+from r1omni_ray.tracking import RunLogger
+
+log = logging.getLogger("r1omni_ray")
+
+
+class Checkpointer:
+    """Writes ``<out>/checkpoints/step_N`` atomically: every learner's DeepSpeed state (a collective save;
+    on a multi-node cluster output_dir must be a shared filesystem, each rank writes its own shards) plus
+    the driver state, then moves ``latest`` and prunes to ``checkpoint.keep_last``."""
+
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, out: Path, init_ckpt: str, logger: RunLogger) -> None:
+        self.cfg, self.groups, self.out, self.init_ckpt, self.logger = cfg, groups, out, init_ckpt, logger
+        self.last: Path | None = None
+
+    def save(self, step: int, num_records: int, with_hf: bool = False) -> Path:
+        """A checkpoint after ``step`` steps of a run over ``num_records`` records."""
+        t0 = time.perf_counter()
+        tag = step_name(step)
+        tmp = begin_checkpoint(self.out, step)
+        learners = self.groups.learners
+        learners.save_checkpoint(str(tmp / DEEPSPEED_SUBDIR), tag)
+        sums = learners.checksums()
+        if with_hf:
+            learners.save_hf(str(tmp / HF_SUBDIR))
+        state = DriverState(
+            step=step, seed=self.cfg.train.seed, weight_version=self.groups.sync.version,
+            prompts_per_step=self.cfg.train.prompts_per_step, num_records=num_records,
+            init_ckpt=self.init_ckpt, wandb_run_id=self.logger.run_id, wandb_step=self.logger.wandb_step,
+            deepspeed_tag=tag, weights_checksum=sums,
+        )
+        self.last = commit_checkpoint(self.out, step, state)
+        removed = prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
+        log.info("checkpoint %s (weight version %d) in %.1fs%s", self.last, state.weight_version,
+                 time.perf_counter() - t0, f"; pruned {[r.name for r in removed]}" if removed else "")
+        return self.last
+
+
+def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int) -> tuple[Path, DriverState]:
+    """The checkpoint to continue from (``latest`` or an explicit dir) and its driver state, checked
+    against the config: the data order is a function of (seed, prompts_per_step, dataset size)."""
+    ck = latest_checkpoint(out) if resume is True or resume == "latest" else Path(str(resume))
+    if ck is None:
+        raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+    state = read_state(ck)
+    got = (state.seed, state.prompts_per_step, state.num_records)
+    want = (cfg.train.seed, cfg.train.prompts_per_step, num_records)
+    if got != want:
+        raise ConfigError(f"{ck}: saved (seed, prompts_per_step, records) {got} != this run's {want}; "
+                         "resuming would change the data order")
+    return ck, state
