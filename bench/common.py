@@ -126,7 +126,7 @@ def tiny_vocab_size() -> int:
     """Vocabulary of the locally built tiny chat tokenizer (the GRPO benchmark's model uses it)."""
     import tempfile
 
-    from r1omni_ray.data.tokenizer import build_tiny_tokenizer
+    from r1omni_ray.tiny.tokenizer import build_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         return len(build_tiny_tokenizer(d))
@@ -183,8 +183,7 @@ def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int,
     """A random-init HumanOmni checkpoint in the real layout with the benchmark's Qwen2 sizes. Benchmarks ask
     for fixed-length completions through the run config (rollout.min_new_tokens = max_new_tokens = new_tokens:
     eos and pad masked until then), never through the checkpoint's generation_config, which sampling ignores."""
-    from r1omni_ray.model.loading import make_tiny_checkpoint
-    from r1omni_ray.model.tiny import TinySizes
+    from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
 
     sizes = TinySizes(
         hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,

@@ -36,9 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from r1omni_ray.data.records import load_records
-    from r1omni_ray.data.synthetic import make_synthetic_dataset
-    from r1omni_ray.model.loading import make_tiny_checkpoint
-    from r1omni_ray.model.tiny import TinySizes
+    from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
+    from r1omni_ray.tiny.synthetic import make_synthetic_dataset
 
     labels = ["happy", "sad", "angry", "neutral"]
     with tempfile.TemporaryDirectory(prefix="bench_data_plane_") as tmp:

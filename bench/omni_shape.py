@@ -61,7 +61,7 @@ LEARNER_VARIANTS = (  # (name, shared_prefix, shipped tower features)
 def omni_model(lm: TinyLMArgs, vocab_size: int, tower_hidden: int, seed: int):
     """HumanOmni with the given LM dimensions and tiny towers at R1-Omni's sequence lengths."""
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-    from r1omni_ray.model.tiny import TinySizes, tiny_config
+    from r1omni_ray.tiny.model import TinySizes, tiny_config
 
     sizes = TinySizes(
         hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size, num_hidden_layers=lm.num_layers,
@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from r1omni_ray.data.tokenizer import build_tiny_tokenizer
+    from r1omni_ray.tiny.tokenizer import build_tiny_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         tok = build_tiny_tokenizer(d)

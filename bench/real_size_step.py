@@ -38,10 +38,10 @@ GIB = 2**30
 def build_real_size_checkpoint(out: Path, reference: dict[str, Any], seed: int) -> dict[str, Any]:
     """The published config and tower configs, random weights, tiny tokenizers; the real processors' sizes
     (224 px frames, 128 mel bins over 30 s, 8 frames)."""
-    from r1omni_ray.data.processor import make_tiny_processor
     from r1omni_ray.model.loading import load_model_config
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
     from r1omni_ray.model.towers import AUDIO_SUBDIR, BERT_SUBDIR, VISION_SUBDIR
+    from r1omni_ray.tiny.processor import make_tiny_processor
 
     towers = reference["tower_configs"]
     vision, audio = towers["siglip-base-patch16-224"], towers["whisper-large-v3"]
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from launch.train_rlvr import RLVRTrainer
     from r1omni_ray.config import WandbConfig, config_from_dict
     from r1omni_ray.data.records import load_records
-    from r1omni_ray.data.synthetic import make_synthetic_dataset
+    from r1omni_ray.tiny.synthetic import make_synthetic_dataset
     from r1omni_ray.tracking import RunLogger
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_real_size_")

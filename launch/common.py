@@ -96,7 +96,7 @@ def prepare(cfg: RunConfig, init_ckpt: str | None = None) -> Prepared:
     labels = resolve_labels(cfg)
     train, ev, sft = cfg.data.train_path, cfg.data.eval_path, cfg.data.sft_path
     if train is None:
-        from r1omni_ray.data.synthetic import make_synthetic_dataset
+        from r1omni_ray.tiny.synthetic import make_synthetic_dataset
 
         syn = cfg.data.synthetic
         d = out / "data"
@@ -108,8 +108,8 @@ def prepare(cfg: RunConfig, init_ckpt: str | None = None) -> Prepared:
         train, ev, sft = str(d / "train.json"), str(d / "eval.json"), str(d / "sft.json")
     ckpt = init_ckpt or cfg.model.path
     if ckpt is None:
-        from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
-        from r1omni_ray.model.loading import make_tiny_checkpoint
+        from r1omni_ray.tiny.model import make_tiny_checkpoint
+        from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 
         ckpt_path = out / "init_model"
         if not (ckpt_path / "model.safetensors").exists():

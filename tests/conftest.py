@@ -40,15 +40,15 @@ def pytest_sessionstart(session) -> None:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
     """A tiny random-init HumanOmni checkpoint in the real directory layout (built once per session)."""
-    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
-    from r1omni_ray.model.loading import make_tiny_checkpoint
+    from r1omni_ray.tiny.model import make_tiny_checkpoint
+    from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", corpus=tuple(SYNTHETIC_VOCAB_TEXTS))
 
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    from r1omni_ray.data.synthetic import make_synthetic_dataset
+    from r1omni_ray.tiny.synthetic import make_synthetic_dataset
 
     d = tmp_path_factory.mktemp("synth")
     make_synthetic_dataset(d, 16, seed=0, prefix="train")

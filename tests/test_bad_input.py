@@ -17,9 +17,9 @@ from launch.splits import load_split
 from r1omni_ray.config import ConfigError, WandbConfig, config_from_dict, load_config
 from r1omni_ray.data.errors import DataError, MediaError
 from r1omni_ray.data.records import load_records
-from r1omni_ray.data.synthetic import make_corrupt_media
 from r1omni_ray.engines.base import Completion
 from r1omni_ray.rewards import RewardSpec, check_reward_specs
+from r1omni_ray.tiny.synthetic import make_corrupt_media
 from r1omni_ray.tracking import RunLogger
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,9 +20,10 @@ from transformers import (
 )
 
 from r1omni_ray.data.processor import OmniProcessor
-from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
-from r1omni_ray.model.loading import AUDIO_PREFIX, CheckpointError, load_policy, make_tiny_checkpoint
+from r1omni_ray.model.loading import AUDIO_PREFIX, CheckpointError, load_policy
 from r1omni_ray.model.towers import TowerPaths
+from r1omni_ray.tiny.model import make_tiny_checkpoint
+from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 
 WEIGHTS = "model.safetensors"
 
@@ -161,7 +162,7 @@ def test_the_published_layout_loads_unedited_from_another_directory(ckpt, tmp_pa
 
 def test_exports_write_rope_theta_for_older_readers(tmp_path):
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-    from r1omni_ray.model.tiny import tiny_config
+    from r1omni_ray.tiny.model import tiny_config
 
     HumanOmniQwen2ForCausalLM(tiny_config(120, rope_theta=1e6)).save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())

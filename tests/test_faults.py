@@ -31,9 +31,9 @@ from r1omni_ray.checkpointing import latest_checkpoint, read_state
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.records import load_records
-from r1omni_ray.data.synthetic import make_corrupt_media
 from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.model.loading import load_policy
+from r1omni_ray.tiny.synthetic import make_corrupt_media
 from r1omni_ray.tracking import RunLogger
 from r1omni_ray.weight_broadcast import CollectiveError
 

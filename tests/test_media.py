@@ -12,17 +12,16 @@ import torch
 from r1omni_ray.data.audio import audio_features, load_audio, load_audio_features
 from r1omni_ray.data.errors import DataError, MediaError
 from r1omni_ray.data.processor import siglip_image_processor_class
-from r1omni_ray.data.synthetic import (
+from r1omni_ray.data.video import background_colour, load_video_frames, pad_to_square, sample_frame_indices
+from r1omni_ray.tiny.synthetic import (
     PITCHES,
     SAMPLE_RATE,
-    classify_pitch,
-    dominant_frequency,
     make_corrupt_media,
     make_synthetic_dataset,
     write_mp4,
     write_wav,
 )
-from r1omni_ray.data.video import background_colour, load_video_frames, pad_to_square, sample_frame_indices
+from tests.synthetic_oracles import classify_pitch, dominant_frequency
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch
 
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-from r1omni_ray.model.tiny import tiny_config
+from r1omni_ray.tiny.model import tiny_config
 
 
 def _prompt(seed=0, ids=None):

@@ -9,7 +9,7 @@ from r1omni_ray.grpo import LossConfig, policy_loss
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.loading import freeze_modules, set_train_mode
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-from r1omni_ray.model.tiny import tiny_config
+from r1omni_ray.tiny.model import tiny_config
 
 
 def _prompt(seed: int) -> SimpleNamespace:

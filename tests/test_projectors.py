@@ -9,7 +9,7 @@ import torch
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
 from r1omni_ray.model.projectors import AllInOneSmall, RegStage
-from r1omni_ray.model.tiny import TinySizes, tiny_config
+from r1omni_ray.tiny.model import TinySizes, tiny_config
 
 # state_dict of timm 1.0.3 `RegStage(depth=2, in_chs=C, out_chs=H, stride=1, dilation=1, act_layer=nn.SiLU,
 # norm_layer=LayerNorm2d)` (Bottleneck defaults: bottle_ratio=1, group_size=1 -> depthwise 3x3, se_ratio=0.25

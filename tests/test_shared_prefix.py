@@ -10,7 +10,7 @@ import torch
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.loading import freeze_modules
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
-from r1omni_ray.model.tiny import tiny_config
+from r1omni_ray.tiny.model import tiny_config
 
 
 def _prompt(seed: int, ids: list[int], video: bool = True, audio: bool = True) -> SimpleNamespace:

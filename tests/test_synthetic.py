@@ -13,22 +13,24 @@ import pytest
 
 from r1omni_ray.data.audio import load_audio
 from r1omni_ray.data.records import load_records
-from r1omni_ray.data.synthetic import (
+from r1omni_ray.labels import DFEW_LABELS, EMOTION_QUESTION, MAFW_LABELS, RAVDESS_LABELS
+from r1omni_ray.tiny.synthetic import (
     COLOURS,
     DEFAULT_LABELS,
     PITCHES,
     SYNTHETIC_CUES,
     SYNTHETIC_VOCAB_TEXTS,
-    classify_colour,
-    classify_pitch,
     cue_table,
-    dominant_frequency,
-    expected_cues,
-    label_for_cues,
     make_corrupt_media,
     make_synthetic_dataset,
 )
-from r1omni_ray.labels import DFEW_LABELS, EMOTION_QUESTION, MAFW_LABELS, RAVDESS_LABELS
+from tests.synthetic_oracles import (
+    classify_colour,
+    classify_pitch,
+    dominant_frequency,
+    expected_cues,
+    label_for_cues,
+)
 
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 

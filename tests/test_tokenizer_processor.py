@@ -14,13 +14,10 @@ from r1omni_ray.data.errors import MediaError
 from r1omni_ray.data.processor import (
     OmniInputs,
     OmniProcessor,
-    make_tiny_processor,
     tokenize_with_placeholders,
 )
 from r1omni_ray.data.prompts import build_prompt
 from r1omni_ray.data.records import OmniRecord, load_records
-from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS, make_corrupt_media, make_synthetic_dataset
-from r1omni_ray.data.tokenizer import build_tiny_bert_tokenizer, build_tiny_tokenizer
 from r1omni_ray.labels import (
     AUDIO_TOKEN_INDEX,
     EMOTION_QUESTION,
@@ -29,6 +26,9 @@ from r1omni_ray.labels import (
     THINK_ANSWER_SUFFIX,
     VIDEO_TOKEN_INDEX,
 )
+from r1omni_ray.tiny.processor import make_tiny_processor
+from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS, make_corrupt_media, make_synthetic_dataset
+from r1omni_ray.tiny.tokenizer import build_tiny_bert_tokenizer, build_tiny_tokenizer
 
 FORMAT_RE = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
 ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)

@@ -51,11 +51,11 @@ def world(tmp_path_factory):
     completions mid-way and leaves others to the length limit."""
     from r1omni_ray.data.processor import OmniProcessor
     from r1omni_ray.data.records import load_records
-    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS, make_synthetic_dataset
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.hf_engine import HFEngine
-    from r1omni_ray.model.loading import load_policy, make_tiny_checkpoint
-    from r1omni_ray.model.tiny import TinySizes
+    from r1omni_ray.model.loading import load_policy
+    from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
+    from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS, make_synthetic_dataset
 
     d = tmp_path_factory.mktemp("vllm_cpu")
     ckpt = make_tiny_checkpoint(d / "ckpt", corpus=tuple(SYNTHETIC_VOCAB_TEXTS), sizes=TinySizes(image_size=64))
@@ -274,8 +274,8 @@ def test_after_a_broadcast_samples_come_from_the_new_weights_never_from_cached_o
 
 def test_an_unsupported_head_size_is_one_line_before_vllm_starts(tmp_path):
     from r1omni_ray.engines.vllm_engine import VLLMEngine
-    from r1omni_ray.model.loading import load_policy, make_tiny_checkpoint
-    from r1omni_ray.model.tiny import TinySizes
+    from r1omni_ray.model.loading import load_policy
+    from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
 
     ckpt = make_tiny_checkpoint(tmp_path / "h16", sizes=TinySizes(num_attention_heads=4, num_key_value_heads=2))
     from transformers import AutoTokenizer

@@ -104,11 +104,11 @@ def test_a_32_prompt_8_frame_batch_fits(tiny_ckpt, tmp_path):
     """Evaluation-sized batch at the configured memory utilisation (chunked embedding)."""
     from r1omni_ray.data.processor import OmniProcessor
     from r1omni_ray.data.records import load_records
-    from r1omni_ray.data.synthetic import make_synthetic_dataset
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.vllm_engine import VLLMEngine
-    from r1omni_ray.model.loading import load_policy, make_tiny_checkpoint
-    from r1omni_ray.model.tiny import TinySizes
+    from r1omni_ray.model.loading import load_policy
+    from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
+    from r1omni_ray.tiny.synthetic import make_synthetic_dataset
 
     sizes = TinySizes(image_size=224, patch_size=16, num_mel_bins=128, audio_frames=3000, num_frames=8)
     ckpt = make_tiny_checkpoint(tmp_path / "ckpt", sizes=sizes)

@@ -1,4 +1,4 @@
-"""Load a policy from a local checkpoint directory, strictly; create tiny checkpoints for tests and the demo.
+"""Load a policy from a local checkpoint directory, strictly (tiny checkpoints: r1omni_ray/tiny/).
 
 Strict means: every parameter comes from the checkpoint, or (for a whole tower the checkpoint lacks) from
 that tower's own folder, as the reference code loads it; anything else missing is an error naming the keys.
@@ -16,7 +16,6 @@ from transformers import BertConfig, SiglipVisionConfig, WhisperConfig
 
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
 from r1omni_ray.model.modeling import GATED_PROJECTORS, HumanOmniQwen2ForCausalLM
-from r1omni_ray.model.tiny import TinySizes, init_tiny_towers, tiny_config
 from r1omni_ray.model.towers import TowerPaths, tower_dir
 
 log = logging.getLogger(__name__)
@@ -186,40 +185,3 @@ def set_train_mode(model: HumanOmniQwen2ForCausalLM) -> None:
         sub = getattr(m, name, None)
         if sub is not None and not any(p.requires_grad for p in sub.parameters()):
             sub.eval()
-
-
-def make_tiny_checkpoint(
-    out_dir: str | Path,
-    corpus: tuple[str, ...] = (),
-    sizes: TinySizes | None = None,
-    seed: int = 0,
-    hidden_size: int | None = None,
-    num_layers: int | None = None,
-) -> Path:
-    """A random-init tiny HumanOmni checkpoint in the real layout: tokenizer + config.json +
-    model.safetensors, with vision_tower/, audio_tower/, bert/ processor folders."""
-    from r1omni_ray.data.processor import make_tiny_processor
-
-    s = sizes or TinySizes()
-    if hidden_size is not None:
-        s.hidden_size, s.intermediate_size = hidden_size, 2 * hidden_size
-    if num_layers is not None:
-        s.num_hidden_layers = num_layers
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    proc = make_tiny_processor(
-        out, corpus=corpus, image_size=s.image_size, num_mel_bins=s.num_mel_bins,
-        audio_seconds=s.audio_frames / 100.0, num_frames=s.num_frames,
-    )
-    tok = proc.tokenizer
-    torch.manual_seed(seed)
-    cfg = tiny_config(
-        len(tok), s, bert_vocab_size=len(proc.bert_tokenizer), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    model = HumanOmniQwen2ForCausalLM(cfg)
-    init_tiny_towers(model)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.save_pretrained(out)
-    return out

@@ -53,12 +53,12 @@ CHAT_TEMPLATE = (
 )
 
 _BASE_WORDS = ("system", "user", "assistant")
-# The tiny BERT's max_position_embeddings (r1omni_ray.model.tiny): the gate text is truncated to it.
+# The tiny BERT's max_position_embeddings (r1omni_ray.tiny.model): the gate text is truncated to it.
 TINY_BERT_MAX_LENGTH = 128
 
 
 def _base_texts(corpus: Iterable[str]) -> list[str]:
-    from r1omni_ray.data.synthetic import SYNTHETIC_VOCAB_TEXTS
+    from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 
     texts: list[str] = [EMOTION_QUESTION, THINK_ANSWER_SUFFIX, SYSTEM_PROMPT, *_BASE_WORDS]
     for labels in LABEL_SETS.values():

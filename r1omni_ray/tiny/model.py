@@ -1,13 +1,16 @@
-"""Tiny random-init HumanOmni configs (seconds on CPU) for tests, the demo and benchmarks."""
+"""Tiny random-init HumanOmni configs and checkpoints (seconds on CPU) for the demo, tests and benchmarks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
+from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+from r1omni_ray.tiny.processor import make_tiny_processor
 
 
 @dataclass
@@ -75,3 +78,38 @@ def init_tiny_towers(model: nn.Module) -> None:
         nn.init.kaiming_normal_(conv.weight, nonlinearity="linear")
         conv.bias.zero_()
     at.embed_positions.weight.mul_(0.1)
+
+
+def make_tiny_checkpoint(
+    out_dir: str | Path,
+    corpus: tuple[str, ...] = (),
+    sizes: TinySizes | None = None,
+    seed: int = 0,
+    hidden_size: int | None = None,
+    num_layers: int | None = None,
+) -> Path:
+    """A random-init tiny HumanOmni checkpoint in the real layout: tokenizer + config.json +
+    model.safetensors, with vision_tower/, audio_tower/, bert/ processor folders."""
+    s = sizes or TinySizes()
+    if hidden_size is not None:
+        s.hidden_size, s.intermediate_size = hidden_size, 2 * hidden_size
+    if num_layers is not None:
+        s.num_hidden_layers = num_layers
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    proc = make_tiny_processor(
+        out, corpus=corpus, image_size=s.image_size, num_mel_bins=s.num_mel_bins,
+        audio_seconds=s.audio_frames / 100.0, num_frames=s.num_frames,
+    )
+    tok = proc.tokenizer
+    torch.manual_seed(seed)
+    cfg = tiny_config(
+        len(tok), s, bert_vocab_size=len(proc.bert_tokenizer), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    model = HumanOmniQwen2ForCausalLM(cfg)
+    init_tiny_towers(model)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(out)
+    return out
