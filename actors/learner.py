@@ -24,7 +24,7 @@ from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
 from r1omni_ray.learner.reference import ParkedWeights, frozen_reference, sharded_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
 from r1omni_ray.model.loading import freeze_modules, learner_attention, load_policy, set_lm_attention
-from r1omni_ray.weight_broadcast import BroadcastGroup, BucketSender, ParamMeta, Route
+from r1omni_ray.weight_broadcast import BroadcastGroup, BucketSender, ParamMeta, Route, param_metas
 
 
 @dataclass
@@ -105,12 +105,7 @@ class LearnerActor:
 
     def sync_metas(self) -> list[ParamMeta]:
         """Layout of the tensors broadcast to rollout workers: every trainable parameter."""
-        metas = []
-        for n, p in self.policy.module.named_parameters():
-            if p.requires_grad:
-                shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-                metas.append(ParamMeta(n, shape, str(p.dtype).removeprefix("torch.")))
-        return metas
+        return param_metas((n, p) for n, p in self.policy.module.named_parameters() if p.requires_grad)
 
     # ---- training ----
     def train(self, shard: LearnerShard, spec: StepSpec) -> dict[str, float]:

@@ -22,7 +22,7 @@ from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia
-from r1omni_ray.engines.base import Completion, SamplingParams
+from r1omni_ray.engines.base import Completion, RolloutEngine, SamplingParams
 from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_broadcast import (
@@ -84,6 +84,7 @@ class RolloutWorker:
         model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
         self.model = model  # the engine's front end: its frozen towers give the features shipped to learners
         self.ship_vision, self.ship_audio = mc.shipped_tower_features()
+        self.engine: RolloutEngine
         if rc.engine == "vllm":
             self.engine = VLLMEngine(
                 model, self.processor.tokenizer, rc.export_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,

@@ -44,7 +44,8 @@ class ParamMeta:
 
 
 def param_metas(named: Iterable[tuple[str, torch.Tensor]]) -> list[ParamMeta]:
-    return [ParamMeta(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in named]
+    """The full shape of each tensor: a ZeRO-3 partitioned parameter's is its ``ds_shape``."""
+    return [ParamMeta(n, tuple(getattr(t, "ds_shape", t.shape)), str(t.dtype).removeprefix("torch.")) for n, t in named]
 
 
 def plan_buckets(metas: Sequence[ParamMeta], bucket_bytes: int) -> list[list[int]]:

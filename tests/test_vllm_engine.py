@@ -11,7 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from r1omni_ray.engines.base import SamplingParams, is_lm_param, sample_seed, step_seed, trim_at_eos
+from r1omni_ray.engines.base import (
+    SamplingParams,
+    is_lm_param,
+    sample_seed,
+    step_seed,
+    sync_destinations,
+    trim_at_eos,
+)
 from r1omni_ray.engines.vllm_engine import (
     build_requests,
     export_lm_dir,
@@ -19,9 +26,8 @@ from r1omni_ray.engines.vllm_engine import (
     plain_metas,
     sample_plan,
     sampling_kwargs,
-    split_lm_weights,
 )
-from r1omni_ray.weight_broadcast import ParamMeta
+from r1omni_ray.weight_broadcast import ACTORS, ENGINES, ParamMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,10 +48,11 @@ def test_lm_names_are_an_allow_list():
              ("model.norm.weight", 8), ("model.vision_tower.vision_tower.vision_model.embeddings.patch_embedding.weight", 4),
              ("model.audio_projector.0.weight", 5), ("model.bert_gate.2.bias", 6), ("model.mm_projector.x", 7),
              ("model.some_new_adapter.weight", 9), ("model.layers_extra.0.weight", 10)]
-    lm, mm = split_lm_weights(named)
-    assert [n for n, _ in lm] == ["model.layers.0.mlp.up_proj.weight", "lm_head.weight", "model.embed_tokens.weight",
-                                  "model.norm.weight"]
-    assert len(mm) == 6  # a module the LM does not have never reaches vLLM's load_weights
+    dests = {n: sync_destinations(n, "vllm") for n, _ in named}
+    assert [n for n, d in dests.items() if ENGINES in d] == [
+        "model.layers.0.mlp.up_proj.weight", "lm_head.weight", "model.embed_tokens.weight", "model.norm.weight"]
+    assert sum(d == (ACTORS,) for d in dests.values()) == 6  # a module the LM does not have never reaches vLLM
+    assert dests["model.embed_tokens.weight"] == (ACTORS, ENGINES)  # the front end embeds the prompt's text
     assert not is_lm_param("model.layers_extra.0.weight") and is_lm_param("model.layers.23.self_attn.q_proj.bias")
 
 

@@ -39,6 +39,9 @@ class Completion:
 
 
 class RolloutEngine(Protocol):
+    """What a rollout worker asks of its engine (HFEngine, VLLMEngine). A vLLM engine also owns processes
+    that join the weight broadcast (VLLMEngine.engine_ranks / join_sync / receive)."""
+
     def generate(self, prompts: Sequence[MMPrompt], params: SamplingParams,
                  uids: Sequence[int] | None = None) -> list[list[Completion]]:
         """params.n completions for each prompt; sample j of prompt uid is drawn with sample_seed(params.seed,

@@ -51,16 +51,6 @@ CPU_KV_CACHE_GIB = 1.0  # KV cache of one CPU engine when rollout.kv_cache_gib i
 EMBED_CHUNK = 8  # prompts embedded at a time: SigLIP over 8 frames keeps every hidden state
 
 
-def split_lm_weights(
-    named: Sequence[tuple[str, torch.Tensor]],
-) -> tuple[list[tuple[str, torch.Tensor]], list[tuple[str, torch.Tensor]]]:
-    """(Qwen2 LM tensors, by allow-list; multimodal front-end tensors)."""
-    lm, mm = [], []
-    for name, t in named:
-        (lm if is_lm_param(name) else mm).append((name, t))
-    return lm, mm
-
-
 def sampling_kwargs(params: SamplingParams, seed: int | None = None,
                     stop_token_ids: Sequence[int] = ()) -> dict[str, Any]:
     """Arguments for one vllm.SamplingParams of ONE sample (n=1, its own seed: see sample_seed);
