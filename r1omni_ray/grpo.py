@@ -1,4 +1,4 @@
-"""GRPO maths: group advantages, KL estimators, clipped policy loss, log-prob helpers.
+"""GRPO maths: group advantages, KL estimators, clipped policy loss (log-probs: model/logprobs.py).
 
 Pure torch, no Ray/DeepSpeed, so every piece can be unit-tested on CPU in float64.
 
@@ -16,9 +16,7 @@ with a MEAN over ``dp_world_size`` ranks, and DeepSpeed/Accelerate divide each m
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -283,85 +281,3 @@ def policy_loss(
         if entropy is not None:
             metrics["entropy"] = tmean(entropy.detach())
     return loss, metrics
-
-
-# ----------------------------------------------------------------------------- log-probs
-
-
-def _check_logits(logits: Tensor, temperature: float) -> None:
-    if logits.dim() != 3:
-        raise ValueError(f"logits must be [B, T, V], got shape {tuple(logits.shape)}")
-    if not temperature > 0.0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-
-
-def _row_chunks(logits: Tensor, temperature: float) -> Iterator[Tensor]:
-    """Per-sequence float32+ copies of the scaled logits, one at a time (entropy, and the log-prob function's
-    own passes)."""
-    for row in logits:
-        if row.dtype in (torch.float16, torch.bfloat16):
-            row = row.float()  # softmax in half precision loses most of the log-prob's mantissa
-        if temperature != 1.0:
-            row = row / temperature
-        yield row
-
-
-class _TokenLogprobs(torch.autograd.Function):
-    """log softmax(logits / T) at the target ids, a sequence at a time in both passes. Autograd through the
-    plain expression would keep every row's float32 copy alive for backward (all rows at once: twice the
-    bf16 logits); this keeps only the logits as given and the log-normalisers, and recomputes one row's
-    softmax in backward: d logp_t / d logits = (onehot(id_t) - softmax_t) / T."""
-
-    @staticmethod
-    def forward(ctx: Any, logits: Tensor, ids: Tensor, temperature: float) -> Tensor:
-        dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        out = torch.empty(logits.shape[:2], dtype=dtype, device=logits.device)
-        lse = torch.empty_like(out)
-        for b, row in enumerate(_row_chunks(logits, temperature)):
-            lse[b] = torch.logsumexp(row, dim=-1)
-            out[b] = row.gather(-1, ids[b].unsqueeze(-1)).squeeze(-1) - lse[b]
-        ctx.save_for_backward(logits, ids, lse)
-        ctx.temperature = temperature
-        return out
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        logits, ids, lse = ctx.saved_tensors
-        out = torch.empty_like(logits)
-        for b, row in enumerate(_row_chunks(logits, ctx.temperature)):
-            g = grad[b].to(row.dtype).unsqueeze(-1)
-            d = torch.exp(row - lse[b].unsqueeze(-1)).mul_(-g)  # -softmax * g
-            d.scatter_add_(-1, ids[b].unsqueeze(-1), g)
-            if ctx.temperature != 1.0:
-                d.div_(ctx.temperature)
-            out[b] = d
-        return out, None, None
-
-
-def sequence_logprobs(logits: Tensor, token_ids: Tensor, temperature: float = 1.0) -> Tensor:
-    """``log softmax(logits / temperature)[b, t, token_ids[b, t]]`` -> ``[B, T]``.
-
-    ``gather - logsumexp`` a sequence at a time, forward and backward (_TokenLogprobs), never the full
-    ``[B, T, V]`` log-softmax (V is ~150k for Qwen-based models) nor a float32 copy of all logits. Half
-    inputs are computed in float32.
-    """
-    if token_ids.shape != logits.shape[:2]:
-        raise ValueError(f"token_ids {tuple(token_ids.shape)} must match logits[:2] {tuple(logits.shape[:2])}")
-    _check_logits(logits, temperature)
-    return _TokenLogprobs.apply(logits, token_ids.long(), float(temperature))
-
-
-def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """Entropy of ``softmax(logits / temperature)`` per position -> ``[B, T]``."""
-    _check_logits(logits, temperature)
-    out = []
-    for row in _row_chunks(logits, temperature):
-        lse = torch.logsumexp(row, dim=-1)
-        probs = torch.softmax(row, dim=-1)
-        # Banned tokens (-inf logits) have p = 0; avoid 0 * -inf = NaN.
-        finite_row = row.masked_fill(torch.isinf(row), 0.0)
-        out.append(lse - (probs * finite_row).sum(dim=-1))
-    if not out:
-        dtype = torch.float32 if logits.dtype in (torch.float16, torch.bfloat16) else logits.dtype
-        return logits.new_zeros(logits.shape[:2], dtype=dtype)
-    return torch.stack(out)

@@ -38,7 +38,7 @@ def test_logprob_backward_holds_the_bf16_logits_not_a_float32_copy_of_every_row(
     """Real vocabulary (152k), 8 completions x 512 tokens in bf16: the autograd peak of sequence_logprobs
     stays near the logits' own size (1.2 GB), where autograd through the plain float32 expression keeps
     twice that."""
-    from r1omni_ray.grpo import sequence_logprobs
+    from r1omni_ray.model.logprobs import sequence_logprobs
 
     def peak(fn) -> int:
         logits = torch.randn(8, 512, 152064, device="cuda", dtype=torch.bfloat16, requires_grad=True)

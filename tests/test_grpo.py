@@ -12,13 +12,12 @@ from hypothesis import strategies as st
 
 from r1omni_ray.grpo import (
     LossConfig,
-    entropy_from_logits,
     grad_scale_for_framework,
     group_advantages,
     kl_estimate,
     policy_loss,
-    sequence_logprobs,
 )
+from r1omni_ray.model.logprobs import entropy_from_logits, sequence_logprobs
 
 D = torch.float64
 

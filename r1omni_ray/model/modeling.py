@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -33,10 +32,9 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from r1omni_ray.grpo import entropy_from_logits, sequence_logprobs
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.configuration import HumanOmniQwen2Config
-from r1omni_ray.model.prefix_cache import completion_cache, prompt_cache
+from r1omni_ray.model.logprobs import CompletionLogprobs
 from r1omni_ray.model.projectors import AllInOneSmall, sampled_side
 
 NUM_VISION_BRANCHES = 3  # video, body, face (HumanOmni)
@@ -199,28 +197,7 @@ class HumanOmniQwen2Model(Qwen2Model):
         self.post_init()
 
 
-def right_pad(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of [L_i, H] embeddings as one right-padded [N, max L, H] batch and its [N, max L] attention mask."""
-    width = max(r.shape[0] for r in rows)
-    x = rows[0].new_zeros(len(rows), width, rows[0].shape[1])
-    att = torch.zeros(len(rows), width, dtype=torch.long, device=x.device)
-    for i, r in enumerate(rows):
-        x[i, : r.shape[0]] = r
-        att[i, : r.shape[0]] = 1
-    return x, att
-
-
-@dataclass
-class PackedBatch:
-    """Right-padded prompt+completion embeddings for log-prob computation."""
-
-    inputs_embeds: torch.Tensor  # [N, L, H]
-    attention_mask: torch.Tensor  # [N, L]
-    prompt_lens: list[int]
-    completion_lens: list[int]
-
-
-class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
+class HumanOmniQwen2ForCausalLM(CompletionLogprobs, Qwen2ForCausalLM):
     config_class = HumanOmniQwen2Config
     # Modality -> "features" | "raw": what every forward runs for that modality even when no prompt of the
     # batch has it (a clip without audio, a rank whose micro-batch is text-only). Under ZeRO-3 each module's
@@ -412,111 +389,6 @@ class HumanOmniQwen2ForCausalLM(Qwen2ForCausalLM):
             if anchor is not None and result:
                 result[0] = result[0] + anchor.to(result[0].dtype)
         return result
-
-    # ---- training-side log-probs ----
-    def pack(
-        self,
-        prompt_embeds: Sequence[torch.Tensor],
-        prompt_index: Sequence[int],
-        completions: Sequence[Sequence[int]],
-    ) -> PackedBatch:
-        flat = torch.tensor([t for c in completions for t in c], dtype=torch.long, device=self.device)
-        embedded = self.get_input_embeddings()(flat).split([len(c) for c in completions])  # one call (ZeRO-3)
-        rows = []
-        plens, clens = [], []
-        for pi, comp, ce in zip(prompt_index, completions, embedded, strict=True):
-            pe = prompt_embeds[pi]
-            rows.append(torch.cat([pe, ce.to(pe.dtype)], dim=0))
-            plens.append(pe.shape[0])
-            clens.append(len(comp))
-        x, att = right_pad(rows)
-        return PackedBatch(x, att, plens, clens)
-
-    def completion_logprobs(
-        self,
-        prompts: Sequence[MMPrompt],
-        prompt_index: Sequence[int],
-        completions: Sequence[Sequence[int]],
-        temperature: float = 1.0,
-        with_entropy: bool = False,
-        shared_prefix: bool = True,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Log-probs of each completion token given its multimodal prompt.
-
-        Returns (logp [N, C], mask [N, C], entropy [N, C] or None), C = longest completion.
-        With ``shared_prefix`` each prompt runs through the LM once and its KV cache is expanded to its
-        completions (G completions of a prompt: the ~1k-token omni prompt once, not G times); otherwise every
-        completion is packed behind its own copy of the prompt. Both give the same values and gradients.
-        Only completion positions go through lm_head, so memory stays O(N*C*V), not O(N*L*V).
-        """
-        pe = self.embed_prompts(prompts)
-        if shared_prefix:
-            h = self._shared_prefix_hidden(pe, prompt_index, completions)
-        else:
-            h = self._packed_hidden(pe, prompt_index, completions)
-        n = len(completions)
-        cmax = max(max((len(c) for c in completions), default=1), 1)
-        mask = torch.zeros(n, cmax, dtype=torch.float32, device=self.device)
-        targets = torch.zeros(n, cmax, dtype=torch.long, device=self.device)
-        for i, comp in enumerate(completions):
-            mask[i, : len(comp)] = 1.0
-            targets[i, : len(comp)] = torch.tensor(list(comp), dtype=torch.long)
-        logits = self.lm_head(h)
-        logp = sequence_logprobs(logits, targets, temperature) * mask
-        ent = None
-        if with_entropy:  # a metric, not a loss term: no graph kept for it (at 7B it held ~8 GB)
-            with torch.no_grad():
-                ent = entropy_from_logits(logits, temperature) * mask
-        return logp, mask, ent
-
-    def _packed_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
-                       completions: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Per-completion forward: the hidden states that predict each completion token, [N, C, H]."""
-        batch = self.pack(pe, prompt_index, completions)
-        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
-        cmax = max(max(batch.completion_lens), 1)
-        idx = torch.zeros(len(completions), cmax, dtype=torch.long, device=self.device)
-        for i, (pl, cl) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
-            idx[i, :cl] = torch.arange(pl - 1, pl - 1 + cl, device=self.device)  # state t predicts token t+1
-        return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
-
-    def _shared_prefix_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
-                              completions: Sequence[Sequence[int]]) -> torch.Tensor:
-        """Shared-prefix forward, same result as ``_packed_hidden``: the prompts (right-padded) run once with
-        a KV cache; the cache rows are gathered per completion (a differentiable index, so gradients flow back
-        into the shared prompt); the completions then attend to it, positions continuing at each prompt's own
-        length past the padding gap, which the attention mask hides. Both caches survive gradient
-        checkpointing's replay (model/prefix_cache.py)."""
-        dev = self.device
-        plens = [e.shape[0] for e in pe]
-        x, pmask = right_pad(pe)
-        ppos = torch.arange(max(plens), device=dev).expand(len(pe), -1)
-        cache = prompt_cache(self.config.num_hidden_layers)
-        # use_cache=False: the layers fill the cache given to them all the same; True would only make a
-        # checkpointed layer warn that it turned caching off.
-        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, past_key_values=cache, use_cache=False)
-        index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
-        last = torch.tensor([plens[p] - 1 for p in prompt_index], device=dev)
-        first = out.last_hidden_state[index, last][:, None]  # the prompt's last state predicts token 0
-        # The last token is only a target, never an input. With no input token at all (every completion
-        # empty or 1 token) the completion pass still runs, on one masked position: under ZeRO-3 every rank
-        # must run the same forwards and backwards, whatever its micro-batch holds.
-        real_steps = max(len(c) for c in completions) - 1
-        steps = max(real_steps, 1)
-        embed = self.get_input_embeddings()
-        ids = torch.zeros(len(completions), steps, dtype=torch.long, device=dev)
-        cmask = torch.zeros_like(ids)
-        for i, c in enumerate(completions):
-            k = max(len(c) - 1, 0)  # an empty completion has no input token
-            ids[i, :k] = torch.tensor(list(c[:k]), dtype=torch.long)
-            cmask[i, :k] = 1
-        cpos = torch.tensor([plens[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
-        hidden = self.model(inputs_embeds=embed(ids).to(x.dtype), attention_mask=torch.cat([pmask[index], cmask], 1),
-                            position_ids=cpos, past_key_values=completion_cache(cache, index),
-                            use_cache=False).last_hidden_state
-        if real_steps <= 0:
-            return first + hidden.sum() * 0.0  # the pass's modules on the graph, its value unused
-        return torch.cat([first, hidden], dim=1)
 
 
 AutoConfig.register(HumanOmniQwen2Config.model_type, HumanOmniQwen2Config, exist_ok=True)
