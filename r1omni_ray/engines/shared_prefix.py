@@ -6,7 +6,9 @@ growing cache at every decoding step. Here the cache holds each prompt's prefix 
 P, d]) next to the samples' own generated suffix ([prompts * n, kv_heads, S, d]), and an attention function
 (registered with transformers' AttentionInterface under ATTN_NAME) scores each query against its prompt's
 prefix and its own suffix, one softmax over both. Everything else (sampling, stopping, masks, positions) is
-generate()'s own.
+generate()'s own. (rollout.shared_prefix. The learners' shared prefix, learner.shared_prefix, is another
+mechanism: one prompt pass whose KV cache serves all completions in the training forward, model/logprobs.py
+with model/prefix_cache.py.)
 """
 
 from __future__ import annotations
@@ -61,9 +63,11 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
     # 1k-token prefix's scores alone doubles the error against fp32 (SDPA accumulates in fp32 too).
     q, pk, pv, key, value = query.float(), pk.float(), pv.float(), key.float(), value.float()
     # Prefix: all n samples' queries of a prompt against its one copy.
-    # [rows=prompts*n, heads=kv_heads*g, 1, d] -> [prompts, kv_heads, n*g, d]
+    # [rows=prompts*n, heads=kv_heads*g, 1, d] -view-> [prompts, n, kv_heads, g, d]
+    # -permute-> [prompts, kv_heads, n, g, d] -reshape-> [prompts, kv_heads, n*g, d]
     qp = q.view(prompts, n, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(prompts, kv_heads, n * g, d)
-    # [prompts, kv_heads, n*g, P] -> [rows, kv_heads, g, P]
+    # qp @ pk^T: [prompts, kv_heads, n*g, P] -view-> [prompts, kv_heads, n, g, P]
+    # -permute-> [prompts, n, kv_heads, g, P] -reshape-> [rows, kv_heads, g, P]
     sp = (qp @ pk.transpose(-1, -2)).view(prompts, kv_heads, n, g, plen).permute(0, 2, 1, 3, 4)
     sp = sp.reshape(rows, kv_heads, g, plen)
     # Suffix: each row against its own generated tokens, [rows, kv_heads, g, S].
@@ -74,11 +78,14 @@ def shared_prefix_attention(module: torch.nn.Module, query: torch.Tensor, key: t
         m = attention_mask[:, :, -1:, :]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
     probs = torch.softmax(scores, dim=-1)
-    # Prefix weights back to prompt-major [prompts, kv_heads, n*g, P] against the one prefix copy.
+    # Prefix weights back to prompt-major against the one prefix copy: [rows, kv_heads, g, P] -reshape->
+    # [prompts, n, kv_heads, g, P] -permute-> [prompts, kv_heads, n, g, P] -reshape-> [prompts, kv_heads, n*g, P]
     pp = probs[..., :plen].reshape(prompts, n, kv_heads, g, plen).permute(0, 2, 1, 3, 4)
+    # pp @ pv: [prompts, kv_heads, n*g, d] -view-> [prompts, kv_heads, n, g, d]
     out_p = (pp.reshape(prompts, kv_heads, n * g, plen) @ pv).view(prompts, kv_heads, n, g, d)
+    # -permute-> [prompts, n, kv_heads, g, d] -reshape-> [rows, heads, d]
     out_p = out_p.permute(0, 2, 1, 3, 4).reshape(rows, heads, d)
-    out_s = (probs[..., plen:] @ value).reshape(rows, heads, d)
+    out_s = (probs[..., plen:] @ value).reshape(rows, heads, d)  # [rows, kv_heads, g, d] -> [rows, heads, d]
     return (out_p + out_s).to(query.dtype)[:, None], None  # [rows, q=1, heads, d], as transformers' attention functions return
 
 
