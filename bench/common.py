@@ -6,13 +6,14 @@ Nothing here imports Ray: the weight-broadcast benchmark's spawned receivers imp
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,49 @@ def prompt_lengths(ckpt_dir: str | Path, records: Sequence[Any]) -> list[int]:
 
     proc = OmniProcessor.from_pretrained(ckpt_dir)
     return [len(proc.process(r, use_video=False, use_audio=False).prompt_ids) for r in records]
+
+
+# ---- one benchmark run on the real role groups (Ray imported lazily: see the module docstring) ----
+RAY_ENV = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
+
+
+@contextlib.contextmanager
+def local_ray(num_cpus: int) -> Iterator[None]:
+    """A private local Ray (address="local": never a cluster another process started here) with ``num_cpus``
+    logical CPUs; one already up (a test's) is reused and left up."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, runtime_env=RAY_ENV)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def role_groups(cfg: Any, ckpt: str, labels: Sequence[str]) -> Iterator[Any]:
+    """The run's RLVRGroups, shut down at exit."""
+    from actors.groups import RLVRGroups
+
+    groups = RLVRGroups.build(cfg, ckpt, list(labels))
+    try:
+        yield groups
+    finally:
+        groups.shutdown()
+
+
+@contextlib.contextmanager
+def bench_trainer(cfg: Any, groups: Any, records: Sequence[Any], labels: Sequence[str], out: Path) -> Iterator[Any]:
+    """The driver's own step loop (RLVRTrainer) on ``groups``, logging to ``out`` without W&B."""
+    from launch.train_rlvr import RLVRTrainer
+    from r1omni_ray.config import WandbConfig
+    from r1omni_ray.tracking import RunLogger
+
+    logger = RunLogger(out, WandbConfig(mode="disabled"), {})
+    try:
+        yield RLVRTrainer(cfg, groups, list(records), None, list(labels), logger)
+    finally:
+        logger.finish()

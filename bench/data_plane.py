@@ -20,9 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import ray
-
-from bench.common import emit, machine_info, median, rounded
+from bench.common import bench_trainer, emit, local_ray, machine_info, median, role_groups, rounded
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,15 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         data = make_synthetic_dataset(work / "data", args.prompts, labels=labels, size=224, audio_seconds=30.0,
                                       num_video_frames=8, separate_audio=False)
         records = load_records(data, label_set=labels).records
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-        try:
+        with local_ray(4):
             rows = [run(ckpt, records, labels, work / media, args, media == "features")
                     for media in [m.strip() for m in args.media.split(",") if m.strip()]]
-        finally:
-            if started:
-                ray.shutdown()
     for row in rows:
         emit(row | {"machine": machine_info()})
     if len(rows) == 2:
@@ -66,10 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(ckpt, records, labels, work: Path, args: argparse.Namespace, features: bool) -> dict:
-    from actors.groups import RLVRGroups
-    from launch.train_rlvr import RLVRTrainer
-    from r1omni_ray.config import WandbConfig, config_from_dict
-    from r1omni_ray.tracking import RunLogger
+    from r1omni_ray.config import config_from_dict
 
     cfg = config_from_dict({
         "model": {"path": str(ckpt), "ship_frozen_tower_features": features},
@@ -81,13 +70,9 @@ def run(ckpt, records, labels, work: Path, args: argparse.Namespace, features: b
                   "log_samples": 0},
         "wandb": {"mode": "disabled"},
     })
-    groups = RLVRGroups.build(cfg, str(ckpt), labels)
-    try:
-        logger = RunLogger(work / "run", WandbConfig(mode="disabled"), {})
-        history = RLVRTrainer(cfg, groups, records, None, labels, logger).fit()
-        logger.finish()
-    finally:
-        groups.shutdown()
+    with role_groups(cfg, str(ckpt), labels) as groups, \
+            bench_trainer(cfg, groups, records, labels, work / "run") as trainer:
+        history = trainer.fit()
     driver = median([h["data/driver_bytes"] for h in history])
     media = median([h["data/media_bytes"] for h in history])
     shapes = ({"vision_feats": [8, 196, 768], "audio_feats": [500, 1280]} if features

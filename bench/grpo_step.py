@@ -27,6 +27,7 @@ busy in the train call or the broadcast (all learners take part in each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import re
@@ -46,8 +47,10 @@ from bench.common import (
     BENCH_LABELS,
     TinyLMArgs,
     add_tiny_lm_flags,
+    bench_trainer,
     build_bench_checkpoint,
     emit,
+    local_ray,
     machine_info,
     median,
     prompt_lengths,
@@ -55,9 +58,7 @@ from bench.common import (
     text_only_records,
     tiny_lm_from_flags,
 )
-from launch.train_rlvr import RLVRTrainer
-from r1omni_ray.config import RunConfig, WandbConfig, config_from_dict
-from r1omni_ray.tracking import RunLogger
+from r1omni_ray.config import RunConfig, config_from_dict
 
 # Driver phases (they add up to the step, with "other"), then the learner call's own split of "train".
 STEP_PHASES = ("rollout", "reward", "train", "rollout_wait", "broadcast")
@@ -163,17 +164,11 @@ def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, 
     """Warm-up steps, then the measured ones, on the driver's own step loop and phase timer."""
     out = work_dir / layout.name
     cfg = make_config(layout, wl, ckpt_dir, str(out))
-    logger = RunLogger(out, WandbConfig(mode="disabled"), {})
-    trainer = RLVRTrainer(cfg, groups, list(records), None, BENCH_LABELS, logger)
-    try:
-        cfg.train.steps = wl.warmup_steps
-        trainer.fit()
+    with bench_trainer(cfg, groups, records, BENCH_LABELS, out) as trainer:
+        trainer.fit(steps=wl.warmup_steps)
         busy0, t0 = worker_busy(groups), time.perf_counter()
-        cfg.train.steps = wl.warmup_steps + wl.steps
-        measured = trainer.fit()[wl.warmup_steps:]
+        measured = trainer.fit(steps=wl.warmup_steps + wl.steps)[wl.warmup_steps:]
         wall, busy1 = time.perf_counter() - t0, worker_busy(groups)
-    finally:
-        logger.finish()
     transfer = sum(h["time/broadcast"] for h in measured)
     w_busy = [(y - x) + transfer for x, y in zip(busy0, busy1, strict=True)]
     # Every learner takes part in the train call and the broadcast.
@@ -272,7 +267,7 @@ class BenchSystem:
         self.pool_key: tuple[int, int, int, int, bool] | None = None
         self.startup_s = 0.0
         self._tmp: tempfile.TemporaryDirectory | None = None
-        self._started = False
+        self._ray = contextlib.ExitStack()
 
     def __enter__(self) -> BenchSystem:
         torch.set_num_threads(max(1, self.args.driver_threads))
@@ -288,7 +283,9 @@ class BenchSystem:
             self.ckpt = str(build_bench_checkpoint(self.work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
             self.records = text_only_records(self.ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
             self.prompt_lens = prompt_lengths(self.ckpt, self.records)
-            self._started = _init_ray(max(lay.workers + lay.learners for lay in self.layouts))
+            # A logical CPU per actor of the largest layout.
+            actors = max(lay.workers + lay.learners for lay in self.layouts)
+            self._ray.enter_context(local_ray(max(os.cpu_count() or 1, math.ceil(actors) + 2)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -329,23 +326,10 @@ class BenchSystem:
 
     def __exit__(self, *exc: Any) -> None:
         self._release()
-        if self._started:
-            ray.shutdown()
-            self._started = False
+        self._ray.close()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-
-def _init_ray(actors: int) -> bool:
-    """Start a local Ray with a logical CPU per actor of the largest layout; reuse one that is already up."""
-    if ray.is_initialized():
-        return False
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}}
-    # address="local": always a fresh cluster of our own, never one another process started on this machine
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(actors) + 2), include_dashboard=False,
-             log_to_driver=False, runtime_env=env)
-    return True
 
 
 def run_benchmark(args: argparse.Namespace, layouts: Sequence[Layout], bench: str = "grpo_step") -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ from typing import Any
 import ray
 import torch
 
-from bench.common import BENCH_LABELS, emit, machine_info, rounded
+from bench.common import BENCH_LABELS, bench_trainer, emit, local_ray, machine_info, role_groups, rounded
 
 DEFAULT_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
 GIB = 2**30
@@ -127,12 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{ref_path}: not found (the shared reference folder beside the repo; or --reference)")
     reference = json.loads(ref_path.read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from actors.groups import RLVRGroups
-    from launch.train_rlvr import RLVRTrainer
-    from r1omni_ray.config import WandbConfig, config_from_dict
+    from r1omni_ray.config import config_from_dict
     from r1omni_ray.data.records import load_records
     from r1omni_ray.tiny.synthetic import make_synthetic_dataset
-    from r1omni_ray.tracking import RunLogger
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_real_size_")
     work = Path(args.work_dir or tmp.name)
@@ -161,26 +158,18 @@ def main(argv: list[str] | None = None) -> int:
                       "log_samples": 0, "eval_every": 0},
             "wandb": {"mode": "disabled"},
         })
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}})
-        try:
+        with local_ray(4):
             t0 = time.perf_counter()
-            groups = RLVRGroups.build(cfg, str(ckpt), BENCH_LABELS)
-            startup = time.perf_counter() - t0
-            logger = RunLogger(out, WandbConfig(mode="disabled"), {})
-            try:
-                row = RLVRTrainer(cfg, groups, records, None, BENCH_LABELS, logger).fit()[-1]
+            with role_groups(cfg, str(ckpt), BENCH_LABELS) as groups:
+                startup = time.perf_counter() - t0
+                with bench_trainer(cfg, groups, records, BENCH_LABELS, out) as trainer:
+                    row = trainer.fit()[-1]
                 pids = {f"rollout_worker_{i}": ray.get(w.info.remote())["pid"]
                         for i, w in enumerate(groups.rollout.workers)}
                 pids |= {f"learner_{i}": ray.get(a.info.remote())["pid"] for i, a in enumerate(groups.learners.actors)}
                 pids |= {f"reward_actor_{i}": ray.get(a.__ray_call__.remote(lambda self: os.getpid()))
                          for i, a in enumerate(groups.rewards.actors)}
                 peaks = {name: peak_rss_gib(pid) for name, pid in pids.items()} | {"driver": peak_rss_gib(os.getpid())}
-            finally:
-                logger.finish()
-                groups.shutdown()
-        finally:
-            ray.shutdown()
     times = {k.removeprefix("time/"): rounded(v) for k, v in row.items() if k.startswith("time/")}
     emit({"bench": "real_size_step", "kind": "result", "actor_startup_s": rounded(startup), "phase_s": times,
           "peak_rss_gib": peaks,

@@ -68,9 +68,12 @@ class RLVRTrainer:
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
         return [(uid, self.records[i]) for uid, i in enumerate(idx)]
 
-    def submit(self, step: int):
+    def submit(self, step: int, total: int | None = None):
+        """Step ``step``'s rollout, with the next step's records to decode ahead when there is one before
+        ``total`` (default train.steps)."""
         d = self.cfg.data
-        ahead = self.items_for(step + 1) if step + 1 < self.cfg.train.steps else None
+        total = self.cfg.train.steps if total is None else total
+        ahead = self.items_for(step + 1) if step + 1 < total else None
         return self.groups.rollout.submit(self.items_for(step), self._params_for(step), d.use_video, d.use_audio,
                                           ahead)
 
@@ -78,9 +81,11 @@ class RLVRTrainer:
         p = self.params
         return dataclasses.replace(p, seed=step_seed(self.cfg.train.seed, step))
 
-    def fit(self) -> list[dict[str, float]]:
-        total = self.cfg.train.steps
-        pending = self.submit(self.step) if self.step < total else None
+    def fit(self, steps: int | None = None) -> list[dict[str, float]]:
+        """Train until ``steps`` steps are done in all (default train.steps); call again to go on (benchmarks:
+        warm-up steps, then the measured ones). Returns the history of every step so far."""
+        total = self.cfg.train.steps if steps is None else steps
+        pending = self.submit(self.step, total) if self.step < total else None
         bar = progress(total=total, initial=min(self.step, total), desc="RLVR", unit="step", leave=True)
         while self.step < total:
             t0 = time.perf_counter()
@@ -92,7 +97,7 @@ class RLVRTrainer:
             self.batches[self.step] = [g.record_id for g in samples]
             # One-step off-policy: the next rollout runs on the workers while the learners update.
             overlap = self.cfg.train.overlap and self.step + 1 < total
-            pending = self.submit(self.step + 1) if overlap else None
+            pending = self.submit(self.step + 1, total) if overlap else None
             self.inflight = pending or []
             metrics = self.train_on(samples)
             metrics |= self.timer.reset()
@@ -105,7 +110,7 @@ class RLVRTrainer:
             bar.set_postfix(reward=f"{metrics.get('reward/total_mean', float('nan')):.3f}",
                             acc=f"{metrics.get('accuracy', float('nan')):.3f}")
             if not overlap and self.step < total:
-                pending = self.submit(self.step)
+                pending = self.submit(self.step, total)
             self.after_step()
         bar.close()
         return self.history
