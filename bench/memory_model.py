@@ -15,7 +15,7 @@ the built model); the rest is arithmetic, each term printed:
 Not counted: CUDA context (~0.5-1 GB), NCCL buffers, allocator fragmentation (often 10-20%), DeepSpeed's
 prefetch/bucket buffers (bounded by its config), learner-0's two weight-broadcast staging buffers
 (2 x learner.broadcast_bucket_mb). A measured peak belongs beside these numbers
-(tests/test_gpu_memory.py measures one on a GPU when one is lent).
+(tests/system/test_gpu_memory.py measures one on a GPU when one is lent).
 
 Run: python -m bench.memory_model [--gpu-gib 80]
 """

@@ -176,7 +176,7 @@ class LearnerConfig:
     # recorded as it sampled (both engines: fp32 log-softmax of the very logits they drew from, after
     # temperature), no extra pass; "recompute": a no-grad pass on the learners; "auto": rollout with the hf
     # engine (the learners' own kernels), recompute with vLLM (its kernels are not the learners': equal within
-    # 1e-4 in fp32 on CPU, tests/test_vllm_cpu.py; in bf16 on GPUs only checked to 0.1, tests/test_vllm_gpu.py).
+    # 1e-4 in fp32 on CPU, tests/system/test_vllm_cpu.py; in bf16 on GPUs only checked to 0.1, tests/system/test_vllm_gpu.py).
     old_logprobs: str = "auto"
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).

@@ -1,7 +1,7 @@
 """Audio loading + Whisper features. Every input, a video's own track or a separate audio file, is decoded and
 resampled by decord (ffmpeg), as the reference's ``process_audio`` does: resamplers differ (librosa's soxr
 moved a 44.1 kHz file's log-mels by up to 0.93 in the review,
-0.55 on tests/test_media.py's file), and the checkpoint learned ffmpeg's. librosa reads only
+0.55 on tests/unit/test_media.py's file), and the checkpoint learned ffmpeg's. librosa reads only
 files that decord cannot open, with a warning.
 
 Unlike HumanOmni, a missing / silent-by-absence audio track is an error (MediaError), never a

@@ -232,7 +232,7 @@ def rebind_cpu_gemm(model: torch.nn.Module) -> None:
     """vLLM's CPU build (0.32): the reload session processes each layer on a temporary copy and then copies
     the values back into the layer's own tensors, but a layer that keeps its weight (the token embedding,
     which is also the tied LM head) keeps the GEMM handle built on that copy: after the session its logits
-    come from freed memory (tests/test_vllm_cpu.py: log-probs off by up to 8 nats after one update of the
+    come from freed memory (tests/system/test_vllm_cpu.py: log-probs off by up to 8 nats after one update of the
     embedding). Rebuild those handles on the layers' own, updated weights. Linear layers drop their weight
     into the handle itself (packed, empty `weight`) and are right as they are."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm

@@ -1,7 +1,7 @@
 """HumanOmni-style omni-modal policy: SigLIP frames + Whisper audio spliced into a Qwen2 LM.
 
 Parameter names are those the reference HumanOmni code writes (checked against
-shared/reference/r1omni_0.5b_checkpoint_keys.json by tests/test_checkpoint_layout.py):
+shared/reference/r1omni_0.5b_checkpoint_keys.json by tests/unit/test_checkpoint_layout.py):
 ``model.vision_tower.vision_tower.vision_model.*`` (SigLIP as transformers 4.x nests it),
 ``model.mm_projector.*``, ``model.audio_tower.audio_tower.encoder.*`` (the encoder of
 ``WhisperForAudioClassification``), ``model.audio_projector.*``, ``model.bert_model.*`` + ``model.bert_gate.*``

@@ -28,7 +28,7 @@ from tests.vllm_support import LOGPROB_ATOL, vllm_platform
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
-                       reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
+                       reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
 ]
 
 LABELS = ["happy", "sad", "angry", "neutral"]

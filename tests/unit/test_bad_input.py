@@ -22,7 +22,7 @@ from r1omni_ray.rewards import RewardSpec, check_reward_specs
 from r1omni_ray.tiny.synthetic import make_corrupt_media
 from r1omni_ray.tracking import RunLogger
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 LABELS = ["happy", "sad", "angry", "neutral"]
 CONV = [{"from": "human", "value": "<video>\n<audio>\nWhich emotion?"}, {"from": "gpt", "value": "sad"}]
 

@@ -32,11 +32,11 @@ def small_cfg(out: Path, zero: int, **sections) -> "object":
     return config_from_dict(d)
 
 
-def assert_workers_match_learners(pools: RLVRGroups) -> None:
+def assert_workers_match_learners(groups: RLVRGroups) -> None:
     # full_state is collective under ZeRO-3: every learner rank takes part in the gather.
-    learner_state = pools.learners.full_states()[0]
+    learner_state = groups.learners.full_states()[0]
     assert learner_state
-    for w in pools.rollout.workers:
+    for w in groups.rollout.workers:
         wstate = ray.get(w.named_tensors.remote())
         for name, t in learner_state.items():
             assert torch.equal(wstate[name], t), f"{name} differs on a rollout worker"
@@ -53,26 +53,26 @@ def local_ray():
 def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path,
                                                                          vision_trainable):
     cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.04}, model={"freeze_vision_tower": not vision_trainable})
-    pools = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
         recs = load_records(synth_data / "train.json").records
         params = SamplingParams(n=4, max_new_tokens=12, seed=0)
-        groups = pools.rollout.collect(pools.rollout.submit(list(enumerate(recs[:4])), params), params)
-        assert all(len(g.completions) == 4 and g.weight_version == 0 for g in groups)
+        samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:4])), params), params)
+        assert all(len(g.completions) == 4 and g.weight_version == 0 for g in samples)
         # A frozen tower's output travels instead of its raw input; a trainable tower gets the raw input and
         # runs on the learners (its weights are trained and broadcast).
-        for media in ray.get([g.media_ref for g in groups]):
+        for media in ray.get([g.media_ref for g in samples]):
             assert media.audio_feats is not None and media.audio_features is None
             assert (media.pixel_values is not None) == vision_trainable
             assert (media.vision_feats is None) == vision_trainable
-        assert any(m.name.startswith("model.vision_tower.") for m in pools.sync.metas) == vision_trainable
+        assert any(m.name.startswith("model.vision_tower.") for m in groups.sync.metas) == vision_trainable
         # Hand-made advantages: the first two samples of every group are good, the last two bad.
-        adv = [1.0, 1.0, -1.0, -1.0] * len(groups)
-        shards, num_micro = shard_for_learners(groups, adv, 2, cfg.learner.micro_batch_size)
-        before = pools.learners.logprobs(shards, num_micro)
+        adv = [1.0, 1.0, -1.0, -1.0] * len(samples)
+        shards, num_micro = shard_for_learners(samples, adv, 2, cfg.learner.micro_batch_size)
+        before = groups.learners.logprobs(shards, num_micro)
         lens = [len(c) for b in shards for c in b.completions]
-        pools.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
-        after = pools.learners.logprobs(shards, num_micro)
+        groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
+        after = groups.learners.logprobs(shards, num_micro)
         up = down = 0.0
         for b, lb, la in zip(shards, before, after, strict=True):
             for a, x, y in zip(b.advantages, lb, la, strict=True):
@@ -80,9 +80,9 @@ def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_r
                 up += delta if a > 0 else 0.0
                 down += delta if a < 0 else 0.0
         assert up > 0 > down, (up, down)
-        pools.sync.broadcast(1)
-        assert_workers_match_learners(pools)
-        groups = pools.rollout.collect(pools.rollout.submit(list(enumerate(recs[:2])), params), params)
-        assert all(g.weight_version == 1 for g in groups)
+        groups.sync.broadcast(1)
+        assert_workers_match_learners(groups)
+        samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:2])), params), params)
+        assert all(g.weight_version == 1 for g in samples)
     finally:
-        pools.shutdown()
+        groups.shutdown()

@@ -19,8 +19,8 @@ from r1omni_ray.model.loading import LEGACY_KEY_MAPPING, UNUSED_IN_FORWARD, load
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
 from r1omni_ray.model.towers import TowerPaths
 
-REFERENCE = Path(__file__).resolve().parent / "reference" / "r1omni_0.5b_checkpoint_keys.json"
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
+REFERENCE = Path(__file__).resolve().parents[1] / "reference" / "r1omni_0.5b_checkpoint_keys.json"
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "reference" / "r1omni_0.5b_checkpoint_keys.json"
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from launch.preflight import RAY_JOB_ENV, preflight
 from r1omni_ray.config import ConfigError, config_from_dict
 from r1omni_ray.tracking import truncate_step_log
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def cfg(out: Path, **data):

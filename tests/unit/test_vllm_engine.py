@@ -1,7 +1,7 @@
 """vLLM engine logic that runs without vLLM: per-sample seeds, the LM-name allow-list, request building,
 generation_config in exports, broadcast rank layout, msgpack-safe metadata, LM export, engine arguments per
-platform. The engine itself runs in tests/test_vllm_cpu.py and tests/test_vllm_system.py (vLLM's CPU
-build); the GPU checks are in tests/test_vllm_gpu.py."""
+platform. The engine itself runs in tests/system/test_vllm_cpu.py and tests/system/test_vllm_system.py (vLLM's CPU
+build); the GPU checks are in tests/system/test_vllm_gpu.py."""
 
 import json
 import subprocess
@@ -29,7 +29,7 @@ from r1omni_ray.engines.vllm_engine import (
 )
 from r1omni_ray.weight_broadcast import ACTORS, ENGINES, ParamMeta
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_module_imports_without_vllm():

@@ -6,7 +6,7 @@ across that update. One engine serves the module (starting it is the expensive p
 The model is a tiny HumanOmni with spread-out weights (the random init's greedy output is one token repeated,
 which would hide a wrong stop or a wrong sample), head_dim 32 (the CPU attention's smallest), and frames
 large enough (64 px) that a prompt fills a whole 128-token KV block, so that vLLM's prefix cache is really used.
-The GPU-only checks (bf16, memory fraction) stay in tests/test_vllm_gpu.py."""
+The GPU-only checks (bf16, memory fraction) stay in tests/system/test_vllm_gpu.py."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tests.vllm_support import LOGPROB_ATOL, push_weights, vllm_platform
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
-                       reason="vLLM here is a GPU build: tests/test_vllm_gpu.py covers it"),
+                       reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
 ]
 
 MANY = 28  # distinct prompts of ~170 tokens: more than vLLM's default 4,096-token step of prefill
@@ -112,17 +112,17 @@ def push(engine, named: list[tuple[str, torch.Tensor]]) -> None:
     assert got["sent"] == {"actors": front, "engines": lm, "sent": front + lm}
 
 
-def learner_logprobs(policy, prompts, groups, temperature: float = 1.0) -> list[torch.Tensor]:
+def learner_logprobs(policy, prompts, per_prompt, temperature: float = 1.0) -> list[torch.Tensor]:
     """The learners' teacher-forced log-probs of every returned completion (their own code path)."""
-    idx = [i for i, g in enumerate(groups) for _ in g]
-    comps = [c.token_ids for g in groups for c in g]
+    idx = [i for i, g in enumerate(per_prompt) for _ in g]
+    comps = [c.token_ids for g in per_prompt for c in g]
     with torch.no_grad():
         lp, _, _ = policy.completion_logprobs(prompts, idx, comps, temperature=temperature)
     return [lp[k, : len(c)] for k, c in enumerate(comps)]
 
 
-def assert_logprobs_match(groups, reference: list[torch.Tensor], atol: float = LOGPROB_ATOL) -> None:
-    got = [torch.tensor(c.logprobs) for g in groups for c in g]
+def assert_logprobs_match(per_prompt, reference: list[torch.Tensor], atol: float = LOGPROB_ATOL) -> None:
+    got = [torch.tensor(c.logprobs) for g in per_prompt for c in g]
     for k, (a, b) in enumerate(zip(got, reference, strict=True)):
         torch.testing.assert_close(a, b.float(), atol=atol, rtol=0, msg=lambda m, k=k: f"completion {k}: {m}")
 
@@ -180,10 +180,10 @@ def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperatur
     from r1omni_ray.model.loading import load_policy
 
     ckpt, _, prompts, *_ = world
-    groups = engine.generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=7,
+    per_prompt = engine.generate(prompts, SamplingParams(n=4, temperature=0.7, max_new_tokens=12, seed=7,
                                                      logprobs=True))
-    assert all(len(g) == 4 for g in groups)
-    assert_logprobs_match(groups, learner_logprobs(load_policy(ckpt), prompts, groups, temperature=0.7))
+    assert all(len(g) == 4 for g in per_prompt)
+    assert_logprobs_match(per_prompt, learner_logprobs(load_policy(ckpt), prompts, per_prompt, temperature=0.7))
 
 
 def test_per_sample_seeds_give_the_same_completion_whatever_the_batch(world, engine):

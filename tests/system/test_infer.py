@@ -7,7 +7,7 @@ from pathlib import Path
 
 from launch.infer import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def first_video(synth_data: Path) -> Path:

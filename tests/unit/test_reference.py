@@ -1,6 +1,6 @@
 """Where the frozen reference waits between steps (learner.ref_offload below ZeRO-3): its weights in host
 memory, device copies for the reference pass only, nothing copied back. The move to a GPU itself is checked
-in tests/test_gpu_memory.py."""
+in tests/system/test_gpu_memory.py."""
 
 import torch
 from torch import nn

@@ -1,5 +1,5 @@
 """Torch-level GPU checks of the learner's memory fixes and the rollout's GPU feature path (issue: the first
-GPU cluster run). Skipped cleanly without CUDA; run on a GPU machine with `pytest -m gpu tests/test_gpu_memory.py`.
+GPU cluster run). Skipped cleanly without CUDA; run on a GPU machine with `pytest -m gpu tests/system/test_gpu_memory.py`.
 They need torch and transformers only (no Ray, DeepSpeed or vLLM)."""
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ import pytest
 
 from r1omni_ray.config import ConfigError, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -88,7 +88,7 @@ def test_where_off_policy_old_logprobs_come_from():
     assert not engine_logprobs_allowed(load_config(None, ["rollout.engine=vllm"]))
     assert not engine_logprobs_allowed(load_config(None, ["learner.old_logprobs=recompute"]))
     # vLLM returns processed log-probs (after temperature): its own are a valid opt-in at any temperature
-    # (tests/test_vllm_cpu.py proves them equal to the learners' at T=0.7).
+    # (tests/system/test_vllm_cpu.py proves them equal to the learners' at T=0.7).
     cfg = load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout", "rollout.temperature=0.7"])
     check_rlvr(cfg)
     assert engine_logprobs_allowed(cfg)

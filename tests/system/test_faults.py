@@ -71,7 +71,7 @@ def ray_cluster():
 
 
 @pytest.fixture(scope="module")
-def pools(ray_cluster, tiny_ckpt, tmp_path_factory):
+def groups(ray_cluster, tiny_ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("faults")
     p = RLVRGroups.build(fault_cfg(out), str(tiny_ckpt), LABELS)
     yield p
@@ -83,23 +83,23 @@ def records(synth_data):
     return load_records(synth_data / "train.json", label_set=LABELS).records
 
 
-def make_trainer(pools: RLVRGroups, records: list[Any], cfg: RunConfig | None = None) -> RLVRTrainer:
-    cfg = cfg or pools.cfg
+def make_trainer(groups: RLVRGroups, records: list[Any], cfg: RunConfig | None = None) -> RLVRTrainer:
+    cfg = cfg or groups.cfg
     logger = RunLogger(Path(cfg.train.output_dir), cfg.wandb, {})
-    return RLVRTrainer(cfg, pools, records, None, LABELS, logger)
+    return RLVRTrainer(cfg, groups, records, None, LABELS, logger)
 
 
 def run_step(tr: RLVRTrainer, step: int) -> dict[str, float]:
-    groups = tr.groups.rollout.collect(tr.submit(step), tr._params_for(step))
-    return tr.train_on(groups)
+    samples = tr.groups.rollout.collect(tr.submit(step), tr._params_for(step))
+    return tr.train_on(samples)
 
 
-def learner_states(pools: RLVRGroups) -> list[dict[str, torch.Tensor]]:
-    return ray.get([lr.full_state.remote() for lr in pools.learners.actors])
+def learner_states(groups: RLVRGroups) -> list[dict[str, torch.Tensor]]:
+    return ray.get([lr.full_state.remote() for lr in groups.learners.actors])
 
 
-def assert_workers_hold(pools: RLVRGroups, state: dict[str, torch.Tensor]) -> None:
-    for i, w in enumerate(pools.rollout.workers):
+def assert_workers_hold(groups: RLVRGroups, state: dict[str, torch.Tensor]) -> None:
+    for i, w in enumerate(groups.rollout.workers):
         ws = ray.get(w.named_tensors.remote())
         for name, t in state.items():
             assert torch.equal(ws[name], t), f"rollout-worker-{i}: {name} differs from the learners'"
@@ -109,72 +109,72 @@ def assert_workers_hold(pools: RLVRGroups, state: dict[str, torch.Tensor]) -> No
 # ---------------------------------------------------------------------------------------------- rollout
 
 
-def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(pools, records, tiny_ckpt):
-    tr = make_trainer(pools, records)
+def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(groups, records, tiny_ckpt):
+    tr = make_trainer(groups, records)
     m = run_step(tr, 0)  # a real update: the replacement must get these weights, not the checkpoint's
-    assert m["learner/skipped_update"] == 0.0 and pools.sync.version >= 1
-    restarts, reissued = pools.rollout.restarts, pools.rollout.reissued
-    pid = ray.get(pools.rollout.workers[0].info.remote())["pid"]
-    old = pools.rollout.workers[0]
+    assert m["learner/skipped_update"] == 0.0 and groups.sync.version >= 1
+    restarts, reissued = groups.rollout.restarts, groups.rollout.reissued
+    pid = ray.get(groups.rollout.workers[0].info.remote())["pid"]
+    old = groups.rollout.workers[0]
 
     pending = tr.submit(1)
     mine = [p for p in pending if p.worker_index == 0]
     assert mine and not ray.wait([mine[0].ref], timeout=0)[0], "worker 0's rollout should still be running"
     os.kill(pid, signal.SIGKILL)
-    groups = pools.rollout.collect(pending, tr._params_for(1))
+    samples = groups.rollout.collect(pending, tr._params_for(1))
 
     # Every prompt exactly once, each with its full G samples, all sampled with the current weights.
-    assert [g.uid for g in groups] == list(range(pools.cfg.train.prompts_per_step))
-    assert all(g.error is None and len(g.completions) == G for g in groups)
-    assert all(g.weight_version == pools.sync.version for g in groups)
-    assert pools.rollout.restarts == restarts + 1
-    assert pools.rollout.reissued == reissued + len(mine[0].items)
-    assert pools.rollout.workers[0] is not old
-    assert ray.get(pools.rollout.workers[0].info.remote())["pid"] != pid
+    assert [g.uid for g in samples] == list(range(groups.cfg.train.prompts_per_step))
+    assert all(g.error is None and len(g.completions) == G for g in samples)
+    assert all(g.weight_version == groups.sync.version for g in samples)
+    assert groups.rollout.restarts == restarts + 1
+    assert groups.rollout.reissued == reissued + len(mine[0].items)
+    assert groups.rollout.workers[0] is not old
+    assert ray.get(groups.rollout.workers[0].info.remote())["pid"] != pid
 
     # The new worker joined the rebuilt gloo group and holds the learners' weights bit for bit ...
-    state = learner_states(pools)[0]
-    assert_workers_hold(pools, state)
+    state = learner_states(groups)[0]
+    assert_workers_hold(groups, state)
     # ... which are not the initial checkpoint's (so the re-sync really happened).
     init = dict(load_policy(tiny_ckpt, "float32").named_parameters())
     assert any(not torch.equal(init[n].detach(), t) for n, t in state.items())
 
-    m = tr.train_on(groups)  # and the step completes on the re-issued samples
-    assert m["samples"] == pools.cfg.train.prompts_per_step * G
+    m = tr.train_on(samples)  # and the step completes on the re-issued samples
+    assert m["samples"] == groups.cfg.train.prompts_per_step * G
 
 
-def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(pools, records):
-    tr = make_trainer(pools, records)
-    restarts = pools.rollout.restarts
-    ray.kill(pools.rollout.workers[1], no_restart=True)
+def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(groups, records):
+    tr = make_trainer(groups, records)
+    restarts = groups.rollout.restarts
+    ray.kill(groups.rollout.workers[1], no_restart=True)
     m = run_step(tr, 2)
-    assert m["samples"] == pools.cfg.train.prompts_per_step * G
-    assert pools.rollout.restarts == restarts + 1
-    assert m["faults/worker_restarts"] == float(pools.rollout.restarts)
-    assert_workers_hold(pools, learner_states(pools)[0])
+    assert m["samples"] == groups.cfg.train.prompts_per_step * G
+    assert groups.rollout.restarts == restarts + 1
+    assert m["faults/worker_restarts"] == float(groups.rollout.restarts)
+    assert_workers_hold(groups, learner_states(groups)[0])
 
 
-def test_worker_killed_during_overlapped_rollout_and_broadcast(pools, records):
+def test_worker_killed_during_overlapped_rollout_and_broadcast(groups, records):
     """train.overlap: the next step's rollout is in flight while the learners update and broadcast. The
     worker dies then: the broadcast replaces it and redoes itself; collecting the overlapped rollout later
     re-issues the lost share without replacing the (already new) worker again."""
-    tr = make_trainer(pools, records)
-    restarts, reissued = pools.rollout.restarts, pools.rollout.reissued
-    groups = pools.rollout.collect(tr.submit(3), tr._params_for(3))
-    pid = ray.get(pools.rollout.workers[1].info.remote())["pid"]
+    tr = make_trainer(groups, records)
+    restarts, reissued = groups.rollout.restarts, groups.rollout.reissued
+    samples = groups.rollout.collect(tr.submit(3), tr._params_for(3))
+    pid = ray.get(groups.rollout.workers[1].info.remote())["pid"]
     pending = tr.submit(4)
     lost = sum(len(p.items) for p in pending if p.worker_index == 1)
     os.kill(pid, signal.SIGKILL)
-    version = pools.sync.version
-    m = tr.train_on(groups)
-    assert pools.sync.version == version + 1 and m["samples"] == len(groups) * G
-    assert pools.rollout.restarts == restarts + 1
-    nxt = pools.rollout.collect(pending, tr._params_for(4))
-    assert pools.rollout.restarts == restarts + 1  # not replaced twice
-    assert pools.rollout.reissued == reissued + lost
-    assert [g.uid for g in nxt] == list(range(pools.cfg.train.prompts_per_step))
+    version = groups.sync.version
+    m = tr.train_on(samples)
+    assert groups.sync.version == version + 1 and m["samples"] == len(samples) * G
+    assert groups.rollout.restarts == restarts + 1
+    nxt = groups.rollout.collect(pending, tr._params_for(4))
+    assert groups.rollout.restarts == restarts + 1  # not replaced twice
+    assert groups.rollout.reissued == reissued + lost
+    assert [g.uid for g in nxt] == list(range(groups.cfg.train.prompts_per_step))
     assert all(len(g.completions) == G for g in nxt)
-    assert_workers_hold(pools, learner_states(pools)[0])
+    assert_workers_hold(groups, learner_states(groups)[0])
 
 
 def test_idle_worker_killed_between_steps_is_found_before_the_broadcast(ray_cluster, tiny_ckpt, records, tmp_path):
@@ -214,9 +214,9 @@ def test_an_unschedulable_reward_actor_fails_the_run_at_start(ray_cluster, tmp_p
 # ---------------------------------------------------------------------------------------------- rewards
 
 
-def test_reward_fn_raising_scores_zero_counted_and_a_killed_reward_actor_costs_no_signal(pools, records, caplog):
-    tr = make_trainer(pools, records)
-    n = pools.cfg.train.prompts_per_step * G
+def test_reward_fn_raising_scores_zero_counted_and_a_killed_reward_actor_costs_no_signal(groups, records, caplog):
+    tr = make_trainer(groups, records)
+    n = groups.cfg.train.prompts_per_step * G
     with caplog.at_level("WARNING", logger="r1omni_ray"):
         m = run_step(tr, 5)
     # A registered reward that raises: 0 for every sample, counted, logged with the exception, step done.
@@ -224,8 +224,8 @@ def test_reward_fn_raising_scores_zero_counted_and_a_killed_reward_actor_costs_n
     assert "injected reward failure" in caplog.text
     assert m["learner/skipped_update"] == 0.0
 
-    restarts = pools.rewards.restarts
-    ray.kill(pools.rewards.actors[0], no_restart=True)
+    restarts = groups.rewards.restarts
+    ray.kill(groups.rewards.actors[0], no_restart=True)
     caplog.clear()
     with caplog.at_level("WARNING", logger="r1omni_ray"):
         m = run_step(tr, 6)
@@ -233,10 +233,10 @@ def test_reward_fn_raising_scores_zero_counted_and_a_killed_reward_actor_costs_n
     # score every sample 0); only the always-raising reward's errors are counted.
     assert m["reward/errors"] == n and m["samples"] == n and 0.0 < m["reward/test_parity_mean"] < 1.0
     assert "re-running its" in caplog.text and "reward actor 0 failed" not in caplog.text
-    assert pools.rewards.restarts == restarts + 1
+    assert groups.rewards.restarts == restarts + 1
 
 
-def test_reward_actor_killed_mid_call_is_rerun_on_a_replacement(pools):
+def test_reward_actor_killed_mid_call_is_rerun_on_a_replacement(groups):
     """Killed while scoring (a slow reward function): the same call runs again on the replacement."""
     import threading
 
@@ -245,36 +245,36 @@ def test_reward_actor_killed_mid_call_is_rerun_on_a_replacement(pools):
 
     slow = RewardActor.remote([("test_slow_parity", 1.0)], None, ["tests.fault_rewards"])
     ray.get(slow.__ray_ready__.remote())  # started: the kill lands inside the call
-    old, pools.rewards.actors[0] = pools.rewards.actors[0], slow
+    old, groups.rewards.actors[0] = groups.rewards.actors[0], slow
     ray.kill(old, no_restart=True)
-    restarts = pools.rewards.restarts
+    restarts = groups.rewards.restarts
     texts, sols = ["<think>a</think><answer>sad</answer>", "<answer>x</answer>"] * 2, ["<answer>sad</answer>"] * 4
     killer = threading.Timer(1.0, lambda: ray.kill(slow, no_restart=True))
     killer.start()
-    rb = pools.rewards.score(texts, sols)
+    rb = groups.rewards.score(texts, sols)
     killer.join()
-    assert "reward_actor_failed" not in rb.errors and pools.rewards.restarts == restarts + 1
-    want = score_completions(texts, sols, pools.rewards.specs, label_set=pools.rewards.label_set)
+    assert "reward_actor_failed" not in rb.errors and groups.rewards.restarts == restarts + 1
+    want = score_completions(texts, sols, groups.rewards.specs, label_set=groups.rewards.label_set)
     assert rb.total == want.total  # the replacement scores with the run's own rewards
 
 
-def test_hung_reward_function_times_out_scores_zero_and_actor_is_replaced(pools):
+def test_hung_reward_function_times_out_scores_zero_and_actor_is_replaced(groups):
     from actors.reward import RewardActor
 
     hung = RewardActor.remote([("test_hangs", 1.0)], None, ["tests.fault_rewards"])
-    old, pools.rewards.actors[0] = pools.rewards.actors[0], hung
+    old, groups.rewards.actors[0] = groups.rewards.actors[0], hung
     ray.kill(old, no_restart=True)
-    saved = pools.cfg.reward.timeout_s
-    pools.cfg.reward.timeout_s = 3.0
-    restarts = pools.rewards.restarts
+    saved = groups.cfg.reward.timeout_s
+    groups.cfg.reward.timeout_s = 3.0
+    restarts = groups.rewards.restarts
     try:
-        rb = pools.rewards.score(["<think>a</think><answer>sad</answer>"] * 4, ["<answer>sad</answer>"] * 4)
+        rb = groups.rewards.score(["<think>a</think><answer>sad</answer>"] * 4, ["<answer>sad</answer>"] * 4)
     finally:
-        pools.cfg.reward.timeout_s = saved
+        groups.cfg.reward.timeout_s = saved
     assert rb.total == [0.0] * 4 and rb.errors == {"reward_actor_failed": 4}
     assert "GetTimeoutError" in rb.error_examples["reward_actor_failed"]
-    assert pools.rewards.restarts == restarts + 1 and pools.rewards.actors[0] is not hung
-    rb = pools.rewards.score(["<think>a</think><answer>sad</answer>"] * 2, ["<answer>sad</answer>"] * 2)
+    assert groups.rewards.restarts == restarts + 1 and groups.rewards.actors[0] is not hung
+    rb = groups.rewards.score(["<think>a</think><answer>sad</answer>"] * 2, ["<answer>sad</answer>"] * 2)
     assert "reward_actor_failed" not in rb.errors  # the replacement actor scores again
 
 
@@ -302,12 +302,12 @@ def bad_media_records(synth_data, tmp_path_factory):
     return recs, bad
 
 
-def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(pools, bad_media_records, caplog):
+def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(groups, bad_media_records, caplog):
     recs, bad = bad_media_records
-    cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=len(recs)))
-    tr = make_trainer(pools, recs, cfg)
-    groups = pools.rollout.collect(tr.submit(0), tr._params_for(0))
-    errors = {g.record_id: g.error for g in groups if g.error}
+    cfg = dataclasses.replace(groups.cfg, train=dataclasses.replace(groups.cfg.train, prompts_per_step=len(recs)))
+    tr = make_trainer(groups, recs, cfg)
+    samples = groups.rollout.collect(tr.submit(0), tr._params_for(0))
+    errors = {g.record_id: g.error for g in samples if g.error}
     assert set(errors) == {r.id for r in recs if r.id.startswith("bad-")}
     assert str(bad["truncated_mp4"]) in errors["bad-truncated-video"]
     assert "no audio track" in errors["bad-no-audio-track"]
@@ -315,7 +315,7 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(pools, bad_
     assert "missing.mp4" in errors["bad-missing-file"]
 
     with caplog.at_level("WARNING", logger="r1omni_ray"):
-        m = tr.train_on(groups)
+        m = tr.train_on(samples)
     assert m["data/skipped_records"] == 4.0
     assert m["samples"] == 2 * G  # only the two good records were trained on
     assert "bad-truncated-video" in caplog.text
@@ -323,32 +323,32 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(pools, bad_
     # data.on_error=raise: the run stops with a DataError naming the record and the file, in the driver.
     rcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="raise"))
     with pytest.raises(DataError) as ei:
-        make_trainer(pools, recs, rcfg).train_on(groups)
+        make_trainer(groups, recs, rcfg).train_on(samples)
     files = {"bad-truncated-video": "truncated.mp4", "bad-no-audio-track": "no_audio.mp4",
              "bad-zero-length-wav": "zero_length.wav", "bad-missing-file": "missing.mp4"}
     rid = str(ei.value).split("'")[1]
     assert rid in files and files[rid] in str(ei.value), str(ei.value)
 
 
-def test_step_whose_records_all_fail_is_skipped_not_fatal(pools, bad_media_records):
+def test_step_whose_records_all_fail_is_skipped_not_fatal(groups, bad_media_records):
     recs, _ = bad_media_records
     bad_only = [r for r in recs if r.id.startswith("bad-")]
-    cfg = dataclasses.replace(pools.cfg, train=dataclasses.replace(pools.cfg.train, prompts_per_step=2, steps=1))
-    tr = make_trainer(pools, bad_only, cfg)
-    version = pools.sync.version
+    cfg = dataclasses.replace(groups.cfg, train=dataclasses.replace(groups.cfg.train, prompts_per_step=2, steps=1))
+    tr = make_trainer(groups, bad_only, cfg)
+    version = groups.sync.version
     hist = tr.fit()
     assert hist[0]["data/skipped_records"] == 2.0 and hist[0]["data/skipped_steps"] == 1.0
-    assert pools.sync.version == version  # no update, no broadcast
+    assert groups.sync.version == version  # no update, no broadcast
 
 
-def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records, tiny_ckpt):
+def test_sft_bad_media_keeps_its_slot_with_zero_weight(groups, bad_media_records, tiny_ckpt):
     """Cold-start SFT decodes media on the learners: a bad record must not crash a rank (or desync the
     ranks' micro-batches); it is skipped, counted and reported to the driver."""
     recs, _ = bad_media_records
     good = [r for r in recs if not r.id.startswith("bad-")]
     bad = [r for r in recs if r.id.startswith("bad-")]
     shards = [[good[0], bad[0]], [good[1], bad[1]]]
-    outs = ray.get([lr.sft_batch.remote(sh, 1) for lr, sh in zip(pools.learners.actors, shards, strict=True)])
+    outs = ray.get([lr.sft_batch.remote(sh, 1) for lr, sh in zip(groups.learners.actors, shards, strict=True)])
     assert [o["skipped_records"] for o in outs] == [1.0, 1.0]
     assert all(bad[r].id in outs[r]["skipped_reasons"][0] for r in range(2))
     assert all(math.isfinite(o["sft_loss"]) and o["sft_loss"] > 0 and o["skipped_update"] == 0.0 for o in outs)
@@ -362,48 +362,48 @@ def test_sft_bad_media_keeps_its_slot_with_zero_weight(pools, bad_media_records,
 # ---------------------------------------------------------------------------------------------- numerics
 
 
-def _prepared_batches(pools: RLVRGroups, records: list[Any], adv: list[float]):
-    tr = make_trainer(pools, records)
-    groups = pools.rollout.collect(tr.submit(6), tr._params_for(6))
-    shards, num_micro = shard_for_learners(groups, adv, len(pools.learners.actors), pools.cfg.learner.micro_batch_size)
+def _prepared_batches(groups: RLVRGroups, records: list[Any], adv: list[float]):
+    tr = make_trainer(groups, records)
+    samples = groups.rollout.collect(tr.submit(6), tr._params_for(6))
+    shards, num_micro = shard_for_learners(samples, adv, len(groups.learners.actors), groups.cfg.learner.micro_batch_size)
     lens = [len(c) for b in shards for c in b.completions]
-    return shards, StepSpec(num_micro, sum(lens), len(lens), pools.cfg.rollout.max_new_tokens)
+    return shards, StepSpec(num_micro, sum(lens), len(lens), groups.cfg.rollout.max_new_tokens)
 
 
-def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(pools, records):
-    n = pools.cfg.train.prompts_per_step * G
+def test_nonfinite_loss_or_grad_on_one_rank_skips_the_update_on_all(groups, records):
+    n = groups.cfg.train.prompts_per_step * G
     adv = [1.0, -1.0] * (n // 2)
-    batches, spec = _prepared_batches(pools, records, adv)
-    before = learner_states(pools)
+    batches, spec = _prepared_batches(groups, records, adv)
+    before = learner_states(groups)
 
     # 1. A NaN advantage on rank 1 only -> a NaN loss there; rank 0's loss and gradients are finite.
     batches[1].advantages[0] = math.nan
-    outs = pools.learners.train_per_rank(batches, spec)
+    outs = groups.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
     assert outs[1]["nonfinite_microbatches"] >= 1 and outs[0]["nonfinite_microbatches"] == 0
-    after = learner_states(pools)
+    after = learner_states(groups)
     for r in range(2):
         assert all(torch.equal(before[r][k], after[r][k]) for k in before[r]), f"rank {r} weights changed"
 
     # 2. A non-finite gradient (finite loss) injected on rank 1 only.
     batches[1].advantages[0] = 1.0
-    ray.get(pools.learners.actors[1].debug_inject_nonfinite_grad.remote(math.inf))
-    outs = pools.learners.train_per_rank(batches, spec)
+    ray.get(groups.learners.actors[1].debug_inject_nonfinite_grad.remote(math.inf))
+    outs = groups.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [1.0, 1.0]
     assert outs[0]["skipped_updates"] == outs[1]["skipped_updates"] >= 2
-    after = learner_states(pools)
+    after = learner_states(groups)
     for r in range(2):
         assert all(torch.equal(before[r][k], after[r][k]) for k in before[r]), f"rank {r} weights changed"
 
     # The broadcast after a skipped update sends the unchanged, finite weights.
-    pools.sync.broadcast(pools.sync.version + 1)
-    assert_workers_hold(pools, after[0])
+    groups.sync.broadcast(groups.sync.version + 1)
+    assert_workers_hold(groups, after[0])
 
     # 3. The next clean update is applied again (the skip gate and the grad check were reset).
-    outs = pools.learners.train_per_rank(batches, spec)
+    outs = groups.learners.train_per_rank(batches, spec)
     assert [o["skipped_update"] for o in outs] == [0.0, 0.0]
-    assert any(not torch.equal(before[0][k], v) for k, v in learner_states(pools)[0].items())
-    pools.sync.broadcast(pools.sync.version + 1)
+    assert any(not torch.equal(before[0][k], v) for k, v in learner_states(groups)[0].items())
+    groups.sync.broadcast(groups.sync.version + 1)
 
 
 # ---------------------------------------------------------------------------------------------- driver death
@@ -469,21 +469,21 @@ def test_driver_killed_between_steps_resumes_like_an_uninterrupted_run(ray_clust
 # ---------------------------------------------------------------------------------------------- hangs (last)
 
 
-def test_hung_collectives_time_out_naming_the_actor(pools, records):
+def test_hung_collectives_time_out_naming_the_actor(groups, records):
     """Runs last: it leaves the DP and broadcast groups of the module's pool broken."""
-    n = pools.cfg.train.prompts_per_step * G
-    batches, spec = _prepared_batches(pools, records, [1.0, -1.0] * (n // 2))
+    n = groups.cfg.train.prompts_per_step * G
+    batches, spec = _prepared_batches(groups, records, [1.0, -1.0] * (n // 2))
 
     # A weight broadcast that the learner never sends: the waiting worker gives up after dist_timeout_s.
     t0 = time.monotonic()
-    w = pools.rollout.workers[1]
+    w = groups.rollout.workers[1]
     with pytest.raises(ActorCallError, match="rollout-worker-1.receive_weights") as ei:
-        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, pools.sync.metas, pools.sync.routes))])
+        wait_named([("rollout-worker-1", "receive_weights", w.receive_weights.remote(99, groups.sync.metas, groups.sync.routes))])
     assert isinstance(ei.value.cause, CollectiveError) and "timed out" in str(ei.value)
     assert time.monotonic() - t0 < TIMEOUT_S + 30
 
     # A data-parallel step that only rank 0 enters: its collective times out; the error names learner-0.
     t0 = time.monotonic()
     with pytest.raises(ActorCallError, match="learner-0.train"):
-        wait_named([("learner-0", "train", pools.learners.actors[0].train.remote(batches[0], spec))])
+        wait_named([("learner-0", "train", groups.learners.actors[0].train.remote(batches[0], spec))])
     assert time.monotonic() - t0 < TIMEOUT_S + 30

@@ -1,5 +1,5 @@
 """vLLM rollout path on a GPU: skipped cleanly where vllm or CUDA is missing (CPU CI). Run on a GPU machine
-with the gpu extra: `pytest -m gpu tests/test_vllm_gpu.py`."""
+with the gpu extra: `pytest -m gpu tests/system/test_vllm_gpu.py`."""
 
 import importlib.util
 import os
