@@ -69,17 +69,24 @@ def build_config(size: str) -> Any:
     return HumanOmniQwen2Config(**{k: v for k, v in cfg.items() if k not in ("model_type", "transformers_version")})
 
 
-def count(size: str, cfg: RunConfig) -> Counts:
-    from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param
+def meta_model(size: str, cfg: RunConfig) -> Any:
+    """The policy at ``size`` on the meta device (no memory), its towers frozen as ``cfg`` says."""
     from r1omni_ray.model.loading import freeze_modules
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
 
-    config = build_config(size)
     with torch.device("meta"):
-        model = HumanOmniQwen2ForCausalLM(config)
+        model = HumanOmniQwen2ForCausalLM(build_config(size))
     mc = cfg.model
     freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
-    ship_v, ship_a = mc.shipped_tower_features()
+    return model
+
+
+def count(size: str, cfg: RunConfig) -> Counts:
+    from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param
+
+    model = meta_model(size, cfg)
+    config = model.config
+    ship_v, ship_a = cfg.model.shipped_tower_features()
     named = dict(model.named_parameters())
     dropped = (("model.vision_tower.",) if ship_v else ()) + (("model.audio_tower.",) if ship_a else ())
     n = {k: p.numel() for k, p in named.items()}
@@ -96,14 +103,9 @@ def count(size: str, cfg: RunConfig) -> Counts:
 def trainable_metas(size: str, cfg: RunConfig) -> list[Any]:
     """What a learner broadcasts per update (LearnerActor.sync_metas: every trainable parameter, bf16), from
     the model built on the meta device."""
-    from r1omni_ray.model.loading import freeze_modules
-    from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
     from r1omni_ray.weight_broadcast import ParamMeta
 
-    with torch.device("meta"):
-        model = HumanOmniQwen2ForCausalLM(build_config(size))
-    mc = cfg.model
-    freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
+    model = meta_model(size, cfg)
     return [ParamMeta(n, tuple(p.shape), "bfloat16") for n, p in model.named_parameters() if p.requires_grad]
 
 
@@ -112,6 +114,17 @@ def activation_bytes_per_token_layer(c: Counts) -> int:
     norm + attention inputs, q/k/v, attention output, o-proj input (~5h + 2 kv); norm + MLP inputs, gate, up,
     activation, product (2h + 4i); residual adds (2h)."""
     return 2 * (5 * c.hidden + 2 * c.kv_dim + 2 * c.hidden + 4 * c.intermediate + 2 * c.hidden)
+
+
+def micro_batch_bytes(c: Counts, prompts: int, prompt_tokens: int, completions: int, new_tokens: int,
+                      checkpointing: bool) -> dict[str, int]:
+    """What one micro-batch keeps for backward (bf16): the decoder layers' activations over its tokens (each
+    prompt once, then its completions), all layers' or, with gradient checkpointing, the layer inputs plus one
+    layer's; and the completion logits (kept as given) with one sequence's float32 row."""
+    tokens = prompts * prompt_tokens + completions * new_tokens
+    per_layer = activation_bytes_per_token_layer(c) * tokens
+    act = per_layer + 2 * c.hidden * tokens * c.layers if checkpointing else per_layer * c.layers
+    return {"activations": act, "logits": 2 * completions * new_tokens * c.vocab + 4 * new_tokens * c.vocab}
 
 
 def learner_gib(c: Counts, cfg: RunConfig, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, float]:
@@ -124,13 +137,9 @@ def learner_gib(c: Counts, cfg: RunConfig, prompt_tokens: int = PROMPT_TOKENS) -
     if lc.use_reference and cfg.grpo.beta > 0:
         ref = 2 * c.reference / n if z == 3 else 2 * c.reference  # offloaded below ZeRO-3: on the GPU for its pass
     prompts = max(1, lc.micro_batch_size // rc.group_size) if lc.shared_prefix else lc.micro_batch_size
-    completion = lc.micro_batch_size * rc.max_new_tokens
-    tokens = prompts * prompt_tokens + completion
-    per_layer = activation_bytes_per_token_layer(c) * tokens
-    act = (per_layer + 2 * c.hidden * tokens * c.layers) if lc.gradient_checkpointing else per_layer * c.layers
-    logits = 2 * completion * c.vocab + 4 * rc.max_new_tokens * c.vocab
-    parts = {"weights": weights, "grads": grads, "optimizer": optim, "reference": ref, "activations": act,
-             "logits": logits}
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "reference": ref}
+    parts |= micro_batch_bytes(c, prompts, prompt_tokens, lc.micro_batch_size, rc.max_new_tokens,
+                               lc.gradient_checkpointing)
     return {k: v / GIB for k, v in parts.items()} | {"total": sum(parts.values()) / GIB}
 
 

@@ -84,7 +84,7 @@ def test_one_learner_micro_batch_peak_at_the_real_0p5b_lm_size(checkpointing):
     prompt, as the omni prompt is, and G=8 completions of 256 tokens) forward and backward through the shared
     prefix. Prints the measured peak beside bench.memory_model's activation + logits estimate for the same
     shape; they must agree within 2x (the estimate sizes the 7B config)."""
-    from bench.memory_model import Counts, activation_bytes_per_token_layer, build_config
+    from bench.memory_model import Counts, build_config, micro_batch_bytes
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
 
     torch.manual_seed(0)
@@ -105,10 +105,7 @@ def test_one_learner_micro_batch_peak_at_the_real_0p5b_lm_size(checkpointing):
     grads = sum(p.numel() * 2 for p in model.parameters() if p.grad is not None)
     c = Counts(0, 0, 0, 0, 0, config.hidden_size, config.intermediate_size, config.num_hidden_layers,
                config.num_key_value_heads * (config.hidden_size // config.num_attention_heads), config.vocab_size)
-    tokens = 972 + 8 * 256
-    per_layer = activation_bytes_per_token_layer(c) * tokens
-    act = per_layer + 2 * c.hidden * tokens * c.layers if checkpointing else per_layer * c.layers
-    estimate = act + 2 * 8 * 256 * c.vocab + 4 * 256 * c.vocab + grads
+    estimate = sum(micro_batch_bytes(c, 1, 972, 8, 256, checkpointing).values()) + grads
     print(json.dumps({"checkpointing": checkpointing, "measured_mib": measured // MIB, "estimate_mib": estimate // MIB}))
     assert estimate / 2 < measured < 2 * estimate
 
