@@ -145,18 +145,19 @@ class RLVRTrainer:
             return self._counters(len(data_errors)) | {"data/skipped_steps": 1.0} | {
                 f"reward/diag_{k}": 0.0 for k in sorted(self._diag_keys)}
         completions = [c for g in samples for c in g.completions]
+        lens = [len(c.token_ids) for c in completions]
         rb = self._score(samples, completions)
         adv = group_advantages(torch.tensor(rb.total, dtype=torch.float32), self.cfg.rollout.group_size,
                                scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
         version = self.groups.sync.version
-        learner, shards = self._update(samples, completions, adv, version)
+        learner, shards = self._update(samples, completions, lens, adv, version)
         self._wait_for_overlapped_rollout()
         with self.timer.phase("broadcast"):
             self.groups.sync.broadcast(version + 1)
-        m = self._step_metrics(samples, completions, rb, adv, learner, shards, version, len(data_errors))
+        m = self._step_metrics(samples, completions, lens, rb, adv, learner, shards, version, len(data_errors))
         self._warn(rb, m)
         self._table = self._samples_table(samples, rb)
-        self._tokens = float(sum(len(c.token_ids) for c in completions))
+        self._tokens = float(sum(lens))
         return m
 
     def _score(self, samples: list[PromptSamples], completions: list[Any]) -> Any:
@@ -164,11 +165,10 @@ class RLVRTrainer:
             return self.groups.rewards.score([c.text for c in completions],
                                              [g.inputs.solution for g in samples for _ in g.completions])
 
-    def _update(self, samples: list[PromptSamples], completions: list[Any], adv: torch.Tensor,
+    def _update(self, samples: list[PromptSamples], completions: list[Any], lens: list[int], adv: torch.Tensor,
                 version: int) -> tuple[dict[str, float], list[Any]]:
         """One learner call: the shards, where the old log-probs come from, the update on every rank."""
         cfg = self.cfg
-        lens = [len(c.token_ids) for c in completions]
         shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
                                                cfg.learner.micro_batch_size)
         old = old_logprob_source(cfg, [g.weight_version for g in samples], version,
@@ -184,12 +184,12 @@ class RLVRTrainer:
                 ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
             self.inflight = []
 
-    def _step_metrics(self, samples: list[PromptSamples], completions: list[Any], rb: Any, adv: torch.Tensor,
-                      learner: dict[str, float], shards: list[Any], version: int,
+    def _step_metrics(self, samples: list[PromptSamples], completions: list[Any], lens: list[int], rb: Any,
+                      adv: torch.Tensor, learner: dict[str, float], shards: list[Any], version: int,
                       skipped_records: int) -> dict[str, float]:
         m = reward_metrics(rb.total, rb.per_reward, self.cfg.rollout.group_size, rb.errors, rb.diagnostics)
         m |= advantage_metrics(adv)
-        m |= response_metrics([len(c.token_ids) for c in completions], [c.finish_reason for c in completions])
+        m |= response_metrics(lens, [c.finish_reason for c in completions])
         m |= {f"learner/{k}": v for k, v in learner.items()}
         # Inside the learner call: the frozen passes (reference, and old log-probs off-policy), then the update.
         m["time/logprob"] = learner.get("frozen_logprob_s", 0.0)
