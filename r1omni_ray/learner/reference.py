@@ -65,7 +65,7 @@ class ParkedWeights:
     step (``module.to("cpu")`` would do both, through pageable memory)."""
 
     def __init__(self, module: nn.Module) -> None:
-        self.tensors = [t for t in (*module.parameters(), *module.buffers())]
+        self.tensors = [*module.parameters(), *module.buffers()]
         pin = torch.cuda.is_available()
         self.host = [t.detach().to("cpu").pin_memory() if pin else t.detach().to("cpu") for t in self.tensors]
         for t, h in zip(self.tensors, self.host, strict=True):
