@@ -80,7 +80,7 @@ def retry_replacing(attempt: Callable[[], Attempt], replace: Callable[[list[int]
         if n == max_restarts:
             break
         if a.dead:
-            log.warning("rollout workers %s died during %s; replacing them", a.dead, what)
+            log.warning("rollout workers %s died during %s; dropping them", a.dead, what)
         replace(a.dead)  # may be empty: the caller still re-issues what the try lost
     raise ActorCallError("rollout-workers", what, RuntimeError(
         f"workers {last} kept dying after rollout.max_restarts={max_restarts} replacements"))

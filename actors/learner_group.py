@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray
+from ray.exceptions import RayActorError
+
 from actors.calls import wait_named
 from actors.learner import LearnerActor, LearnerShard
 from actors.placement import (
@@ -83,6 +86,21 @@ class LearnerGroup:
 
     def shutdown(self) -> None:
         release(self.actors, self.pg)
+
+
+def lost_learners(group: LearnerGroup, timeout_s: float = 10.0) -> list[int]:
+    """Ranks whose actor is dead. A dead actor answers at once; a live one stuck in a collective with it does
+    not answer within the timeout and counts as alive."""
+    refs = [a.info.remote() for a in group.actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    lost = []
+    for r, ref in enumerate(refs):
+        if ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError:
+                lost.append(r)
+    return lost
 
 
 def shard_for_learners(samples: list[PromptSamples], advantages: list[float], n_learners: int,

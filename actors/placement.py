@@ -46,6 +46,11 @@ class PlacementError(ConfigError):
     """A role group's actors cannot be scheduled on this cluster: the run stops at start, naming the ask."""
 
 
+class CapacityError(PlacementError):
+    """Mid-run, fewer rollout workers than rollout.min_workers and no room for more in time: the driver
+    stops with a checkpoint to resume from."""
+
+
 def create_placement_group(bundle_list: list[dict[str, float]], cfg: RunConfig, role: str) -> Any:
     """A placement group for one role's actors, ready, or a PlacementError within ray.placement_timeout_s:
     an actor that can never be scheduled must fail the run at start, not leave a call waiting forever."""
@@ -54,14 +59,39 @@ def create_placement_group(bundle_list: list[dict[str, float]], cfg: RunConfig, 
         ray.get(pg.ready(), timeout=cfg.ray.placement_timeout_s)
     except GetTimeoutError:
         remove_placement_group(pg)
-        total = {k: round(v, 3) for k, v in ray.cluster_resources().items() if not k.startswith("node:")}
-        free = {k: round(v, 3) for k, v in ray.available_resources().items() if not k.startswith("node:")}
-        raise PlacementError(
-            f"{role}: {len(bundle_list)} x {bundle_list[0]} not schedulable within {cfg.ray.placement_timeout_s:g}s "
-            f"(ray.placement_timeout_s); the whole run asks for {required_cpus(cfg):g} CPUs; cluster has {total}, "
-            f"free {free}"
-        ) from None
+        raise unschedulable(cfg, role, len(bundle_list), bundle_list[0], cfg.ray.placement_timeout_s,
+                            "ray.placement_timeout_s") from None
     return pg
+
+
+def cluster_resources(free: bool) -> dict[str, float]:
+    """The cluster's total (or free) resources, without Ray's per-node markers."""
+    res = ray.available_resources() if free else ray.cluster_resources()
+    return {k: round(v, 3) for k, v in res.items() if not k.startswith("node:")}
+
+
+def unschedulable(cfg: RunConfig, role: str, n: int, bundle: dict[str, float], waited_s: float,
+                  knob: str) -> PlacementError:
+    return PlacementError(
+        f"{role}: {n} x {bundle} not schedulable within {waited_s:g}s ({knob}); the whole run asks for "
+        f"{required_cpus(cfg):g} CPUs; cluster has {cluster_resources(False)}, free {cluster_resources(True)}")
+
+
+def shortfall(bundle: dict[str, float], n: int) -> str | None:
+    """Why ``n`` more bundles do not fit the cluster's free resources now (summed over nodes), or None."""
+    free = cluster_resources(True)
+    for k, v in bundle.items():
+        if free.get(k, 0.0) + 1e-9 < n * v:
+            return f"the cluster has {free.get(k, 0.0):g} free {k}; {n} more need {n * v:g}"
+    return None
+
+
+def request_capacity(bundle_list: list[dict[str, float]]) -> None:
+    """Ask Ray's autoscaler for room for all these bundles at once (its request replaces the previous one):
+    pending placement groups are demand already, this makes it immediate. A no-op without an autoscaler."""
+    from ray.autoscaler.sdk import request_resources
+
+    request_resources(bundles=bundle_list)
 
 
 def in_bundle(pg: Any, index: int) -> PlacementGroupSchedulingStrategy:

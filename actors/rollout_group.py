@@ -1,26 +1,35 @@
-"""The rollout workers as one group: placement, balanced dispatch, and replacement of a dead worker with
-re-issue of exactly its prompts. Weight sync is not this group's business: whoever owns it registers
-``after_replace`` to bring new workers to the current weights."""
+"""The rollout workers as one elastic group: one placement group per worker, workers that join at step
+boundaries once placed and loaded, a target moved by the scale command, balanced dispatch, and dead workers
+dropped with exactly their prompts re-issued to the survivors. Weight sync is not this group's business:
+whoever owns it registers ``on_join`` to bring workers admitted mid-call to the current weights, and
+re-forms its group when ``changed`` says the membership moved."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from actors.calls import ActorCallError, Attempt, retry_replacing
 from actors.placement import (
+    CapacityError,
+    PlacementError,
     actor_options,
     bundles,
-    create_placement_group,
     in_bundle,
-    release,
+    request_capacity,
     rollout_gpus_per_worker,
+    shortfall,
+    unschedulable,
 )
 from actors.rollout import PromptSamples, RolloutWorker
+from actors.scale_control import ScaleRefused
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
@@ -30,113 +39,298 @@ log = logging.getLogger("r1omni_ray")
 
 
 class PendingRollout(NamedTuple):
-    """One in-flight rollout call: its worker, its items, the ref of its PromptSamples list, and one media
-    ref per item."""
+    """One in-flight rollout call: its worker's id, its items, the ref of its PromptSamples list, and one
+    media ref per item."""
 
-    worker_index: int
+    worker_id: int
     items: list[tuple[int, Any]]
     ref: Any
     media_refs: list[Any]
 
 
+@dataclass
+class WorkerSlot:
+    """One rollout worker: its own placement group (placed when the cluster has room), then its actor
+    (loaded once its ``info`` answers)."""
+
+    id: int
+    pg: Any
+    placed: Any  # ObjectRef of pg.ready()
+    actor: Any = None
+    loaded: Any = None  # ObjectRef of actor.info()
+
+    @property
+    def name(self) -> str:
+        return f"rollout-worker-{self.id}"
+
+
+def _kill(slot: WorkerSlot) -> None:
+    if slot.actor is not None:
+        try:
+            ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already dead
+            pass
+    try:
+        remove_placement_group(slot.pg)
+    except Exception:  # noqa: BLE001 - already gone with the cluster
+        pass
+
+
 class RolloutGroup:
     def __init__(self, cfg: RunConfig, ckpt_dir: str) -> None:
+        """Starts once rollout.min_workers workers are loaded (a PlacementError after
+        ray.placement_timeout_s); the rest of rollout.num_workers join at later step boundaries."""
         self.cfg, self.ckpt_dir = cfg, ckpt_dir
         rc = cfg.rollout
         self.gpus_per_worker = rollout_gpus_per_worker(cfg)
-        self.pg = create_placement_group(
-            bundles(rc.num_workers, rc.num_cpus_per_worker, self.gpus_per_worker, rc.node_resource), cfg,
-            "rollout group (rollout.num_workers x num_cpus/gpus_per_worker)")
-        self.workers = [self._make(i) for i in range(rc.num_workers)]
-        self.restarts = 0
+        self.bundle = bundles(1, rc.num_cpus_per_worker, self.gpus_per_worker, rc.node_resource)[0]
+        self.min_workers, self.max_workers = rc.worker_bounds()
+        self.target = rc.num_workers
+        self.active: list[WorkerSlot] = []  # the broadcast group's members, which take rollouts
+        self.pending: list[WorkerSlot] = []  # placing or loading
+        self._next_id = 0
+        self.restarts = 0  # replacements requested for workers that died
         self.reissued = 0
-        self.after_replace: Callable[[list[int]], None] | None = None
-        self._sent_to: dict[str, Any] = {}  # rollout ref (hex) -> worker handle it went to
+        self.events = {"joined": 0, "left": 0, "lost": 0}  # since the last step's metrics
+        self.changed = False  # membership moved since the broadcast group was formed
+        self.on_join: Callable[[], None] | None = None
+        self._sent_to: dict[str, int] = {}  # rollout ref (hex) -> id of the worker it went to
+        self._fill()
+        try:
+            self._wait_for(self.min_workers, cfg.ray.placement_timeout_s, "ray.placement_timeout_s")
+        except PlacementError:
+            self.shutdown()
+            raise
 
-    def _make(self, i: int) -> Any:
+    # ---- membership ----
+    @property
+    def workers(self) -> list[Any]:
+        return [s.actor for s in self.active]
+
+    def names(self) -> list[str]:
+        return [s.name for s in self.active]
+
+    def _fill(self) -> None:
+        """Request placement groups until active + pending reaches the target (pending ones wait for room)."""
+        while len(self.active) + len(self.pending) < self.target:
+            pg = placement_group([self.bundle], strategy="PACK")
+            self.pending.append(WorkerSlot(self._next_id, pg, pg.ready()))
+            self._next_id += 1
+        if self.cfg.rollout.autoscale:
+            request_capacity(self.run_bundles())
+
+    def run_bundles(self) -> list[dict[str, float]]:
+        """Every bundle the run needs at its current target: what the autoscaler is asked to make room for."""
+        c = self.cfg
+        lc, wc = c.learner, c.reward
+        out = bundles(lc.num_learners, lc.num_cpus_per_learner, lc.num_gpus_per_learner, lc.node_resource)
+        out += bundles(wc.num_actors, wc.num_cpus_per_actor, 0.0)
+        return out + [dict(self.bundle) for _ in range(self.target)]
+
+    def _make(self, slot: WorkerSlot) -> Any:
         rc = self.cfg.rollout
         return RolloutWorker.options(**actor_options(
             self.cfg, num_cpus=rc.num_cpus_per_worker, num_gpus=self.gpus_per_worker,
-            scheduling_strategy=in_bundle(self.pg, i))).remote(i, self.ckpt_dir, self.cfg.to_dict())
+            scheduling_strategy=in_bundle(slot.pg, 0))).remote(slot.id, self.ckpt_dir, self.cfg.to_dict())
 
-    def names(self) -> list[str]:
-        return [f"rollout-worker-{i}" for i in range(len(self.workers))]
+    def poll(self) -> list[WorkerSlot]:
+        """Advance the pending workers without waiting: start an actor in each newly placed group; return
+        those whose actor has loaded. One that died while loading is replaced by a new request."""
+        loaded = []
+        for s in list(self.pending):
+            if s.actor is None:
+                if not ray.wait([s.placed], timeout=0)[0]:
+                    continue
+                s.actor = self._make(s)
+                s.loaded = s.actor.info.remote()
+            if not ray.wait([s.loaded], timeout=0)[0]:
+                continue
+            try:
+                ray.get(s.loaded)
+            except Exception as e:  # noqa: BLE001 - its node went, or it failed to load
+                log.warning("%s died while loading (%s); requesting another", s.name, type(e).__name__)
+                self.pending.remove(s)
+                _kill(s)
+                self.restarts += 1
+                self._fill()
+                continue
+            loaded.append(s)
+        return loaded
 
+    def admit(self) -> int:
+        """Loaded workers join (up to the target). Their weights are not current: the caller re-forms the
+        broadcast group and sends them (``changed`` is set)."""
+        n = 0
+        for s in self.poll():
+            if len(self.active) >= self.target:
+                break
+            self.pending.remove(s)
+            self.active.append(s)
+            self.events["joined"] += 1
+            self.changed = True
+            n += 1
+            log.info("%s joined: %d rollout workers (target %d, %d pending)", s.name, len(self.active),
+                     self.target, len(self.pending))
+        return n
+
+    def at_boundary(self) -> bool:
+        """A step boundary (no rollout in flight): workers above the target leave, loaded ones join.
+        Returns whether the membership changed (the broadcast group must be re-formed)."""
+        while len(self.active) > self.target:
+            s = self.active.pop()  # the newest first
+            _kill(s)
+            self.events["left"] += 1
+            self.changed = True
+            log.info("%s left: %d rollout workers (target %d)", s.name, len(self.active), self.target)
+        self.admit()
+        return self.changed
+
+    def drop(self, ids: list[int]) -> None:
+        """Workers that died (with their node, or killed): out of the group at once, a replacement requested
+        (it joins when the cluster can place it)."""
+        for s in [s for s in self.active if s.id in ids]:
+            self.active.remove(s)
+            _kill(s)
+            self.restarts += 1
+            self.events["lost"] += 1
+            self.changed = True
+            log.warning("%s lost: %d rollout workers left (min %d); a replacement is requested", s.name,
+                        len(self.active), self.min_workers)
+        self._fill()
+
+    def ensure_min(self) -> None:
+        """Below rollout.min_workers: wait for capacity (rollout.capacity_timeout_s), bring the new workers
+        to the current weights (``on_join``), or raise a PlacementError (the driver then checkpoints)."""
+        need = max(self.min_workers, 1)
+        if len(self.active) >= need:
+            return
+        log.warning("%d of rollout.min_workers=%d rollout workers: waiting up to %gs for capacity", len(self.active),
+                    need, self.cfg.rollout.capacity_timeout_s)
+        self._wait_for(need, self.cfg.rollout.capacity_timeout_s, "rollout.capacity_timeout_s")
+        if self.on_join is not None:
+            self.on_join()
+
+    def _wait_for(self, n: int, timeout_s: float, knob: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            self.admit()
+            if len(self.active) >= n:
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                err = unschedulable(self.cfg, f"rollout workers ({len(self.active)} of rollout.min_workers={n} up)",
+                                    n - len(self.active), self.bundle, timeout_s, knob)
+                raise err if self.on_join is None else CapacityError(str(err))  # at start / mid-run
+            refs = [s.loaded if s.actor is not None else s.placed for s in self.pending]
+            ray.wait(refs, num_returns=1, timeout=min(left, 1.0))
+
+    def resize(self, n: int) -> str:
+        """Move the target to ``n`` workers: new ones are requested now and join at a step boundary once
+        loaded; surplus pending requests are cancelled now, surplus active workers leave at the next
+        boundary. Returns the state applied, or raises ScaleRefused with the one-line reason."""
+        if not self.min_workers <= n <= self.max_workers:
+            raise ScaleRefused(f"{n} rollout workers is outside [rollout.min_workers, rollout.max_workers] = "
+                               f"[{self.min_workers}, {self.max_workers}]")
+        placed = sum(1 for s in self.pending if s.actor is not None)
+        more = n - len(self.active) - placed
+        if more > 0 and not self.cfg.rollout.autoscale and (why := shortfall(self.bundle, more)):
+            raise ScaleRefused(f"{why} ({more} x {self.bundle} for {n} rollout workers; rollout.autoscale=true "
+                               "waits for the autoscaler instead)")
+        self.target = n
+        while self.pending and len(self.active) + len(self.pending) > n:
+            # unplaced requests go first, then the newest
+            s = min(self.pending, key=lambda s: (s.actor is not None, -s.id))
+            self.pending.remove(s)
+            _kill(s)
+        self._fill()
+        return self.state_line()
+
+    def state(self) -> dict[str, int]:
+        return {"target": self.target, "active": len(self.active), "pending": len(self.pending),
+                "min": self.min_workers, "max": self.max_workers}
+
+    def state_line(self) -> str:
+        st = self.state()
+        return (f"rollout workers: target {st['target']}, active {st['active']}, pending {st['pending']} "
+                f"(bounds [{st['min']}, {st['max']}])")
+
+    def metrics(self) -> dict[str, float]:
+        """Per-step membership metrics; the join/leave/loss counts since the last call."""
+        m = {"rollout/num_workers": float(len(self.active)), "rollout/pending_workers": float(len(self.pending)),
+             "rollout/target_workers": float(self.target)}
+        m |= {f"rollout/{k}": float(v) for k, v in self.events.items()}
+        self.events = dict.fromkeys(self.events, 0)
+        return m
+
+    # ---- rollouts ----
     def submit(self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True,
                use_audio: bool = True, next_items: list[tuple[int, Any]] | None = None) -> list[PendingRollout]:
-        """next_items: the next call's items (the next step's), split the same way: each worker decodes its
-        share of them while it generates this call's (rollout.prefetch_media)."""
+        """Split ``items`` evenly over the active workers. next_items: the next call's items (the next
+        step's), split the same way: each worker decodes its share of them while it generates this call's
+        (rollout.prefetch_media)."""
+        self.ensure_min()
         out = []
-        split = split_even(len(items), len(self.workers))
-        ahead = split_even(len(next_items), len(self.workers)) if next_items and self.cfg.rollout.prefetch_media else None
-        for wi, part in enumerate(split):
+        n = len(self.active)
+        split = split_even(len(items), n)
+        ahead = split_even(len(next_items), n) if next_items and self.cfg.rollout.prefetch_media else None
+        for k, part in enumerate(split):
             if len(part):
                 sub = [items[j] for j in part]
-                w = self.workers[wi]
-                pre = [next_items[j][1] for j in ahead[wi]] if ahead is not None else None
-                refs = w.rollout.options(num_returns=1 + len(sub)).remote(sub, params, use_video, use_audio, pre)
-                self._sent_to[refs[0].hex()] = w  # hex, not the ref: the dict must not pin results
-                out.append(PendingRollout(wi, sub, refs[0], list(refs[1:])))
+                s = self.active[k]
+                pre = [next_items[j][1] for j in ahead[k]] if ahead is not None else None
+                refs = s.actor.rollout.options(num_returns=1 + len(sub)).remote(sub, params, use_video, use_audio, pre)
+                self._sent_to[refs[0].hex()] = s.id  # hex, not the ref: the dict must not pin results
+                out.append(PendingRollout(s.id, sub, refs[0], list(refs[1:])))
         return out
 
     def collect(self, pending: list[PendingRollout], params: SamplingParams, use_video: bool = True,
                 use_audio: bool = True) -> list[PromptSamples]:
-        """Gather results. A dead worker's whole share is lost: the worker is replaced (and brought to the
-        current weights by ``after_replace``), and exactly those prompts are re-issued, so every uid ends up
-        in one PromptSamples."""
+        """Gather results. A dead worker's whole share is lost: the worker is dropped (a replacement is
+        requested), and exactly those prompts are re-issued to the survivors (after waiting for capacity
+        below rollout.min_workers), so every uid ends up in one PromptSamples."""
         got: dict[int, PromptSamples] = {}
         todo = {"pending": pending}
 
         def attempt() -> Attempt:
             lost: list[tuple[int, Any]] = []
             dead: set[int] = set()
-            for wi, items, ref, media_refs in todo["pending"]:
-                sent_to = self._sent_to.pop(ref.hex(), None)
+            for wid, items, ref, media_refs in todo["pending"]:
+                self._sent_to.pop(ref.hex(), None)
                 try:
                     samples = ray.get(ref)
-                except RayActorError as e:
-                    log.warning("rollout worker %d died (%s); re-issuing its %d prompts", wi, type(e).__name__,
-                                len(items))
+                except (RayActorError, ObjectLostError) as e:
+                    # ObjectLostError: the worker finished, then its node (holding the result) went.
+                    log.warning("rollout-worker-%d: its rollout was lost (%s); re-issuing its %d prompts", wid,
+                                type(e).__name__, len(items))
                     lost.extend(items)
-                    # It may already have been replaced (e.g. it died during a weight broadcast).
-                    if sent_to is None or self.workers[wi] is sent_to:
-                        dead.add(wi)
+                    if any(s.id == wid for s in self.active):  # it may already be dropped (e.g. by a broadcast)
+                        dead.add(wid)
                     continue
                 except RayTaskError as e:  # a bug, not bad data (that comes back as PromptSamples.error)
-                    raise ActorCallError(f"rollout-worker-{wi}", "rollout", e) from e
+                    raise ActorCallError(f"rollout-worker-{wid}", "rollout", e) from e
                 for s, mref in zip(samples, media_refs, strict=True):
                     if s.uid in got:
                         raise RuntimeError(f"rollout returned prompt uid {s.uid} twice")
                     s.media_ref = mref if s.error is None else None
                     got[s.uid] = s
-            if lost:  # re-issued after the dead workers are replaced (retry_replacing calls replace first)
+            if lost:  # re-issued after the dead workers are dropped (retry_replacing calls that first)
                 todo["lost"] = lost
             return Attempt(not lost, sorted(dead))
 
-        def replace_and_reissue(dead: list[int]) -> None:
+        def drop_and_reissue(dead: list[int]) -> None:
             if dead:
-                self.replace(dead)
+                self.drop(dead)
             lost = todo.pop("lost", [])
             self.reissued += len(lost)
-            todo["pending"] = self.submit(lost, params, use_video, use_audio)
+            todo["pending"] = self.submit(lost, params, use_video, use_audio)  # waits below min_workers
 
-        retry_replacing(attempt, replace_and_reissue, self.cfg.rollout.max_restarts, "rollout")
+        retry_replacing(attempt, drop_and_reissue, self.cfg.rollout.max_restarts, "rollout")
         return [got[u] for u in sorted(got)]
 
-    def replace(self, indices: Sequence[int], resync: bool = True) -> None:
-        """New actors in the dead workers' placement-group slots, then (resync) ``after_replace``."""
-        for wi in indices:
-            try:
-                ray.kill(self.workers[wi], no_restart=True)
-            except Exception:  # noqa: BLE001 - already dead
-                pass
-            self.workers[wi] = self._make(wi)
-            self.restarts += 1
-        if resync and self.after_replace is not None:
-            self.after_replace(list(indices))
-
     def shutdown(self) -> None:
-        release(self.workers, self.pg)
+        for s in self.active + self.pending:
+            _kill(s)
+        self.active, self.pending = [], []
 
 
 def wait_with_progress(pending: list[PendingRollout] | None, desc: str) -> None:

@@ -39,15 +39,18 @@ class WeightSync:
         # vLLM worker route_bytes[ENGINES].
         self.bytes = route_bytes(self.metas, self.routes)
         self.version = 0
-        rollout.after_replace = self._resync
+        rollout.on_join = self.resync
         self.init_group()
 
-    def _dead(self, results: list[Any], offset: int = 0) -> list[int]:
-        return [i for i, r in enumerate(results[offset:]) if isinstance(r, RayActorError)]
+    def _dead_ids(self, results: list[Any], offset: int = 0) -> list[int]:
+        """Ids of the active workers whose results (in member order, after ``offset`` others) say they died."""
+        ids = [s.id for s in self.rollout.active]
+        return [ids[i] for i, r in enumerate(results[offset:]) if isinstance(r, RayActorError)]
 
     def init_group(self) -> None:
-        """(Re)build the broadcast groups. Workers are pinged first (a new one is still loading its model; a
-        dead one would stall the rendezvous until the timeout): dead ones are replaced before anyone joins."""
+        """(Re)build the broadcast groups for the current members (ranks follow their order). Workers are
+        pinged first (a dead one would stall the rendezvous until the timeout): dead ones are dropped before
+        anyone joins. With no worker left there is no group: ``broadcast`` then only advances the version."""
         lc = self.cfg.learner
         # NCCL wherever both ends have GPUs: every group has one process per GPU (the rollout actor and its
         # vLLM worker share a GPU but never a group).
@@ -57,9 +60,11 @@ class WeightSync:
         workers = self.rollout
 
         def attempt() -> Attempt:
+            if not workers.active:
+                return Attempt(True, [])
             pings = [(n, "sync_ranks", w.sync_ranks.remote()) for n, w in zip(workers.names(), workers.workers, strict=True)]
             results = settle(pings)
-            if dead := self._dead(results):
+            if dead := self._dead_ids(results):
                 return Attempt(False, dead)
             raise_first_error(pings, results)
             dests = sorted({d for r in results for d in r})
@@ -76,24 +81,29 @@ class WeightSync:
             calls += [(n, "init_sync_group", w.init_sync_group.remote(joins[i], lc.dist_timeout_s))
                       for i, (n, w) in enumerate(zip(workers.names(), workers.workers, strict=True))]
             results = settle(calls)
-            if dead := self._dead(results, 1):
+            if dead := self._dead_ids(results, 1):
                 return Attempt(False, dead)
             raise_first_error(calls, results)
             return Attempt(True, [])
 
-        retry_replacing(attempt, lambda dead: workers.replace(dead, resync=False),
-                        self.cfg.rollout.max_restarts, "init_sync_group")
+        retry_replacing(attempt, workers.drop, self.cfg.rollout.max_restarts, "init_sync_group")
+        workers.changed = False
 
     def broadcast(self, version: int) -> dict[str, float]:
-        """Send the learners' weights to every worker. A worker that dies meanwhile is replaced and the
-        broadcast redone for the new group; any other failure (a hung collective) is raised, naming the actor."""
+        """Send the learners' weights to every worker, re-forming the group first if the membership moved.
+        A worker that dies meanwhile is dropped and the broadcast redone for the smaller group; any other
+        failure (a hung collective) is raised, naming the actor."""
         t0 = time.perf_counter()
         learners, workers = self.learners, self.rollout
+        if workers.changed:
+            self.init_group()
 
         def attempt() -> Attempt:
+            if not workers.active:  # all gone: the replacements get these weights when they join
+                return Attempt(True, [], {})
             # A worker that died while idle would leave the collective waiting for learner.dist_timeout_s:
             # ask every member first (a dead actor answers at once) and replace the dead before starting.
-            if dead := self._dead(settle([(n, "info", w.info.remote())
+            if dead := self._dead_ids(settle([(n, "info", w.info.remote())
                                           for n, w in zip(workers.names(), workers.workers, strict=True)])):
                 return Attempt(False, dead)
             calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.routes))
@@ -101,7 +111,7 @@ class WeightSync:
             calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.routes))
                       for n, w in zip(workers.names(), workers.workers, strict=True)]
             results = settle(calls)
-            if dead := self._dead(results, len(learners.actors)):
+            if dead := self._dead_ids(results, len(learners.actors)):
                 return Attempt(False, dead)
             raise_first_error(calls, results)
             got = results[len(learners.actors):]
@@ -112,7 +122,7 @@ class WeightSync:
 
         def replace(dead: list[int]) -> None:
             # Peers of the dead worker failed or timed out in the collective: rebuild the group and redo.
-            workers.replace(dead, resync=False)
+            workers.drop(dead)
             self.init_group()
 
         out = retry_replacing(attempt, replace, self.cfg.rollout.max_restarts, "broadcast")
@@ -125,8 +135,13 @@ class WeightSync:
         names = {"sent": "broadcast/sent_bytes", ACTORS: "broadcast/actor_bytes", ENGINES: "broadcast/engine_bytes"}
         return {names[k]: float(v) for k, v in self.bytes.items()}
 
-    def _resync(self, _replaced: list[int]) -> None:
-        """New workers hold their checkpoint's weights: rebuild the group (its membership is fixed) and resend
-        the current weights (also at version 0: the learners may hold weights restored from a checkpoint)."""
+    def resync(self) -> None:
+        """Workers that joined mid-call hold their checkpoint's weights: rebuild the group and resend the
+        current weights (also at version 0: the learners may hold weights restored from a checkpoint)."""
         self.init_group()
         self.broadcast(self.version)
+
+    def attach(self, learners: LearnerGroup) -> None:
+        """A rebuilt learner group (after a learner was lost): the groups are re-formed around its rank 0."""
+        self.learners = learners
+        self.init_group()

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from actors.groups import RLVRGroups
+from actors.learner_group import LearnerGroup
 from r1omni_ray.checkpointing import (
     DEEPSPEED_SUBDIR,
     HF_SUBDIR,
@@ -55,6 +56,33 @@ class Checkpointer:
         log.info("checkpoint %s (weight version %d) in %.1fs%s", self.last, state.weight_version,
                  time.perf_counter() - t0, f"; pruned {[r.name for r in removed]}" if removed else "")
         return self.last
+
+    def load(self, ck_dir: Path) -> DriverState:
+        """Load a checkpoint into the learners (checked against the saved checksums) and send its weights to
+        the rollout workers: they then hold exactly the saved policy."""
+        state = read_state(ck_dir)
+        learners = self.groups.learners
+        learners.load_checkpoint(str(ck_dir / DEEPSPEED_SUBDIR), state.deepspeed_tag)
+        sums = learners.checksums()
+        if state.weights_checksum and sums != state.weights_checksum:
+            raise RuntimeError(f"{ck_dir}: loaded learner weights differ from the saved ones "
+                               f"({sums} != {state.weights_checksum})")
+        self.groups.sync.broadcast(state.weight_version)
+        self.last = ck_dir
+        return state
+
+    def restore_learners(self) -> int:
+        """A learner was lost: a new learner group (placed when the cluster can, within
+        ray.placement_timeout_s) from the init checkpoint, then the latest checkpoint of this run if there is
+        one, re-formed broadcast groups and re-synced workers. Returns the step to continue from."""
+        g = self.groups
+        g.learners.shutdown()
+        g.learners = LearnerGroup(self.cfg, self.init_ckpt)
+        g.sync.attach(g.learners)
+        if self.last is None:
+            g.sync.broadcast(0)  # the init checkpoint's weights, as at the start
+            return 0
+        return self.load(self.last).step
 
 
 def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int) -> tuple[Path, DriverState]:

@@ -12,21 +12,19 @@ from typing import Any
 import ray
 import torch
 
-from actors.calls import wire_bytes
+from actors.calls import ActorCallError, wire_bytes
 from actors.evaluation import EvalResult, evaluate_records
 from actors.groups import RLVRGroups
-from actors.learner_group import shard_for_learners
+from actors.learner_group import lost_learners, shard_for_learners
+from actors.placement import CapacityError
 from actors.rollout import PromptSamples, usable_samples
-from actors.rollout_group import wait_with_progress
+from actors.rollout_group import PendingRollout, wait_with_progress
+from actors.scale_control import ScaleChannel
 from launch.checkpointer import Checkpointer, resume_state
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
 from launch.preflight import preflight
 from launch.splits import load_split, load_split_counted
-from r1omni_ray.checkpointing import (
-    DEEPSPEED_SUBDIR,
-    HF_SUBDIR,
-    link_or_copy_tree,
-)
+from r1omni_ray.checkpointing import HF_SUBDIR, link_or_copy_tree
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import RunConfig, check_rlvr
 from r1omni_ray.data.sampler import batch_indices
@@ -44,14 +42,17 @@ log = logging.getLogger("r1omni_ray")
 class RLVRTrainer:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], eval_records: list[Any] | None,
                  labels: list[str], logger: RunLogger, start_step: int = 0, skipped_at_load: int = 0,
-                 checkpointer: Checkpointer | None = None) -> None:
-        """skipped_at_load: records dropped when the dataset was read (counted on every row)."""
+                 checkpointer: Checkpointer | None = None, scale: ScaleChannel | None = None) -> None:
+        """skipped_at_load: records dropped when the dataset was read (counted on every row). checkpointer:
+        periodic checkpoints, and what a lost learner group is restored from (without one a lost learner ends
+        the run). scale: the run's scale channel, served at every step."""
         self.cfg, self.groups, self.records, self.eval_records = cfg, groups, records, eval_records
         self.labels, self.logger = labels, logger
         self.step = start_step
         self.history: list[dict[str, float]] = []
         self.batches: dict[int, list[str]] = {}  # step index -> record ids of its prompts
-        self.checkpointer = checkpointer
+        self.checkpointer, self.scale = checkpointer, scale
+        self.learner_restarts = 0
         self.skipped_at_load = skipped_at_load
         self.timer = PhaseTimer()
         self.inflight: list[Any] = []  # the overlapped next rollout, if any
@@ -83,37 +84,100 @@ class RLVRTrainer:
 
     def fit(self, steps: int | None = None) -> list[dict[str, float]]:
         """Train until ``steps`` steps are done in all (default train.steps); call again to go on (benchmarks:
-        warm-up steps, then the measured ones). Returns the history of every step so far."""
+        warm-up steps, then the measured ones). Returns the history of every step so far. A lost learner
+        group is restored in the job (learner.max_restarts); too few rollout workers for too long stops the
+        run with a checkpoint to resume from."""
         total = self.cfg.train.steps if steps is None else steps
-        pending = self.submit(self.step, total) if self.step < total else None
         bar = progress(total=total, initial=min(self.step, total), desc="RLVR", unit="step", leave=True)
-        while self.step < total:
-            t0 = time.perf_counter()
-            d = self.cfg.data
-            with self.timer.phase("rollout"):
-                wait_with_progress(pending, f"rollout {self.step + 1}")
-                samples = self.groups.rollout.collect(pending, self._params_for(self.step), d.use_video, d.use_audio)
-            # The records of each step, in order: what a resumed run must reproduce.
-            self.batches[self.step] = [g.record_id for g in samples]
-            # One-step off-policy: the next rollout runs on the workers while the learners update.
-            overlap = self.cfg.train.overlap and self.step + 1 < total
-            pending = self.submit(self.step + 1, total) if overlap else None
-            self.inflight = pending or []
-            metrics = self.train_on(samples)
-            metrics |= self.timer.reset()
-            metrics["time/step"] = time.perf_counter() - t0
-            metrics["throughput/tokens_per_s"] = self._tokens / metrics["time/step"]
-            metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
-            self.step += 1
-            self.log(metrics)
-            bar.update(1)
-            bar.set_postfix(reward=f"{metrics.get('reward/total_mean', float('nan')):.3f}",
-                            acc=f"{metrics.get('accuracy', float('nan')):.3f}")
-            if not overlap and self.step < total:
-                pending = self.submit(self.step, total)
-            self.after_step()
-        bar.close()
+        try:
+            pending = self.submit(self.step, total) if self.step < total else None
+            while self.step < total:
+                try:
+                    pending = self._fit_step(pending, total)
+                except ActorCallError as e:
+                    if not self._may_restart_learners(e):
+                        raise
+                    pending = self._restart_learners(e, total)
+                    bar.n = self.step
+                    bar.refresh()
+                    continue
+                bar.update(1)
+                h = self.history[-1]
+                bar.set_postfix(reward=f"{h.get('reward/total_mean', float('nan')):.3f}",
+                                acc=f"{h.get('accuracy', float('nan')):.3f}")
+        except CapacityError as e:
+            raise self._stop_for_capacity(e) from e
+        finally:
+            bar.close()
         return self.history
+
+    def _fit_step(self, pending: list[PendingRollout] | None, total: int) -> list[PendingRollout] | None:
+        """One step: its rollout (submitted before), the update, the log, the periodic work. Returns the
+        next step's rollout, submitted."""
+        t0 = time.perf_counter()
+        d = self.cfg.data
+        if self.scale is not None:
+            self.scale.serve(self.groups.rollout, self.step)
+        with self.timer.phase("rollout"):
+            wait_with_progress(pending, f"rollout {self.step + 1}")
+            samples = self.groups.rollout.collect(pending or [], self._params_for(self.step), d.use_video, d.use_audio)
+        # The records of each step, in order: what a resumed run must reproduce.
+        self.batches[self.step] = [g.record_id for g in samples]
+        # One-step off-policy: the next rollout runs on the workers while the learners update.
+        overlap = self.cfg.train.overlap and self.step + 1 < total
+        pending = self.submit(self.step + 1, total) if overlap else None
+        self.inflight = pending or []
+        metrics = self.train_on(samples)
+        metrics |= self.timer.reset()
+        metrics["time/step"] = time.perf_counter() - t0
+        metrics["throughput/tokens_per_s"] = self._tokens / metrics["time/step"]
+        metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
+        self.step += 1
+        self.log(metrics)
+        if not overlap and self.step < total:
+            pending = self.submit(self.step, total)
+        self.after_step()
+        return pending
+
+    def _may_restart_learners(self, e: ActorCallError) -> bool:
+        """A learner died (not merely raised), and restarts are left and possible."""
+        if not e.actor.startswith("learner-") or self.checkpointer is None:
+            return False
+        lost = lost_learners(self.groups.learners)
+        if not lost:
+            return False
+        if self.learner_restarts >= self.cfg.learner.max_restarts:
+            log.error("learners %s lost; learner.max_restarts=%d restarts already used", lost,
+                      self.cfg.learner.max_restarts)
+            return False
+        return True
+
+    def _restart_learners(self, e: ActorCallError, total: int) -> list[PendingRollout] | None:
+        """Rebuild the learner group from the latest checkpoint and replay the steps since, exactly as
+        --resume would: rows logged after it are dropped (W&B keeps its run and counts on)."""
+        assert self.checkpointer is not None
+        self.learner_restarts += 1
+        log.warning("learner lost (%s); restart %d of learner.max_restarts=%d from %s", e,
+                    self.learner_restarts, self.cfg.learner.max_restarts, self.checkpointer.last or "the start")
+        self.inflight = []  # the overlapped rollout (if any) was drawn from weights that are rolled back
+        step = self.checkpointer.restore_learners()
+        out = Path(self.cfg.train.output_dir)
+        for name in ("metrics.jsonl", "completions.jsonl"):
+            truncate_step_log(out / name, step)
+        self.history = [h for h in self.history if h["step"] <= step]
+        self.batches = {k: v for k, v in self.batches.items() if k < step}
+        self.step = step
+        log.info("learners restored: continuing at step %d, weight version %d", step, self.groups.sync.version)
+        return self.submit(self.step, total) if self.step < total else None
+
+    def _stop_for_capacity(self, e: CapacityError) -> CapacityError:
+        """Too few rollout workers for rollout.capacity_timeout_s: the learners hold the weights after
+        self.step steps; save them so the run resumes from here."""
+        if self.checkpointer is None:
+            return e
+        ck = self.checkpointer.save(self.step, len(self.records))
+        return CapacityError(f"{e}; stopped at step {self.step} with checkpoint {ck}: continue with --resume once "
+                             "the cluster has room")
 
     def after_step(self) -> None:
         """Periodic evaluation, then periodic checkpoints (after everything this step logs, so the saved
@@ -152,6 +216,7 @@ class RLVRTrainer:
         version = self.groups.sync.version
         learner, shards = self._update(samples, completions, lens, adv, version)
         self._wait_for_overlapped_rollout()
+        self._membership_boundary()
         with self.timer.phase("broadcast"):
             self.groups.sync.broadcast(version + 1)
         m = self._step_metrics(samples, completions, lens, rb, adv, learner, shards, version, len(data_errors))
@@ -183,6 +248,13 @@ class RLVRTrainer:
             with self.timer.phase("rollout_wait"):
                 ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
             self.inflight = []
+
+    def _membership_boundary(self) -> None:
+        """No rollout in flight: workers leave or join here; the broadcast that follows re-forms its group
+        and gives the joiners this step's weights (no extra broadcast)."""
+        if self.scale is not None:
+            self.scale.serve(self.groups.rollout, self.step)
+        self.groups.rollout.at_boundary()
 
     def _step_metrics(self, samples: list[PromptSamples], completions: list[Any], lens: list[int], rb: Any,
                       adv: torch.Tensor, learner: dict[str, float], shards: list[Any], version: int,
@@ -219,7 +291,8 @@ class RLVRTrainer:
         g = self.groups
         return {"data/skipped_records": float(skipped_records), "data/skipped_at_load": float(self.skipped_at_load),
                 "faults/worker_restarts": float(g.rollout.restarts), "faults/reissued_prompts": float(g.rollout.reissued),
-                "faults/reward_actor_restarts": float(g.rewards.restarts)}
+                "faults/reward_actor_restarts": float(g.rewards.restarts),
+                "faults/learner_restarts": float(self.learner_restarts)} | g.rollout.metrics()
 
     def _samples_table(self, samples: list[PromptSamples], rb) -> tuple[list[str], list[list[Any]]] | None:
         n = self.cfg.train.log_samples
@@ -276,21 +349,19 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
     logger = logger or RunLogger(out, cfg.wandb, cfg.to_dict(), resume_id=state.wandb_run_id if state else None,
                                  wandb_step=state.wandb_step if state else 0)
     groups = RLVRGroups.build(cfg, ckpt, prep.labels)
+    scale = None
     try:
+        scale = ScaleChannel(cfg)
         result: dict[str, Any] = {}
+        checkpointer = Checkpointer(cfg, groups, out, ckpt, logger)
         if state is not None and ck_dir is not None:
-            groups.learners.load_checkpoint(str(ck_dir / DEEPSPEED_SUBDIR), state.deepspeed_tag)
-            sums = groups.learners.checksums()
-            if state.weights_checksum and sums != state.weights_checksum:
-                raise RuntimeError(f"{ck_dir}: loaded learner weights differ from the saved ones "
-                                   f"({sums} != {state.weights_checksum})")
-            groups.sync.broadcast(state.weight_version)  # workers now hold exactly the saved policy
+            checkpointer.load(ck_dir)  # workers now hold exactly the saved policy
             log.info("resumed from %s: step %d, weight version %d", ck_dir, state.step, state.weight_version)
             result["resumed_from"] = str(ck_dir)
-            result["resume_check"] = {"saved": state.weights_checksum, "loaded": sums}
+            result["resume_check"] = {"saved": state.weights_checksum, "loaded": groups.learners.checksums()}
         trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0, skipped_at_load=skipped_at_load,
-                              checkpointer=Checkpointer(cfg, groups, out, ckpt, logger))
+                              checkpointer=checkpointer, scale=scale)
         if eval_before and eval_records and state is None:
             ev = trainer.evaluate()  # at step 0
             result["eval_before"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
@@ -308,8 +379,11 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
         result["final_model"] = str(final_dir)
         result["weight_version"] = groups.sync.version
         result["wandb_run_id"] = logger.run_id
+        result["learner_restarts"] = trainer.learner_restarts
         return result
     finally:
+        if scale is not None:
+            scale.shutdown()
         groups.shutdown()
         if own_logger:
             logger.finish()

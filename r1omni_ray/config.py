@@ -116,6 +116,23 @@ class RolloutConfig:
     # each rollout call also starts decoding the next step's records while it generates.
     decode_threads: int = 4
     prefetch_media: bool = True
+    # Elastic workers: the run starts once min_workers are placed and loaded, asks for the rest (num_workers in
+    # all) and admits each at a step boundary; `python -m launch.scale` moves the target within
+    # [min_workers, max_workers]. A worker lost with its node is dropped (its prompts go to the survivors) and
+    # a replacement is requested. None: num_workers (a fixed group).
+    min_workers: int | None = None
+    max_workers: int | None = None
+    # Below min_workers mid-run (nodes gone), wait this long for capacity, then stop with a checkpoint.
+    capacity_timeout_s: float = 600.0
+    # Ask Ray's autoscaler for the target's resources (ray.autoscaler.sdk.request_resources), and accept a
+    # resize beyond the cluster's free resources (the workers wait for the nodes it adds).
+    autoscale: bool = False
+
+    def worker_bounds(self) -> tuple[int, int]:
+        """(min_workers, max_workers) with their defaults."""
+        lo = self.num_workers if self.min_workers is None else self.min_workers
+        hi = self.num_workers if self.max_workers is None else self.max_workers
+        return lo, hi
 
 
 @dataclass
@@ -189,6 +206,10 @@ class LearnerConfig:
     attn_implementation: str = "auto"
     dist_timeout_s: float = 300.0
     broadcast_bucket_mb: float = 64.0
+    # A learner lost mid-run (its node gone, its process killed): the group is rebuilt in the job, loaded from
+    # the latest checkpoint (the start, before the first), re-synced, and the steps since replayed; at most
+    # this many times per run.
+    max_restarts: int = 2
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
 
 
@@ -294,7 +315,8 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
     "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
-    "rollout.min_new_tokens": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
+    "rollout.min_new_tokens": (0, True), "rollout.min_workers": (1, True), "rollout.max_workers": (1, True),
+    "rollout.capacity_timeout_s": (0, False), "learner.max_restarts": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),
@@ -426,6 +448,10 @@ def check_rlvr(cfg: RunConfig) -> None:
     if cfg.rollout.num_workers < 1:
         raise ConfigError(f"rollout.num_workers: {cfg.rollout.num_workers} must be >= 1 for RLVR (rollouts need a worker)")
     rc = cfg.rollout
+    lo, hi = rc.worker_bounds()
+    if not lo <= rc.num_workers <= hi:
+        raise ConfigError(f"rollout.num_workers: {rc.num_workers} must lie within [rollout.min_workers, "
+                          f"rollout.max_workers] = [{lo}, {hi}]")
     if rc.engine == "vllm" and rc.num_gpus_per_worker is not None and rc.num_gpus_per_worker < rc.tensor_parallel_size:
         raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
                           f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "

@@ -118,7 +118,7 @@ def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(groups
     old = groups.rollout.workers[0]
 
     pending = tr.submit(1)
-    mine = [p for p in pending if p.worker_index == 0]
+    mine = [p for p in pending if p.worker_id == groups.rollout.active[0].id]
     assert mine and not ray.wait([mine[0].ref], timeout=0)[0], "worker 0's rollout should still be running"
     os.kill(pid, signal.SIGKILL)
     samples = groups.rollout.collect(pending, tr._params_for(1))
@@ -129,8 +129,9 @@ def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(groups
     assert all(g.weight_version == groups.sync.version for g in samples)
     assert groups.rollout.restarts == restarts + 1
     assert groups.rollout.reissued == reissued + len(mine[0].items)
-    assert groups.rollout.workers[0] is not old
-    assert ray.get(groups.rollout.workers[0].info.remote())["pid"] != pid
+    # rollout.min_workers=2 (the default: num_workers): the run waited for the replacement before re-issuing.
+    assert old not in groups.rollout.workers and len(groups.rollout.workers) == 2
+    assert pid not in [ray.get(w.info.remote())["pid"] for w in groups.rollout.workers]
 
     # The new worker joined the rebuilt gloo group and holds the learners' weights bit for bit ...
     state = learner_states(groups)[0]
@@ -156,14 +157,15 @@ def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(groups, recor
 
 def test_worker_killed_during_overlapped_rollout_and_broadcast(groups, records):
     """train.overlap: the next step's rollout is in flight while the learners update and broadcast. The
-    worker dies then: the broadcast replaces it and redoes itself; collecting the overlapped rollout later
-    re-issues the lost share without replacing the (already new) worker again."""
+    worker dies then: the broadcast drops it (a replacement is requested) and redoes itself for the survivor;
+    collecting the overlapped rollout later waits for the replacement (rollout.min_workers=2) and re-issues
+    the lost share, without requesting another."""
     tr = make_trainer(groups, records)
     restarts, reissued = groups.rollout.restarts, groups.rollout.reissued
     samples = groups.rollout.collect(tr.submit(3), tr._params_for(3))
     pid = ray.get(groups.rollout.workers[1].info.remote())["pid"]
     pending = tr.submit(4)
-    lost = sum(len(p.items) for p in pending if p.worker_index == 1)
+    lost = sum(len(p.items) for p in pending if p.worker_id == groups.rollout.active[1].id)
     os.kill(pid, signal.SIGKILL)
     version = groups.sync.version
     m = tr.train_on(samples)

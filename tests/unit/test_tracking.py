@@ -25,7 +25,10 @@ REQUIRED = [
     "time/rollout", "time/reward", "time/logprob", "time/update", "time/broadcast", "time/step",
     "throughput/tokens_per_s", "throughput/samples_per_s", "weight_version", "weight_version_lag",
     # counters, on every row (issue #15)
-    "faults/worker_restarts", "faults/reissued_prompts", "faults/reward_actor_restarts",
+    "faults/worker_restarts", "faults/reissued_prompts", "faults/reward_actor_restarts", "faults/learner_restarts",
+    # rollout membership (issue #23)
+    "rollout/num_workers", "rollout/pending_workers", "rollout/target_workers", "rollout/joined", "rollout/left",
+    "rollout/lost",
     "data/skipped_records", "data/skipped_at_load", "data/skipped_steps", "reward/errors",
 ]
 LEARNER_OUT = {"loss": 0.1, "policy_loss": 0.08, "kl_loss": 0.02, "kl": 0.5, "clip_frac": 0.1, "entropy": 2.0,
@@ -49,6 +52,13 @@ class FakeRollout:
             inputs = SimpleNamespace(label=rec.label, solution=rec.solution)
             samples.append(PromptSamples(uid, rec.id, inputs, comps, weight_version=self.version, worker=0))
         return samples
+
+    def at_boundary(self):
+        return False
+
+    def metrics(self):
+        return {f"rollout/{k}": 0.0 for k in ("pending_workers", "joined", "left", "lost")} | {
+            "rollout/num_workers": 1.0, "rollout/target_workers": 1.0}
 
 
 class FakeRewards:
