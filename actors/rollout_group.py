@@ -101,6 +101,7 @@ class RolloutGroup:
         except PlacementError:
             self.shutdown()
             raise
+        self.events["joined"] = 0  # the starting members are not join events
 
     # ---- membership ----
     @property

@@ -1,0 +1,187 @@
+"""Elastic rollout workers on real multi-node Ray clusters on one machine (issue #23): a worker joins when a
+node arrives and leaves with its node, under ZeRO-3 with overlapped (one-step off-policy) steps; the Ray
+autoscaler launches the nodes a run asks for; a learner killed mid-run is restored in the job and the steps
+since its checkpoint are replayed exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+
+from actors.groups import RLVRGroups
+from actors.scale_control import ScaleRefused
+from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.config import WandbConfig
+from r1omni_ray.data.records import load_records
+from r1omni_ray.tracking import RunLogger
+from tests.system.test_rlvr_system import LABELS, assert_workers_match_learners, small_cfg
+
+pytestmark = pytest.mark.slow
+G = 4
+PROMPTS = 4
+
+
+def wait_loaded(groups: RLVRGroups, timeout_s: float = 180.0) -> None:
+    """Until a pending worker is placed and loaded (it then joins at the next step boundary)."""
+    deadline = time.monotonic() + timeout_s
+    while not groups.rollout.poll():
+        assert time.monotonic() < deadline, f"no pending worker loaded in {timeout_s:g}s: {groups.rollout.state()}"
+        time.sleep(0.5)
+
+
+def worker_nodes(groups: RLVRGroups) -> list[str]:
+    return [i["node_id"] for i in ray.get([w.info.remote() for w in groups.rollout.workers])]
+
+
+def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt, synth_data, tmp_path):
+    """One rollout node at the start (rollout.min_workers=1 of num_workers=2): the run starts with one worker
+    while the second's placement group waits. A node is added: the worker loads there and joins at the next
+    step boundary, bit-exact with the learners. Its node is removed: the run goes on with one worker at
+    once, every step with all its prompts x G samples, and every overlapped sample's weight version right."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 4}})
+    cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
+    ray.init(address=cluster.address)
+    try:
+        cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
+                        rollout={"node_resource": "rollout_node", "num_workers": 2, "min_workers": 1,
+                                 "max_workers": 2, "num_cpus_per_worker": 1},
+                        reward={"num_actors": 0}, train={"overlap": True, "steps": 7, "prompts_per_step": PROMPTS})
+        groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+        try:
+            assert groups.rollout.state() == {"target": 2, "active": 1, "pending": 1, "min": 1, "max": 2}
+            recs = load_records(synth_data / "train.json").records
+            seen: dict[str, object] = {}
+
+            class Trainer(RLVRTrainer):
+                def after_step(self) -> None:  # in the driver, while the next step's rollout is in flight
+                    super().after_step()
+                    if self.step == 2:
+                        seen["first"] = worker_nodes(groups)
+                        seen["node"] = cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
+                        wait_loaded(groups)
+                    elif self.step == 3:
+                        seen["nodes"] = worker_nodes(groups)
+                        assert_workers_match_learners(groups)
+                    elif self.step == 5:
+                        seen["busy"] = [ray.get(w.stats.remote())["busy_s"] for w in groups.rollout.workers]
+                        cluster.remove_node(seen["node"])  # with step 6's share in flight on it
+
+            tr = Trainer(cfg, groups, recs, None, LABELS, RunLogger(tmp_path, WandbConfig(mode="disabled"), {}))
+            hist = tr.fit()
+            assert len(seen["first"]) == 1
+            # Step 3's boundary admitted the loaded worker (step 4's rollout already in flight on the first);
+            # the step's broadcast brought it to the learners' weights bit for bit, and it took rollouts.
+            assert [h["rollout/num_workers"] for h in hist] == [1, 1, 2, 2, 2, 1, 1]
+            assert [h["rollout/joined"] for h in hist] == [0, 0, 1, 0, 0, 0, 0]
+            nodes = seen["nodes"]
+            assert len(set(nodes)) == 2 and nodes[0] == seen["first"][0]
+            assert all(b > 0 for b in seen["busy"]), seen["busy"]
+            # Its node went: the run went on at once with the survivor, losing no prompt and no step.
+            assert [h["step"] for h in hist] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+            assert all(h["samples"] == PROMPTS * G for h in hist)
+            assert [h["rollout/lost"] for h in hist] == [0, 0, 0, 0, 0, 1, 0]
+            assert groups.rollout.reissued > 0 and groups.rollout.state()["pending"] == 1  # a replacement asked
+            # Every overlapped step trained on samples drawn one version back, the joiner's included.
+            assert [h["weight_version_lag"] for h in hist] == [0.0] + [1.0] * 6
+            assert groups.sync.version == 7
+            assert_workers_match_learners(groups)
+        finally:
+            groups.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path):
+    """The scale command's answers, on a live group: out of [min, max], and more than the cluster's free
+    resources without rollout.autoscale; then a shrink that applies at the boundary."""
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        # 3 CPUs: 1 learner x 0.5 + 2 workers x 1 used, 0.5 free.
+        cfg = small_cfg(tmp_path, zero=2, rollout={"num_workers": 2, "min_workers": 1, "max_workers": 4,
+                                                   "num_cpus_per_worker": 1},
+                        learner={"num_learners": 1}, reward={"num_actors": 0})
+        groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+        try:
+            before = groups.rollout.state()
+            with pytest.raises(ScaleRefused, match=r"outside \[rollout.min_workers, rollout.max_workers\] = \[1, 4\]"):
+                groups.rollout.resize(5)
+            with pytest.raises(ScaleRefused, match=r"^the cluster has 0.5 free CPU; 1 more need 1 "):
+                groups.rollout.resize(3)
+            assert groups.rollout.state() == before  # min_workers=1: the run started, the 2nd still loading
+            wait_loaded(groups)
+            assert groups.rollout.at_boundary() and groups.rollout.state()["active"] == 2
+            assert groups.rollout.resize(1).startswith("rollout workers: target 1, active 2")
+            assert groups.rollout.at_boundary() and groups.rollout.names() == ["rollout-worker-0"]
+            groups.sync.broadcast(1)  # the group re-formed for the one member
+            assert_workers_match_learners(groups)
+        finally:
+            groups.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _learner_pids() -> list[int]:
+    """Ray titles an actor's process ray::<Class>[.<method>]."""
+    import psutil
+
+    return sorted(p.pid for p in psutil.process_iter(["cmdline"])
+                  if (p.info["cmdline"] or [""])[0].startswith("ray::LearnerActor"))
+
+
+def test_learner_killed_mid_run_is_restored_in_the_job_and_replays_exactly(tiny_ckpt, synth_data, tmp_path):
+    """SIGKILL a learner once the step-2 checkpoint is committed: the run rebuilds its learner group from it,
+    re-syncs the workers, replays from step 3, and ends with the same weights and per-step metrics as an
+    uninterrupted run (one W&B run, offline)."""
+    from launch.common import Prepared
+    from launch.train_rlvr import run_rlvr
+    from r1omni_ray.checkpointing import latest_checkpoint, read_state
+
+    def cfg_for(out: Path):
+        return small_cfg(out, zero=2, rollout={"num_workers": 1}, reward={"num_actors": 0},
+                         train={"steps": 4, "prompts_per_step": PROMPTS}, checkpoint={"every": 2},
+                         wandb={"mode": "offline"})
+
+    prep = Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        straight = run_rlvr(cfg_for(tmp_path / "straight"), prep)
+        killed_out = tmp_path / "killed"
+        box: dict[str, int] = {}
+
+        def kill_after_first_checkpoint() -> None:
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                ck = latest_checkpoint(killed_out)
+                if ck is not None and read_state(ck).step == 2 and (pids := _learner_pids()):
+                    box["pid"] = pids[-1]
+                    os.kill(pids[-1], signal.SIGKILL)
+                    return
+                time.sleep(0.2)
+
+        killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+        killer.start()
+        res = run_rlvr(cfg_for(killed_out), prep)
+        killer.join(timeout=5)
+        assert "pid" in box and res["learner_restarts"] == 1
+        assert read_state(Path(res["checkpoint"])).weights_checksum == read_state(
+            Path(straight["checkpoint"])).weights_checksum
+        keys = ("reward/total_mean", "learner/loss", "learner/kl", "response/length_mean")
+        rows = {p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines() if '"reward/' in x]
+                for p in (tmp_path / "straight", killed_out)}
+        assert [r["step"] for r in rows[killed_out]] == [1, 2, 3, 4]  # the replayed rows replaced the lost ones
+        for a, b in zip(rows[tmp_path / "straight"], rows[killed_out], strict=True):
+            assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+        assert rows[killed_out][-1]["faults/learner_restarts"] == 1.0
+        assert len(list((killed_out / "wandb").glob("offline-run-*"))) == 1
+    finally:
+        ray.shutdown()
