@@ -36,3 +36,15 @@ def letter_e_rate(completion: str, solution: str) -> float:
     the policy favours tokens with an 'e' in them, so a short run shows learning (the emotion task needs
     hundreds of steps)."""
     return completion.count("e") / max(1, len(completion))
+
+
+@register_reward("test_paced")
+def paced(completion: str, solution: str) -> float:
+    """Scores 0; while the file named by R1OMNI_TEST_PACE_FILE exists, takes 50 ms per sample: a test holds a
+    submitted job's steps long enough to act on it mid-run, then lets it finish at full speed."""
+    import os
+
+    flag = os.environ.get("R1OMNI_TEST_PACE_FILE")
+    if flag and os.path.exists(flag):
+        time.sleep(0.05)
+    return 0.0
