@@ -94,7 +94,6 @@ class RolloutGroup:
         self.events = {"joined": 0, "left": 0, "lost": 0}  # since the last step's metrics
         self.changed = False  # membership moved since the broadcast group was formed
         self.on_join: Callable[[], None] | None = None
-        self._sent_to: dict[str, int] = {}  # rollout ref (hex) -> id of the worker it went to
         self._fill()
         try:
             self._wait_for(self.min_workers, cfg.ray.placement_timeout_s, "ray.placement_timeout_s")
@@ -178,7 +177,7 @@ class RolloutGroup:
         """A step boundary (no rollout in flight): workers above the target leave, loaded ones join.
         Returns whether the membership changed (the broadcast group must be re-formed)."""
         while len(self.active) > self.target:
-            s = self.active.pop()  # the newest first
+            s = self.active.pop()  # the last to join leaves first
             _kill(s)
             self.events["left"] += 1
             self.changed = True
@@ -280,7 +279,6 @@ class RolloutGroup:
                 s = self.active[k]
                 pre = [next_items[j][1] for j in ahead[k]] if ahead is not None else None
                 refs = s.actor.rollout.options(num_returns=1 + len(sub)).remote(sub, params, use_video, use_audio, pre)
-                self._sent_to[refs[0].hex()] = s.id  # hex, not the ref: the dict must not pin results
                 out.append(PendingRollout(s.id, sub, refs[0], list(refs[1:])))
         return out
 
@@ -296,7 +294,6 @@ class RolloutGroup:
             lost: list[tuple[int, Any]] = []
             dead: set[int] = set()
             for wid, items, ref, media_refs in todo["pending"]:
-                self._sent_to.pop(ref.hex(), None)
                 try:
                     samples = ray.get(ref)
                 except (RayActorError, ObjectLostError) as e:
@@ -304,7 +301,8 @@ class RolloutGroup:
                     log.warning("rollout-worker-%d: its rollout was lost (%s); re-issuing its %d prompts", wid,
                                 type(e).__name__, len(items))
                     lost.extend(items)
-                    if any(s.id == wid for s in self.active):  # it may already be dropped (e.g. by a broadcast)
+                    # Ids are never reused: one no longer active was already dropped (e.g. by a broadcast).
+                    if any(s.id == wid for s in self.active):
                         dead.add(wid)
                     continue
                 except RayTaskError as e:  # a bug, not bad data (that comes back as PromptSamples.error)

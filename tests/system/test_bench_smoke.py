@@ -48,6 +48,19 @@ def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
     assert ray.is_initialized()  # a Ray the benchmark did not start is left running
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_elastic_benchmark_resizes_its_run(bench_ray, capsys):
+    from bench import elastic
+
+    assert elastic.main(TINY_GRPO + ["--phases", "1,2"]) == 0
+    recs = json_lines(capsys.readouterr().out)
+    phases = [r for r in recs if r.get("workers")]
+    assert [r["workers"] for r in phases] == [1, 2] and recs[-1]["kind"] == "summary"
+    assert phases[1]["join_steps"] >= 1 and phases[1]["join_s"] > 0
+    assert all(r["steps_per_s"] > 0 and r["rollout_scaling_efficiency"] > 0 for r in phases)
+
+
 @pytest.mark.timeout(120)
 def test_weight_broadcast_benchmark_runs(capsys):
     from bench import weight_broadcast

@@ -16,8 +16,11 @@ import pytest
 import ray
 
 from actors.groups import RLVRGroups
+from actors.placement import CapacityError
 from actors.scale_control import ScaleRefused
+from launch.checkpointer import Checkpointer
 from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.checkpointing import latest_checkpoint, read_state
 from r1omni_ray.config import WandbConfig
 from r1omni_ray.data.records import load_records
 from r1omni_ray.tracking import RunLogger
@@ -48,12 +51,12 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 4}})
-    cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
+    first = cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
     ray.init(address=cluster.address)
     try:
         cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
                         rollout={"node_resource": "rollout_node", "num_workers": 2, "min_workers": 1,
-                                 "max_workers": 2, "num_cpus_per_worker": 1},
+                                 "max_workers": 2, "num_cpus_per_worker": 1, "capacity_timeout_s": 5},
                         reward={"num_actors": 0}, train={"overlap": True, "steps": 7, "prompts_per_step": PROMPTS})
         groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
         try:
@@ -75,7 +78,9 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
                         seen["busy"] = [ray.get(w.stats.remote())["busy_s"] for w in groups.rollout.workers]
                         cluster.remove_node(seen["node"])  # with step 6's share in flight on it
 
-            tr = Trainer(cfg, groups, recs, None, LABELS, RunLogger(tmp_path, WandbConfig(mode="disabled"), {}))
+            logger = RunLogger(tmp_path, WandbConfig(mode="disabled"), {})
+            tr = Trainer(cfg, groups, recs, None, LABELS, logger,
+                         checkpointer=Checkpointer(cfg, groups, tmp_path, str(tiny_ckpt), logger))
             hist = tr.fit()
             assert len(seen["first"]) == 1
             # Step 3's boundary admitted the loaded worker (step 4's rollout already in flight on the first);
@@ -94,6 +99,13 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
             assert [h["weight_version_lag"] for h in hist] == [0.0] + [1.0] * 6
             assert groups.sync.version == 7
             assert_workers_match_learners(groups)
+
+            # The last rollout node goes too: below rollout.min_workers, the run waits capacity_timeout_s,
+            # then stops with a checkpoint of the last finished step instead of hanging.
+            cluster.remove_node(first)
+            with pytest.raises(CapacityError, match=r"stopped at step 7 with checkpoint .*step_7.*--resume"):
+                tr.fit(8)
+            assert read_state(latest_checkpoint(tmp_path)).step == 7
         finally:
             groups.shutdown()
     finally:
@@ -118,10 +130,11 @@ def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path)
             with pytest.raises(ScaleRefused, match=r"^the cluster has 0.5 free CPU; 1 more need 1 "):
                 groups.rollout.resize(3)
             assert groups.rollout.state() == before  # min_workers=1: the run started, the 2nd still loading
+            first = groups.rollout.names()
             wait_loaded(groups)
             assert groups.rollout.at_boundary() and groups.rollout.state()["active"] == 2
             assert groups.rollout.resize(1).startswith("rollout workers: target 1, active 2")
-            assert groups.rollout.at_boundary() and groups.rollout.names() == ["rollout-worker-0"]
+            assert groups.rollout.at_boundary() and groups.rollout.names() == first  # the last to join left
             groups.sync.broadcast(1)  # the group re-formed for the one member
             assert_workers_match_learners(groups)
         finally:
@@ -144,7 +157,6 @@ def test_learner_killed_mid_run_is_restored_in_the_job_and_replays_exactly(tiny_
     uninterrupted run (one W&B run, offline)."""
     from launch.common import Prepared
     from launch.train_rlvr import run_rlvr
-    from r1omni_ray.checkpointing import latest_checkpoint, read_state
 
     def cfg_for(out: Path):
         return small_cfg(out, zero=2, rollout={"num_workers": 1}, reward={"num_actors": 0},

@@ -80,6 +80,22 @@ def test_rlvr_needs_a_rollout_worker():
         check_rlvr(load_config(None, ["rollout.num_workers=0"]))
 
 
+def test_elastic_worker_bounds_default_to_a_fixed_group_and_must_hold_num_workers():
+    from r1omni_ray.config import check_rlvr
+
+    assert load_config(None, ["rollout.num_workers=3"]).rollout.worker_bounds() == (3, 3)
+    cfg = load_config(None, ["rollout.num_workers=2", "rollout.min_workers=1", "rollout.max_workers=8"])
+    check_rlvr(cfg)
+    assert cfg.rollout.worker_bounds() == (1, 8)
+    with pytest.raises(ConfigError, match=r"rollout.num_workers: 4 must lie within \[rollout.min_workers, "
+                                          r"rollout.max_workers\] = \[1, 3\]"):
+        check_rlvr(load_config(None, ["rollout.num_workers=4", "rollout.min_workers=1", "rollout.max_workers=3"]))
+    with pytest.raises(ConfigError, match="rollout.min_workers: 0 must be >= 1"):
+        load_config(None, ["rollout.min_workers=0"])
+    with pytest.raises(ConfigError, match="learner.max_restarts: -1 must be >= 0"):
+        load_config(None, ["learner.max_restarts=-1"])
+
+
 def test_where_off_policy_old_logprobs_come_from():
     from r1omni_ray.config import check_rlvr
     from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed
