@@ -40,6 +40,7 @@ bench: setup
 	$(PY) -m bench.data_plane
 	$(PY) -m bench.overlap
 	$(PY) -m bench.omni_shape
+	$(PY) -m bench.elastic
 	$(PY) -m bench.grad_checkpointing
 	$(PY) -m bench.compare_trl
 	$(PY) -m bench.real_size_step

@@ -102,7 +102,7 @@ class WeightSync:
             if not workers.active:  # all gone: the replacements get these weights when they join
                 return Attempt(True, [], {})
             # A worker that died while idle would leave the collective waiting for learner.dist_timeout_s:
-            # ask every member first (a dead actor answers at once) and replace the dead before starting.
+            # ask every member first (a dead actor answers at once) and drop the dead before starting.
             if dead := self._dead_ids(settle([(n, "info", w.info.remote())
                                           for n, w in zip(workers.names(), workers.workers, strict=True)])):
                 return Attempt(False, dead)

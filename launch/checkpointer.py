@@ -34,6 +34,7 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, out: Path, init_ckpt: str, logger: RunLogger) -> None:
         self.cfg, self.groups, self.out, self.init_ckpt, self.logger = cfg, groups, out, init_ckpt, logger
         self.last: Path | None = None
+        self.loaded_checksums: list[list[float]] | None = None  # of the last load
 
     def save(self, step: int, num_records: int, with_hf: bool = False) -> Path:
         """A checkpoint after ``step`` steps of a run over ``num_records`` records."""
@@ -68,7 +69,7 @@ class Checkpointer:
             raise RuntimeError(f"{ck_dir}: loaded learner weights differ from the saved ones "
                                f"({sums} != {state.weights_checksum})")
         self.groups.sync.broadcast(state.weight_version)
-        self.last = ck_dir
+        self.last, self.loaded_checksums = ck_dir, sums
         return state
 
     def restore_learners(self) -> int:

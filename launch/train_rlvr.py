@@ -161,7 +161,7 @@ class RLVRTrainer:
                     self.learner_restarts, self.cfg.learner.max_restarts, self.checkpointer.last or "the start")
         self.inflight = []  # the overlapped rollout (if any) was drawn from weights that are rolled back
         step = self.checkpointer.restore_learners()
-        out = Path(self.cfg.train.output_dir)
+        out = self.logger.metrics_path.parent
         for name in ("metrics.jsonl", "completions.jsonl"):
             truncate_step_log(out / name, step)
         self.history = [h for h in self.history if h["step"] <= step]
@@ -358,7 +358,7 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             checkpointer.load(ck_dir)  # workers now hold exactly the saved policy
             log.info("resumed from %s: step %d, weight version %d", ck_dir, state.step, state.weight_version)
             result["resumed_from"] = str(ck_dir)
-            result["resume_check"] = {"saved": state.weights_checksum, "loaded": groups.learners.checksums()}
+            result["resume_check"] = {"saved": state.weights_checksum, "loaded": checkpointer.loaded_checksums}
         trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0, skipped_at_load=skipped_at_load,
                               checkpointer=checkpointer, scale=scale)
