@@ -14,15 +14,16 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _run_until_step_2(tmp_path, then) -> tuple[subprocess.Popen, str]:
-    """Start a small embedded run, wait for its second step, call ``then(proc)``, and wait for the exit."""
+def _run_until_step_2(tmp_path, then, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start a small embedded run (``extra`` overrides), wait for its second step, call ``then(proc)``, and
+    wait for the exit."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # an embedded, private local Ray
     log = tmp_path / "driver.log"
     args = [sys.executable, "-m", "launch.train_rlvr", "--config", "configs/tiny_cpu.yaml",
             f"train.output_dir={tmp_path / 'run'}", "train.steps=500", "train.prompts_per_step=2",
             "rollout.group_size=2", "rollout.max_new_tokens=6", "rollout.num_workers=1", "learner.num_learners=1",
             "data.synthetic.num_train=4", "data.synthetic.num_eval=2", "data.synthetic.num_sft=2",
-            "wandb.mode=offline", "checkpoint.every=1"]
+            "wandb.mode=offline", *extra, "checkpoint.every=1"]
     with log.open("w") as f:
         proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     try:
@@ -49,7 +50,8 @@ def test_a_dead_learner_ends_the_run_with_one_line_naming_it_and_the_resume_comm
         for p in learners:
             p.kill()
 
-    proc, text = _run_until_step_2(tmp_path, kill_learner)
+    # No in-job restart left (learner.max_restarts=0; tests/system/test_elastic.py covers the restart).
+    proc, text = _run_until_step_2(tmp_path, kill_learner, ("learner.max_restarts=0",))
     assert proc.returncode == 1, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
     errors = [line for line in text.splitlines() if line.startswith("error: ")]
