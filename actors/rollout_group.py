@@ -19,7 +19,6 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from actors.calls import ActorCallError, Attempt, retry_replacing
 from actors.placement import (
     CapacityError,
-    PlacementError,
     actor_options,
     bundles,
     in_bundle,
@@ -94,10 +93,11 @@ class RolloutGroup:
         self.events = {"joined": 0, "left": 0, "lost": 0}  # since the last step's metrics
         self.changed = False  # membership moved since the broadcast group was formed
         self.on_join: Callable[[], None] | None = None
+        self._load_failures = 0  # in a row: a worker that cannot load (a bug, a bad checkpoint) is not retried forever
         self._fill()
         try:
             self._wait_for(self.min_workers, cfg.ray.placement_timeout_s, "ray.placement_timeout_s")
-        except PlacementError:
+        except BaseException:  # nothing placed or started may outlive a group that failed to start
             self.shutdown()
             raise
         self.events["joined"] = 0  # the starting members are not join events
@@ -148,12 +148,16 @@ class RolloutGroup:
             try:
                 ray.get(s.loaded)
             except Exception as e:  # noqa: BLE001 - its node went, or it failed to load
-                log.warning("%s died while loading (%s); requesting another", s.name, type(e).__name__)
                 self.pending.remove(s)
                 _kill(s)
+                self._load_failures += 1
+                if self._load_failures > self.cfg.rollout.max_restarts:
+                    raise ActorCallError(s.name, "__init__", e) from e
+                log.warning("%s died while loading (%s); requesting another", s.name, type(e).__name__)
                 self.restarts += 1
                 self._fill()
                 continue
+            self._load_failures = 0
             loaded.append(s)
         return loaded
 
@@ -231,7 +235,7 @@ class RolloutGroup:
         if not self.min_workers <= n <= self.max_workers:
             raise ScaleRefused(f"{n} rollout workers is outside [rollout.min_workers, rollout.max_workers] = "
                                f"[{self.min_workers}, {self.max_workers}]")
-        placed = sum(1 for s in self.pending if s.actor is not None)
+        placed = sum(1 for s in self.pending if ray.wait([s.placed], timeout=0)[0])  # hold their resources
         more = n - len(self.active) - placed
         if more > 0 and not self.cfg.rollout.autoscale and (why := shortfall(self.bundle, more)):
             raise ScaleRefused(f"{why} ({more} x {self.bundle} for {n} rollout workers; rollout.autoscale=true "

@@ -5,6 +5,7 @@ since its checkpoint are replayed exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -15,8 +16,10 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors.calls import ActorCallError
 from actors.groups import RLVRGroups
 from actors.placement import CapacityError
+from actors.rollout_group import RolloutGroup
 from actors.scale_control import ScaleRefused
 from launch.checkpointer import Checkpointer
 from launch.train_rlvr import RLVRTrainer
@@ -122,6 +125,10 @@ def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path)
         cfg = small_cfg(tmp_path, zero=2, rollout={"num_workers": 2, "min_workers": 1, "max_workers": 4,
                                                    "num_cpus_per_worker": 1},
                         learner={"num_learners": 1}, reward={"num_actors": 0})
+        # A worker that cannot load is not re-requested forever: after rollout.max_restarts, one named error.
+        bad = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_restarts=0))
+        with pytest.raises(ActorCallError, match=r"rollout-worker-\d+\.__init__ failed"):
+            RolloutGroup(bad, str(tmp_path / "no_such_checkpoint"))
         groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
         try:
             before = groups.rollout.state()
