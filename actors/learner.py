@@ -144,7 +144,9 @@ class LearnerActor:
         after the other in a fixed order (the receivers join all of theirs at once)."""
         if self.rank != 0:
             return True
-        self.sender = None  # drop the old groups (a worker was replaced)
+        if self.sender is not None:  # the membership moved: the old groups go first
+            self.sender.close()
+            self.sender = None
         joined = {}
         for dest, (backend, host, port, world) in sorted(groups.items()):
             joined[dest] = BroadcastGroup(backend, host, port, 0, world, timeout_s, name=f"learner-0[{dest}]")

@@ -167,7 +167,9 @@ class RolloutWorker:
     def init_sync_group(self, joins: dict[str, tuple[str, str, int, int, int]], timeout_s: float) -> bool:
         """joins: group -> (backend, host, port, this worker's first rank, world size). The actor joins ACTORS
         while its vLLM workers join ENGINES (learner-0 joins them in turn: neither side may wait for the other)."""
-        self.sync_group = None
+        if self.sync_group is not None:  # the membership moved: the old group goes first
+            self.sync_group.close()
+            self.sync_group = None
         backend, host, port, rank, world = joins[ACTORS]
 
         def join_own() -> None:

@@ -139,6 +139,18 @@ class BroadcastGroup:
         except Exception as e:  # surface which member failed to join
             raise CollectiveError(f"{name}: joining weight-broadcast group {host}:{port} as rank {rank} failed: {e}") from e
 
+    def close(self) -> None:
+        """Release the communicator now, when the group is re-formed for a new membership, instead of whenever
+        the object is collected: a NCCL communicator holds GPU buffers and channels per peer. Aborted, not shut
+        down: a member may have died, and a graceful shutdown would wait for it."""
+        pg, self.pg = getattr(self, "pg", None), None
+        if pg is not None:
+            try:
+                pg.abort()
+            except Exception:  # noqa: BLE001 - already torn down with a failed collective
+                pass
+        self.buffers.clear()
+
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> None:
         self.wait(self.broadcast_async(tensor, src))
 
@@ -200,6 +212,12 @@ class BucketSender:
             self.pending[slot].append((g, g.broadcast_async(flat, 0)))
             self.sent[d] = self.sent.get(d, 0) + flat.numel() * flat.element_size()
         self.count += 1
+
+    def close(self) -> None:
+        """Close every group (re-forming for a new membership): pending sends are abandoned with them."""
+        self.pending = [[] for _ in range(self.slots)]
+        for g in self.groups.values():
+            g.close()
 
     def _drain(self, slot: int) -> None:
         works, self.pending[slot] = self.pending[slot], []

@@ -190,6 +190,8 @@ class BroadcastReceiverExtension:
     def r1omni_join(self, backend: str, host: str, port: int, first_rank: int, world_size: int,
                     timeout_s: float) -> int:
         rank = first_rank + int(self.rank)  # type: ignore[attr-defined]  # this engine's TP rank
+        if (old := getattr(self, "r1omni_group", None)) is not None:  # the membership moved
+            old.close()
         self.r1omni_group = BroadcastGroup(backend, host, port, rank, world_size, timeout_s, name=f"vllm-rank-{rank}")
         # Every update, the reload session warns "Failed to load weights" for the layers that have no tensor
         # of their own in it (the tied LM head, the rotary embedding's cache), and puts them back unchanged.

@@ -102,6 +102,38 @@ def test_missing_peer_times_out_with_member_named():
     assert "rollout-worker-7" in msg
 
 
+def _reforming_member(rank, ports, q):
+    """Round 1: three members. Member 2 then dies without closing; the other two close their group (at once,
+    with a dead member) and form a new one for the new membership, as WeightSync does at a step boundary."""
+    g = BroadcastGroup("gloo", "127.0.0.1", ports[0], rank, 3, 30, name=f"member-{rank}")
+    t = torch.arange(5.0) if rank == 0 else torch.zeros(5)
+    g.broadcast(t, 0)
+    if rank == 2:
+        q.put((rank, t.tolist()))
+        return  # dies holding its group
+    g.close()
+    g.close()  # twice is harmless (a re-form after a failed one)
+    g = BroadcastGroup("gloo", "127.0.0.1", ports[1], rank, 2, 30, name=f"member-{rank}")
+    t2 = torch.arange(5.0) * 7 if rank == 0 else torch.zeros(5)
+    g.broadcast(t2, 0)
+    g.close()
+    q.put((rank, t.tolist() + t2.tolist()))
+
+
+def test_group_closed_and_reformed_for_a_new_membership_after_a_member_died():
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    ports = [_port(), _port()]
+    procs = [ctx.Process(target=_reforming_member, args=(r, ports, q)) for r in range(3)]
+    for p in procs:
+        p.start()
+    res = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert res[2] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert res[1] == res[0] == [0.0, 1.0, 2.0, 3.0, 4.0, 0.0, 7.0, 14.0, 21.0, 28.0]
+
+
 LM_AND_FRONT = [("model.embed_tokens.weight", (50, 8)), ("model.layers.0.mlp.up_proj.weight", (16, 8)),
                 ("model.layers.0.input_layernorm.weight", (8,)), ("model.norm.weight", (8,)),
                 ("model.mm_projector.0.weight", (8, 12)), ("model.audio_projector.0.weight", (8, 6)),
