@@ -17,6 +17,7 @@ import os
 import re
 import struct
 import sys
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -177,7 +178,10 @@ _FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
 
 def _wandb_file_records(path: Path) -> list[bytes]:
     """Payloads of a .wandb transaction log: a 7-byte file header (":W&B", magic, version), then
-    LevelDB-log style chunks in 32 KiB blocks, a record split FIRST/MIDDLE/LAST across blocks."""
+    LevelDB-log style chunks in 32 KiB blocks, a record split FIRST/MIDDLE/LAST across blocks, each
+    chunk checked by zlib.crc32(type byte + data). wandb-core may still be writing the file: the
+    records end at the first chunk that is cut short or fails its checksum (a torn tail; the caller
+    reads again until the exit record is there)."""
     data = path.read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{path}: not a .wandb file")
@@ -188,10 +192,12 @@ def _wandb_file_records(path: Path) -> list[bytes]:
         if left < _LDB_HEADER:  # block trailer padding
             pos += left
             continue
-        _crc, n, kind = struct.unpack("<IHB", data[pos : pos + _LDB_HEADER])
+        crc, n, kind = struct.unpack("<IHB", data[pos : pos + _LDB_HEADER])
         pos += _LDB_HEADER
         chunk = data[pos : pos + n]
         pos += n
+        if len(chunk) < n or zlib.crc32(bytes([kind]) + chunk) != crc:
+            break
         if kind in (_FULL, _FIRST):
             buf = chunk
         elif kind in (_MIDDLE, _LAST):

@@ -175,6 +175,32 @@ def test_resumed_logger_keeps_run_id_and_step_counter(tmp_path):
     assert [h["_step"] for h in read_offline_run(runs[1])["history"]] == [1]
 
 
+def test_reader_stops_at_a_torn_tail_while_wandb_still_writes(tmp_path):
+    """wandb-core flushes the .wandb log in pieces: a read can meet a chunk cut short or not yet
+    filled in. The records before it are read; the run is not yet finished; nothing raises."""
+    logger = RunLogger(tmp_path / "run", WandbConfig(mode="offline"), {"a": 1})
+    for step, x in enumerate([1.5, 2.5, 3333.25], start=1):
+        logger.log({"x": x}, step=step)
+    logger.finish()
+    full_dir = offline_run_dir(tmp_path / "run")
+    (wandb_file,) = full_dir.glob("run-*.wandb")
+    full = read_offline_run(full_dir)
+    assert full["finished"] and [h["x"] for h in full["history"]] == [1.5, 2.5, 3333.25]
+
+    data = wandb_file.read_bytes()
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    # The last history row's value, cut in the middle and then with one byte flipped in place.
+    cut = data.rindex(b"3333.25") + 3
+    for name, body in {"short": data[:cut], "flipped": data[:cut] + bytes([data[cut] ^ 0xFF]) + data[cut + 1:]}.items():
+        d = torn / name
+        d.mkdir()
+        (d / wandb_file.name).write_bytes(body)
+        out = read_offline_run(d, wait_s=0.0)
+        assert not out["finished"], name
+        assert out["id"] == full["id"] and [h["x"] for h in out["history"]] == [1.5, 2.5], name
+
+
 def test_disabled_logger_still_writes_jsonl(tmp_path):
     logger = RunLogger(tmp_path, WandbConfig(mode="disabled"), {})
     logger.log({"a": 1.0, "skip": [1, 2]}, step=3)
