@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,8 @@ from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, RolloutEngine, SamplingParams
-from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
+from r1omni_ray.engines.vllm_engine import VLLMEngine
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX  # imports vllm only when one starts
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_broadcast import (
     ACTORS,
@@ -53,6 +55,11 @@ class PromptSamples:
     media_bytes: int = 0
     media_ref: Any = None  # ObjectRef of its PromptMedia, attached by the caller
 
+    def modalities(self) -> tuple[bool, bool]:
+        """(video, audio): which media the prompt carries (its placeholders)."""
+        ids = set(self.inputs.prompt_ids) if self.inputs is not None else set()
+        return VIDEO_TOKEN_INDEX in ids, AUDIO_TOKEN_INDEX in ids
+
 
 def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[PromptSamples], list[PromptSamples]]:
     """Split a step's prompts into trainable ones and records that failed to load (bad media). With
@@ -68,7 +75,10 @@ def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[Pr
     return [g for g in samples if g.error is None and g.completions], bad
 
 
-@ray.remote
+# Rollout calls run one at a time in the default group. Weights arrive on a thread of their own ("weights"), so
+# an update waits only for the generate call under way, never for the rollouts queued behind it; pings and
+# stats ("control") answer while a rollout runs. self.lock keeps the engine to one user at a time.
+@ray.remote(concurrency_groups={"weights": 1, "control": 1})
 class RolloutWorker:
     def __init__(self, index: int, ckpt_dir: str, cfg: dict) -> None:
         self.cfg: RunConfig = config_from_dict(cfg)
@@ -104,7 +114,9 @@ class RolloutWorker:
         self.version = 0
         self.sync_group: BroadcastGroup | None = None
         self.busy_s = 0.0
+        self.lock = threading.Lock()
 
+    @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__,
@@ -130,18 +142,20 @@ class RolloutWorker:
                 samples.append(PromptSamples(uid, rec.id, None, error=str(inp), worker=self.index))
                 media.append(None)
                 continue
-            samples.append(PromptSamples(uid, rec.id, None, weight_version=self.version, worker=self.index))
+            samples.append(PromptSamples(uid, rec.id, None, worker=self.index))
             media.append(None)
             full_inputs.append((len(samples) - 1, inp))
-        full_inputs = self._with_tower_features(full_inputs)
-        for k, inp in full_inputs:
-            samples[k].inputs, media[k] = inp.split_media()
-            samples[k].media_bytes = media[k].nbytes
-        if full_inputs:
-            outs = self.engine.generate([inp for _, inp in full_inputs], params,
-                                        [samples[k].uid for k, _ in full_inputs])
-            for (k, _), comps in zip(full_inputs, outs, strict=True):
-                samples[k].completions = comps
+        with self.lock:  # one weight version for the whole call: updates wait for its end
+            full_inputs = self._with_tower_features(full_inputs)
+            for k, inp in full_inputs:
+                samples[k].inputs, media[k] = inp.split_media()
+                samples[k].media_bytes = media[k].nbytes
+                samples[k].weight_version = self.version
+            if full_inputs:
+                outs = self.engine.generate([inp for _, inp in full_inputs], params,
+                                            [samples[k].uid for k, _ in full_inputs])
+                for (k, _), comps in zip(full_inputs, outs, strict=True):
+                    samples[k].completions = comps
         self.busy_s += time.perf_counter() - t0
         return (samples, *media)
 
@@ -159,14 +173,20 @@ class RolloutWorker:
         return out
 
     # ---- weights ----
+    @ray.method(concurrency_group="control")
     def sync_ranks(self) -> dict[str, int]:
         """This worker's ranks in each weight-broadcast group: the actor itself in ACTORS, and with vLLM one
         per vLLM worker process in ENGINES."""
         return {ACTORS: 1} | ({ENGINES: self.engine.engine_ranks()} if isinstance(self.engine, VLLMEngine) else {})
 
+    @ray.method(concurrency_group="weights")
     def init_sync_group(self, joins: dict[str, tuple[str, str, int, int, int]], timeout_s: float) -> bool:
         """joins: group -> (backend, host, port, this worker's first rank, world size). The actor joins ACTORS
         while its vLLM workers join ENGINES (learner-0 joins them in turn: neither side may wait for the other)."""
+        with self.lock:
+            return self._init_sync_group(joins, timeout_s)
+
+    def _init_sync_group(self, joins: dict[str, tuple[str, str, int, int, int]], timeout_s: float) -> bool:
         if self.sync_group is not None:  # the membership moved: the old group goes first
             self.sync_group.close()
             self.sync_group = None
@@ -182,9 +202,15 @@ class RolloutWorker:
             join_own()
         return True
 
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, version: int, metas: list[ParamMeta], routes: list[Route]) -> int:
-        """One update: the actor receives its buckets (ACTORS) while the vLLM workers receive theirs (ENGINES)."""
+        """One update, between two generate calls: the actor receives its buckets (ACTORS) while the vLLM workers
+        receive theirs (ENGINES)."""
         assert self.sync_group is not None, "init_sync_group first"
+        with self.lock:
+            return self._receive_weights(version, metas, routes)
+
+    def _receive_weights(self, version: int, metas: list[ParamMeta], routes: list[Route]) -> int:
 
         def receive_own() -> None:
             receive_buckets(self.sync_group, metas, buckets_for(routes, ACTORS), self.engine.load_weights, device())
@@ -197,7 +223,9 @@ class RolloutWorker:
         return version
 
     def named_tensors(self) -> dict[str, torch.Tensor]:
-        return {k: v.cpu() for k, v in self.engine.named_tensors().items()}
+        with self.lock:
+            return {k: v.cpu() for k, v in self.engine.named_tensors().items()}
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict[str, float]:
         return {"busy_s": self.busy_s}

@@ -177,6 +177,10 @@ class RolloutGroup:
                      self.target, len(self.pending))
         return n
 
+    def leaving(self) -> bool:
+        """Whether workers above the target leave at the next boundary (their rollouts must end first)."""
+        return len(self.active) > self.target
+
     def at_boundary(self) -> bool:
         """A step boundary (no rollout in flight): workers above the target leave, loaded ones join.
         Returns whether the membership changed (the broadcast group must be re-formed)."""

@@ -3,22 +3,18 @@ update) -> broadcast -> log, on Ray role groups. Run embedded (`python -m launch
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
-import ray
-import torch
-
+from actors.batch_pipeline import BatchPipeline, StepBatch
 from actors.calls import ActorCallError, wire_bytes
 from actors.evaluation import EvalResult, evaluate_records
 from actors.groups import RLVRGroups
 from actors.learner_group import lost_learners, shard_for_learners
 from actors.placement import CapacityError
-from actors.rollout import PromptSamples, usable_samples
-from actors.rollout_group import PendingRollout, wait_with_progress
+from actors.rollout import PromptSamples
 from actors.scale_control import ScaleChannel
 from launch.checkpointer import Checkpointer, resume_state
 from launch.common import Prepared, base_parser, init_ray, parse_config, prepare, run_main, setup_logging
@@ -27,12 +23,16 @@ from launch.splits import load_split, load_split_counted
 from r1omni_ray.checkpointing import HF_SUBDIR, link_or_copy_tree
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import RunConfig, check_rlvr
-from r1omni_ray.data.sampler import batch_indices
-from r1omni_ray.engines.base import SamplingParams, step_seed
-from r1omni_ray.grpo import group_advantages
 from r1omni_ray.learner.grpo_update import StepSpec
-from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed, old_logprob_source
-from r1omni_ray.step_metrics import advantage_metrics, response_metrics, reward_metrics
+from r1omni_ray.learner.old_logprobs import old_logprob_source
+from r1omni_ray.rollout_correction import modality_tag
+from r1omni_ray.step_metrics import (
+    advantage_metrics,
+    learner_metrics,
+    response_metrics,
+    reward_metrics,
+    staleness_metrics,
+)
 from r1omni_ray.timing import PhaseTimer
 from r1omni_ray.tracking import RunLogger, progress, truncate_step_log
 
@@ -55,32 +55,10 @@ class RLVRTrainer:
         self.learner_restarts = 0
         self.skipped_at_load = skipped_at_load
         self.timer = PhaseTimer()
-        self.inflight: list[Any] = []  # the overlapped next rollout, if any
+        self.pipeline = BatchPipeline(cfg, groups, records, self.timer)
         self._table: tuple[list[str], list[list[Any]]] | None = None  # this step's sample table
         self._diag_keys: set[str] = set()
         self._tokens = 0.0  # completion tokens trained on in the step being logged
-        rc = cfg.rollout
-        self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
-                                     max_new_tokens=rc.max_new_tokens, min_new_tokens=rc.min_new_tokens,
-                                     # only overlapped steps are off-policy: only they use the engine's own
-                                     logprobs=rc.sampling_logprobs or (cfg.train.overlap and engine_logprobs_allowed(cfg)))
-
-    def items_for(self, step: int) -> list[tuple[int, Any]]:
-        idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
-        return [(uid, self.records[i]) for uid, i in enumerate(idx)]
-
-    def submit(self, step: int, total: int | None = None):
-        """Step ``step``'s rollout, with the next step's records to decode ahead when there is one before
-        ``total`` (default train.steps)."""
-        d = self.cfg.data
-        total = self.cfg.train.steps if total is None else total
-        ahead = self.items_for(step + 1) if step + 1 < total else None
-        return self.groups.rollout.submit(self.items_for(step), self._params_for(step), d.use_video, d.use_audio,
-                                          ahead)
-
-    def _params_for(self, step: int) -> SamplingParams:
-        p = self.params
-        return dataclasses.replace(p, seed=step_seed(self.cfg.train.seed, step))
 
     def fit(self, steps: int | None = None) -> list[dict[str, float]]:
         """Train until ``steps`` steps are done in all (default train.steps); call again to go on (benchmarks:
@@ -90,14 +68,13 @@ class RLVRTrainer:
         total = self.cfg.train.steps if steps is None else steps
         bar = progress(total=total, initial=min(self.step, total), desc="RLVR", unit="step", leave=True)
         try:
-            pending = self.submit(self.step, total) if self.step < total else None
             while self.step < total:
                 try:
-                    pending = self._fit_step(pending, total)
+                    self._fit_step(total)
                 except ActorCallError as e:
                     if not self._may_restart_learners(e):
                         raise
-                    pending = self._restart_learners(e, total)
+                    self._restart_learners(e)
                     bar.n = self.step
                     bar.refresh()
                     continue
@@ -111,33 +88,25 @@ class RLVRTrainer:
             bar.close()
         return self.history
 
-    def _fit_step(self, pending: list[PendingRollout] | None, total: int) -> list[PendingRollout] | None:
-        """One step: its rollout (submitted before), the update, the log, the periodic work. Returns the
-        next step's rollout, submitted."""
+    def _fit_step(self, total: int) -> None:
+        """One step: its batch from the pipeline, rollouts ahead within the staleness window, the update, the
+        membership boundary, the broadcast, the log and the periodic work."""
         t0 = time.perf_counter()
-        d = self.cfg.data
         if self.scale is not None:
             self.scale.serve(self.groups.rollout, self.step)
-        with self.timer.phase("rollout"):
-            wait_with_progress(pending, f"rollout {self.step + 1}")
-            samples = self.groups.rollout.collect(pending or [], self._params_for(self.step), d.use_video, d.use_audio)
+        self.pipeline.fill(self.step, total)
+        batch = self.pipeline.next_batch(self.step, self.groups.sync.version)
         # The records of each step, in order: what a resumed run must reproduce.
-        self.batches[self.step] = [g.record_id for g in samples]
-        # One-step off-policy: the next rollout runs on the workers while the learners update.
-        overlap = self.cfg.train.overlap and self.step + 1 < total
-        pending = self.submit(self.step + 1, total) if overlap else None
-        self.inflight = pending or []
-        metrics = self.train_on(samples)
+        self.batches[self.step] = [g.record_id for g in sorted(batch.samples + batch.skipped, key=lambda g: g.uid)]
+        metrics = self.train_on(batch)
         metrics |= self.timer.reset()
         metrics["time/step"] = time.perf_counter() - t0
         metrics["throughput/tokens_per_s"] = self._tokens / metrics["time/step"]
         metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
         self.step += 1
+        self.pipeline.fill(self.step, total)  # the window moves with the new weights
         self.log(metrics)
-        if not overlap and self.step < total:
-            pending = self.submit(self.step, total)
         self.after_step()
-        return pending
 
     def _may_restart_learners(self, e: ActorCallError) -> bool:
         """A learner died (not merely raised), and restarts are left and possible."""
@@ -152,14 +121,14 @@ class RLVRTrainer:
             return False
         return True
 
-    def _restart_learners(self, e: ActorCallError, total: int) -> list[PendingRollout] | None:
+    def _restart_learners(self, e: ActorCallError) -> None:
         """Rebuild the learner group from the latest checkpoint and replay the steps since, exactly as
         --resume would: rows logged after it are dropped (W&B keeps its run and counts on)."""
         assert self.checkpointer is not None
         self.learner_restarts += 1
         log.warning("learner lost (%s); restart %d of learner.max_restarts=%d from %s", e,
                     self.learner_restarts, self.cfg.learner.max_restarts, self.checkpointer.last or "the start")
-        self.inflight = []  # the overlapped rollout (if any) was drawn from weights that are rolled back
+        self.pipeline.discard()  # rollouts ahead were drawn from weights that are rolled back
         step = self.checkpointer.restore_learners()
         out = self.logger.metrics_path.parent
         for name in ("metrics.jsonl", "completions.jsonl"):
@@ -168,7 +137,6 @@ class RLVRTrainer:
         self.batches = {k: v for k, v in self.batches.items() if k < step}
         self.step = step
         log.info("learners restored: continuing at step %d, weight version %d", step, self.groups.sync.version)
-        return self.submit(self.step, total) if self.step < total else None
 
     def _stop_for_capacity(self, e: CapacityError) -> CapacityError:
         """Too few rollout workers for rollout.capacity_timeout_s: the learners hold the weights after
@@ -197,79 +165,66 @@ class RLVRTrainer:
                         step=self.step)
         return ev
 
-    def train_on(self, samples: list[PromptSamples]) -> dict[str, float]:
-        """Score, advantages, one learner call, broadcast, metrics. Heavy media never pass through here: the
-        learners fetch them by reference."""
-        # Bad media: logged and counted (data.on_error=skip) or a DataError naming the file (raise).
-        samples, data_errors = usable_samples(samples, self.cfg.data.on_error)
+    def train_on(self, batch: StepBatch) -> dict[str, float]:
+        """One learner call, the membership boundary, the broadcast, metrics. Heavy media never pass through
+        here: the learners fetch them by reference."""
+        samples = batch.samples
         if not samples:
             log.warning("step %d: every record failed to load; no update this step", self.step + 1)
             # The same counters as any other row (a skipped step has no rewards: diagnostics count 0).
             self._tokens = 0.0
-            return self._counters(len(data_errors)) | {"data/skipped_steps": 1.0} | {
+            return self._counters(len(batch.skipped)) | {"data/skipped_steps": 1.0} | batch.counters | {
                 f"reward/diag_{k}": 0.0 for k in sorted(self._diag_keys)}
-        completions = [c for g in samples for c in g.completions]
-        lens = [len(c.token_ids) for c in completions]
-        rb = self._score(samples, completions)
-        adv = group_advantages(torch.tensor(rb.total, dtype=torch.float32), self.cfg.rollout.group_size,
-                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
         version = self.groups.sync.version
-        learner, shards = self._update(samples, completions, lens, adv, version)
-        self._wait_for_overlapped_rollout()
+        learner, shards = self._update(batch, version)
         self._membership_boundary()
         with self.timer.phase("broadcast"):
             self.groups.sync.broadcast(version + 1)
-        m = self._step_metrics(samples, completions, lens, rb, adv, learner, shards, version, len(data_errors))
-        self._warn(rb, m)
-        self._table = self._samples_table(samples, rb)
-        self._tokens = float(sum(lens))
+        m = self._step_metrics(batch, learner, shards, version)
+        self._warn(batch.rewards, m)
+        self._table = self._samples_table(samples, batch.rewards)
+        self._tokens = float(sum(batch.lengths))
         return m
 
-    def _score(self, samples: list[PromptSamples], completions: list[Any]) -> Any:
-        with self.timer.phase("reward"):
-            return self.groups.rewards.score([c.text for c in completions],
-                                             [g.inputs.solution for g in samples for _ in g.completions])
-
-    def _update(self, samples: list[PromptSamples], completions: list[Any], lens: list[int], adv: torch.Tensor,
-                version: int) -> tuple[dict[str, float], list[Any]]:
-        """One learner call: the shards, where the old log-probs come from, the update on every rank."""
-        cfg = self.cfg
-        shards, num_micro = shard_for_learners(samples, adv.tolist(), cfg.learner.num_learners,
+    def _update(self, batch: StepBatch, version: int) -> tuple[dict[str, float], list[Any]]:
+        """One learner call: the shards, which log-probs the step uses, the update on every rank."""
+        cfg, lens = self.cfg, batch.lengths
+        shards, num_micro = shard_for_learners(batch.samples, batch.advantages.tolist(), cfg.learner.num_learners,
                                                cfg.learner.micro_batch_size)
-        old = old_logprob_source(cfg, [g.weight_version for g in samples], version,
-                                 all(c.logprobs is not None for c in completions))
-        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, old)
+        plan = old_logprob_source(cfg, [g.weight_version for g in batch.samples], version,
+                                  all(c.logprobs is not None for c in batch.completions))
+        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, plan)
         with self.timer.phase("train"):
             return self.groups.learners.train(shards, spec), shards
 
-    def _wait_for_overlapped_rollout(self) -> None:
-        """A worker takes weights only between rollouts: the overlapped rollout must end first."""
-        if self.inflight:
-            with self.timer.phase("rollout_wait"):
-                ray.wait([p.ref for p in self.inflight], num_returns=len(self.inflight), fetch_local=False)
-            self.inflight = []
-
     def _membership_boundary(self) -> None:
-        """No rollout in flight: workers leave or join here; the broadcast that follows re-forms its group
-        and gives the joiners this step's weights (no extra broadcast)."""
+        """Workers leave or join here; the broadcast that follows re-forms its group and gives the joiners this
+        step's weights (no extra broadcast). A worker leaves only with no rollout running (the queued ones
+        wait)."""
         if self.scale is not None:
             self.scale.serve(self.groups.rollout, self.step)
+        if self.groups.rollout.leaving():
+            with self.timer.phase("rollout_wait"):
+                self.pipeline.drain()
         self.groups.rollout.at_boundary()
 
-    def _step_metrics(self, samples: list[PromptSamples], completions: list[Any], lens: list[int], rb: Any,
-                      adv: torch.Tensor, learner: dict[str, float], shards: list[Any], version: int,
-                      skipped_records: int) -> dict[str, float]:
-        m = reward_metrics(rb.total, rb.per_reward, self.cfg.rollout.group_size, rb.errors, rb.diagnostics)
-        m |= advantage_metrics(adv)
-        m |= response_metrics(lens, [c.finish_reason for c in completions])
-        m |= {f"learner/{k}": v for k, v in learner.items()}
-        # Inside the learner call: the frozen passes (reference, and old log-probs off-policy), then the update.
+    def _step_metrics(self, batch: StepBatch, learner: dict[str, float], shards: list[Any],
+                      version: int) -> dict[str, float]:
+        samples, rb, lens = batch.samples, batch.rewards, batch.lengths
+        seen = batch.scored or rb  # with the group filter: every group sampled, the dropped ones included
+        m = reward_metrics(seen.total, seen.per_reward, self.cfg.rollout.group_size, rb.errors, rb.diagnostics)
+        m |= advantage_metrics(batch.advantages)
+        m |= response_metrics(lens, [c.finish_reason for c in batch.completions])
+        m |= learner_metrics(learner)
+        # Inside the learner call: the frozen passes (reference, and a recompute if asked), then the update.
         m["time/logprob"] = learner.get("frozen_logprob_s", 0.0)
         m["time/update"] = learner.get("update_s", 0.0)
         m |= self.groups.sync.byte_metrics()
         m["weight_version"] = float(version + 1)
-        m["weight_version_lag"] = float(version - min(g.weight_version for g in samples))
-        m |= self._counters(skipped_records)
+        tags = [modality_tag(*g.modalities()) for g in samples]
+        m |= staleness_metrics(version, [g.weight_version for g in samples], tags)
+        m["weight_version_lag"] = m["staleness/max"]
+        m |= self._counters(len(batch.skipped)) | batch.counters
         m["data/skipped_steps"] = 0.0
         self._diag_keys |= set(rb.diagnostics)
         # What crossed the driver this step (prompt metadata, completions, shards with refs) against the

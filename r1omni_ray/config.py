@@ -15,6 +15,7 @@ import yaml
 from r1omni_ray.data.prompts import INPUT_STYLES
 from r1omni_ray.grpo import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGS, LossConfig
 from r1omni_ray.model.towers import TowerPaths
+from r1omni_ray.rollout_correction import CORRECTIONS, CorrectionConfig
 
 
 class ConfigError(ValueError):
@@ -93,8 +94,9 @@ class RolloutConfig:
     torch_threads: int = 1
     max_restarts: int = 3
     node_resource: str | None = None  # custom Ray resource that pins workers to nodes advertising it
-    # Per-token log-probs of the sampled tokens under the sampling distribution (for an importance-sampling
-    # correction); off by default: nothing in the GRPO loss reads them.
+    # Per-token log-probs of the sampled tokens under the sampling distribution (the behaviour log-probs): always
+    # recorded when steps may be off-policy (train.max_staleness > 0); true also on-policy, where
+    # learner.rollout_correction then corrects the engine's kernel mismatch (vLLM in bf16).
     sampling_logprobs: bool = False
     # Sampling follows this config alone; of the checkpoint's generation_config.json only its eos ids are
     # honoured, and only with this on (Qwen2.5 lists <|im_end|> and <|endoftext|>). The tokenizer's eos always stops.
@@ -186,15 +188,19 @@ class LearnerConfig:
     torch_threads: int = 1
     use_reference: bool = True
     ref_offload: bool = False  # keep the frozen reference model in host memory between steps (GPU)
-    # On-policy steps take the old log-probs from the training forward itself (detached); true forces a
-    # separate no-grad pass every step (the two are equal up to kernel rounding).
-    recompute_old_logprobs: bool = False
-    # Off-policy samples (overlap mode) need the sampling weights' log-probs. "rollout": the engine's own,
-    # recorded as it sampled (both engines: fp32 log-softmax of the very logits they drew from, after
-    # temperature), no extra pass; "recompute": a no-grad pass on the learners; "auto": rollout with the hf
-    # engine (the learners' own kernels), recompute with vLLM (its kernels are not the learners': equal within
-    # 1e-4 in fp32 on CPU, tests/system/test_vllm_cpu.py; in bf16 on GPUs only checked to 0.1, tests/system/test_vllm_gpu.py).
+    # The proximal log-probs (the PPO clip's anchor; r1omni_ray/learner/old_logprobs.py). "auto": the training
+    # forward's own, detached (one optimizer step per batch: its weights are the learners' current ones);
+    # "recompute": a separate no-grad pass on the learners (same values up to kernel order); "behaviour": the
+    # engine's sampling log-probs on off-policy steps (plain off-policy PPO: clip around the behaviour policy,
+    # no separate correction).
     old_logprobs: str = "auto"
+    # Importance weights proximal/behaviour on every step whose engine recorded sampling log-probs (always the
+    # off-policy ones, train.max_staleness > 0): none | tis | mis | seq_tis | seq_mis
+    # (r1omni_ray/rollout_correction.py). tis truncates weights at correction_cap; mis masks tokens whose ratio
+    # leaves correction_band; seq_* use the sequence's ratio. It also absorbs vLLM's kernel mismatch (bf16).
+    rollout_correction: str = "tis"
+    correction_cap: float = 2.0
+    correction_band: list[float] = field(default_factory=lambda: [0.5, 2.0])
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
     shared_prefix: bool = True
@@ -212,13 +218,31 @@ class LearnerConfig:
     max_restarts: int = 2
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
 
+    def __post_init__(self) -> None:
+        band = self.correction_band
+        if not (len(band) == 2 and 0.0 <= band[0] <= 1.0 <= band[1]):
+            raise ConfigError(f"learner.correction_band: {band!r} must be [lo, hi] with 0 <= lo <= 1 <= hi (it must "
+                              "hold ratio 1, the on-policy value)")
+
+    def correction(self) -> CorrectionConfig:
+        """The correction maths' view of this section."""
+        lo, hi = self.correction_band
+        return CorrectionConfig(self.rollout_correction, self.correction_cap, (lo, hi))
+
 
 @dataclass
 class TrainConfig:
     steps: int = 10
     prompts_per_step: int = 8
     seed: int = 0
-    overlap: bool = False  # one-step off-policy: next rollout overlaps the current update
+    # Rollouts run ahead of the learners: a step trains on samples drawn at most this many weight versions
+    # back. 0: synchronous; 1: the next step's rollout overlaps this step's update; k: up to k rollouts queued.
+    # Off-policy samples are corrected (learner.rollout_correction).
+    max_staleness: int = 0
+    # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are dropped and the step refilled
+    # with fresh prompts, up to filter_max_rounds refill rounds (actors/batch_pipeline.py).
+    filter_groups: bool = False
+    filter_max_rounds: int = 3
     eval_every: int = 0
     output_dir: str = "runs/demo"
     log_samples: int = 4
@@ -301,7 +325,8 @@ _CHOICES = {
     "grpo.kl_estimator": set(KL_ESTIMATORS),
     "grpo.loss_agg": set(LOSS_AGGS),
     "learner.zero_stage": {0, 1, 2, 3},
-    "learner.old_logprobs": {"auto", "rollout", "recompute"},
+    "learner.old_logprobs": {"auto", "recompute", "behaviour"},
+    "learner.rollout_correction": set(CORRECTIONS),
     "wandb.mode": {"auto", "online", "offline", "disabled"},
     "model.dtype": {"auto", "float32", "bfloat16", "float16"},
     "learner.attn_implementation": {"auto", "sdpa", "flash_attention_2"},
@@ -324,7 +349,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "learner.grad_clip": (0, True), "learner.micro_batch_size": (1, True), "learner.num_cpus_per_learner": (0, False),
     "learner.num_gpus_per_learner": (0, True), "learner.torch_threads": (1, True),
     "learner.dist_timeout_s": (0, False), "learner.broadcast_bucket_mb": (0, True),
-    "train.steps": (1, True), "train.prompts_per_step": (1, True), "train.eval_every": (0, True),
+    "train.steps": (1, True), "train.max_staleness": (0, True), "train.filter_max_rounds": (0, True), "learner.correction_cap": (1, False), "train.prompts_per_step": (1, True), "train.eval_every": (0, True),
     "train.log_samples": (0, True), "sft.epochs": (0, True), "sft.lr": (0, False), "sft.batch_size": (1, True),
     "checkpoint.every": (0, True), "checkpoint.keep_last": (1, True),
     "data.synthetic.num_train": (1, True), "data.synthetic.num_eval": (0, True), "data.synthetic.num_sft": (0, True),
@@ -448,6 +473,9 @@ def check_rlvr(cfg: RunConfig) -> None:
     if cfg.rollout.num_workers < 1:
         raise ConfigError(f"rollout.num_workers: {cfg.rollout.num_workers} must be >= 1 for RLVR (rollouts need a worker)")
     rc = cfg.rollout
+    if cfg.train.filter_groups and rc.group_size < 2:
+        raise ConfigError(f"train.filter_groups: true needs rollout.group_size >= 2 (got {rc.group_size}): a group of "
+                          "one sample always has equal rewards, so every group would be dropped")
     lo, hi = rc.worker_bounds()
     if not lo <= rc.num_workers <= hi:
         raise ConfigError(f"rollout.num_workers: {rc.num_workers} must lie within [rollout.min_workers, "

@@ -33,6 +33,14 @@ _MAX_LOG_RATIO = 20.0
 # ----------------------------------------------------------------------------- advantages
 
 
+def flat_groups(rewards: Tensor, group_size: int) -> Tensor:
+    """``[B]`` booleans: the groups of flat, group-contiguous rewards ``[B*G]`` whose rewards are all equal. Such
+    a group has zero advantage and no learning signal: the one definition behind the advantages, the
+    zero-signal metric and DAPO's group filter."""
+    grouped = rewards.view(-1, group_size)
+    return grouped.amax(dim=1) == grouped.amin(dim=1)
+
+
 def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps: float = 1e-4) -> Tensor:
     """Group-relative advantages for flat, group-contiguous rewards ``[B*G]`` -> ``[B*G]``.
 
@@ -70,8 +78,7 @@ def group_advantages(rewards: Tensor, group_size: int, scale: str = "group", eps
         centered = centered / (rewards.std() + eps)
     # mean() of identical floats need not equal them exactly (and eps=0 would give 0/0):
     # force flat groups to exact zero after the division.
-    flat = grouped.amax(dim=1, keepdim=True) == grouped.amin(dim=1, keepdim=True)
-    return centered.masked_fill(flat, 0.0).reshape(-1)
+    return centered.masked_fill(flat_groups(rewards, group_size)[:, None], 0.0).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- KL
@@ -191,8 +198,13 @@ def policy_loss(
     entropy: Tensor | None = None,
     num_global_tokens: float | int | Tensor | None = None,
     num_global_seqs: float | int | Tensor | None = None,
+    is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """Clipped GRPO/PPO surrogate (+ beta * KL) for ``[B, T]`` token log-probs.
+
+    ``old_logp`` is the clip's anchor: the proximal policy's log-probs (decoupled PPO). ``is_weight`` (``[B, T]``,
+    detached) multiplies each token's policy-gradient term: the off-policy correction proximal/behaviour of
+    r1omni_ray.rollout_correction (a weight of 0 drops a token; the KL term is not reweighted).
 
     ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``; ``mask`` is 1 on completion tokens.
     Per token: ``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)``; with ``dual_clip=c`` the loss of
@@ -206,7 +218,8 @@ def policy_loss(
     """
     if logp.dim() != 2:
         raise ValueError(f"logp must be [B, T], got shape {tuple(logp.shape)}")
-    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("entropy", entropy)):
+    for name, t in (("old_logp", old_logp), ("mask", mask), ("ref_logp", ref_logp), ("entropy", entropy),
+                    ("is_weight", is_weight)):
         if t is not None and t.shape != logp.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(logp.shape)} like logp")
     if advantages.shape == logp.shape[:1]:
@@ -239,6 +252,8 @@ def policy_loss(
         bound = -cfg.dual_clip * adv  # > 0 where adv < 0
         dual_active = (adv < 0) & (pg > bound)
         pg = torch.where(dual_active, bound, pg)
+    if is_weight is not None:
+        pg = pg * torch.where(valid, is_weight.detach().to(pg.dtype), torch.zeros_like(pg))
 
     kl = None
     if cfg.beta > 0.0 and ref_logp is not None:

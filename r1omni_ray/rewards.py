@@ -177,6 +177,11 @@ class RewardBatch:
             error_examples=other.error_examples | self.error_examples,
         )
 
+    def select(self, indices: list[int]) -> RewardBatch:
+        """These samples only, in this order; the failure counters stay the whole batch's."""
+        return RewardBatch([self.total[i] for i in indices], {k: [v[i] for i in indices] for k, v in self.per_reward.items()},
+                           dict(self.errors), dict(self.diagnostics), dict(self.error_examples))
+
     def to_dict(self, prefix: str = "reward/") -> dict[str, float]:
         """Flat scalar summary for logging (means of rewards, raw counts)."""
         n = len(self.total)

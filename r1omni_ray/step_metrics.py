@@ -8,6 +8,9 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from r1omni_ray.grpo import flat_groups
+from r1omni_ray.rollout_correction import MAX_KEYS, SUM_PREFIX, correction_means
+
 # Learner outputs already divided by global token/sequence counts: summing over ranks gives the batch
 # value. Every other learner output is a per-rank mean, averaged over ranks.
 GLOBALLY_NORMALISED = frozenset({"loss", "policy_loss", "kl_loss"})
@@ -24,7 +27,7 @@ def reward_metrics(total: Sequence[float], per_reward: Mapping[str, Sequence[flo
     grouped = rewards.view(-1, group_size)
     std = grouped.std(dim=1, unbiased=True) if group_size > 1 else torch.zeros(grouped.shape[0])
     m["reward/group_std_mean"] = float(std.mean())
-    m["reward/zero_std_group_frac"] = float((std < 1e-6).float().mean())
+    m["reward/zero_std_group_frac"] = float(flat_groups(rewards, group_size).float().mean())
     m["reward/errors"] = float(sum(errors.values()))
     for k, v in diagnostics.items():
         m[f"reward/diag_{k}"] = float(v)
@@ -46,9 +49,34 @@ def response_metrics(lengths: Sequence[int], finish_reasons: Sequence[str]) -> d
 
 
 def reduce_learner_metrics(per_rank: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """One value per key over the data-parallel ranks (sum or mean, see GLOBALLY_NORMALISED)."""
+    """One value per key over the data-parallel ranks: sums for GLOBALLY_NORMALISED terms and the off-policy
+    token sums, maxima for MAX_KEYS, means for the rest."""
     out: dict[str, float] = {}
     for k in per_rank[0]:
         vals = [float(o[k]) for o in per_rank]
-        out[k] = sum(vals) if k in GLOBALLY_NORMALISED else statistics.fmean(vals)
+        if k in GLOBALLY_NORMALISED or k.startswith(SUM_PREFIX):
+            out[k] = sum(vals)
+        elif k in MAX_KEYS:
+            out[k] = max(vals)
+        else:
+            out[k] = statistics.fmean(vals)
     return out
+
+
+def learner_metrics(reduced: Mapping[str, float]) -> dict[str, float]:
+    """The reduced learner outputs as logged: ``learner/<key>``, and the off-policy correction's token sums
+    turned into ``offpolicy/...`` means (overall and per prompt modality)."""
+    out = {f"learner/{k}": v for k, v in reduced.items() if not k.startswith(SUM_PREFIX) and k not in MAX_KEYS}
+    out |= correction_means({k: v for k, v in reduced.items() if k.startswith(SUM_PREFIX)})
+    out |= {k: v for k, v in reduced.items() if k in MAX_KEYS}
+    return out
+
+
+def staleness_metrics(learner_version: int, sample_versions: Sequence[int], tags: Sequence[str]) -> dict[str, float]:
+    """Weight versions between each prompt's sampling weights and the learners', overall and per modality."""
+    lags = [learner_version - v for v in sample_versions]
+    m = {"staleness/mean": statistics.fmean(lags), "staleness/max": float(max(lags))}
+    for tag in sorted(set(tags)):
+        sel = [x for x, t in zip(lags, tags, strict=True) if t == tag]
+        m[f"staleness/mean/{tag}"] = statistics.fmean(sel)
+    return m

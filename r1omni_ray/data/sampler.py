@@ -24,6 +24,15 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
     return out
 
 
+def refill_indices(n: int, count: int, step: int, round_: int, seed: int) -> list[int]:
+    """Indices of a dynamic-sampling refill (train.filter_groups): ``count`` records drawn for round ``round_``
+    (1, 2, ...) of step ``step``, a pure function of its arguments so a resumed run refills alike."""
+    if n <= 0:
+        raise ValueError("empty dataset")
+    rng = np.random.default_rng([seed, step, round_, 0x5EED])
+    return [int(i) for i in rng.choice(n, size=count, replace=count > n)]
+
+
 def split_even(n_items: int, n_parts: int) -> list[range]:
     """Contiguous, balanced split (sizes differ by at most one): prompts over rollout workers, samples
     over learners, a learner's samples over its micro-batches."""

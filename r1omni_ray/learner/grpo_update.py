@@ -4,6 +4,7 @@ off-policy, then the clipped policy loss over micro-batches. Ray-free; the learn
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -14,9 +15,16 @@ import torch
 
 from r1omni_ray.config import RunConfig
 from r1omni_ray.grpo import policy_loss
-from r1omni_ray.learner.old_logprobs import FORWARD, RECOMPUTE, ROLLOUT, SOURCES
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
+from r1omni_ray.learner.old_logprobs import BEHAVIOUR, RECOMPUTE, LogprobPlan
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
+from r1omni_ray.rollout_correction import (
+    MAX_KEYS,
+    correction_sums,
+    correction_weights,
+    modality_tag,
+)
 from r1omni_ray.step_metrics import GLOBALLY_NORMALISED
 
 
@@ -28,7 +36,8 @@ class TrainBatch:
     prompt_index: list[int]
     completions: list[list[int]]
     advantages: list[float]
-    sampling_logprobs: list[list[float]] | None = None  # per completion token, when the engine recorded them
+    # The behaviour log-probs: per completion token, as the rollout engine recorded them while sampling.
+    sampling_logprobs: list[list[float]] | None = None
     # 0.0 marks a padding copy (a rank with no sample of its own still runs every collective), else 1.0.
     weights: list[float] | None = None
 
@@ -46,11 +55,11 @@ class TrainBatch:
             return mask
         return mask * torch.tensor(self.weights, dtype=mask.dtype, device=mask.device)[:, None]
 
-    def rollout_old_logprobs(self, width: int) -> torch.Tensor:
-        """The sampling log-probs as a right-padded [N, width] tensor (padding is masked by the loss)."""
+    def behaviour_logprobs(self, width: int) -> torch.Tensor:
+        """The behaviour (sampling) log-probs as a right-padded [N, width] tensor (padding is masked)."""
         if self.sampling_logprobs is None:
-            raise ValueError("StepSpec.old_logprobs is rollout but the batch carries no sampling log-probs "
-                             "(the rollout engine was not asked for them)")
+            raise ValueError("the step's LogprobPlan needs behaviour log-probs but the batch carries none "
+                             "(the rollout engine was not asked to record them)")
         out = torch.zeros(len(self.completions), width)
         for i, (lp, c) in enumerate(zip(self.sampling_logprobs, self.completions, strict=True)):
             if len(lp) != len(c):
@@ -58,21 +67,25 @@ class TrainBatch:
             out[i, : len(lp)] = torch.tensor(lp)
         return out
 
+    def row_modalities(self) -> list[str]:
+        """Each completion's prompt modality (metrics split: which modality drifts)."""
+        tags = []
+        for p in self.prompts:
+            ids = set(p.prompt_ids)
+            tags.append(modality_tag(VIDEO_TOKEN_INDEX in ids, AUDIO_TOKEN_INDEX in ids))
+        return [tags[i] for i in self.prompt_index]
+
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What every rank must agree on (ZeRO-3 forwards are collective): micro-batches per rank, where the old
-    log-probs come from (a RECOMPUTE pass runs on every rank), and the global counts the loss divides by."""
+    """What every rank must agree on (ZeRO-3 forwards are collective): micro-batches per rank, which log-probs
+    the step uses (a RECOMPUTE pass runs on every rank), and the global counts the loss divides by."""
 
     num_micro: int
     num_global_tokens: int
     num_global_seqs: int
     max_len: int
-    old_logprobs: str = FORWARD  # learner/old_logprobs.py: FORWARD | ROLLOUT | RECOMPUTE
-
-    def __post_init__(self) -> None:
-        if self.old_logprobs not in SOURCES:
-            raise ValueError(f"StepSpec.old_logprobs: {self.old_logprobs!r} is not one of {SOURCES}")
+    logprobs: LogprobPlan = LogprobPlan()  # learner/old_logprobs.py
 
 
 class GRPOUpdate:
@@ -114,12 +127,16 @@ class GRPOUpdate:
         if self.reference is not None:
             with self.parked.on(self.policy.device) if self.parked is not None else contextlib.nullcontext():
                 ref = self._frozen_logprobs(self.reference, batch, slices)
-        old: list[torch.Tensor] | None = None
-        if spec.old_logprobs == RECOMPUTE:
+        plan = spec.logprobs
+        recomputed: list[torch.Tensor] | None = None
+        if plan.proximal == RECOMPUTE:
             module.eval()
-            old = self._frozen_logprobs(module, batch, slices)
+            recomputed = self._frozen_logprobs(module, batch, slices)
         t_frozen = time.perf_counter() - t0
         loss_cfg = self.cfg.grpo.loss_config(spec.max_len, with_reference=ref is not None)
+        corr_cfg = dataclasses.replace(self.cfg.learner.correction(), mode=plan.correction)
+        corr_sums: dict[str, float] = {}
+        ratio_max = 0.0
         scale = self.policy.begin_update(spec.num_micro)
         sums: dict[str, float] = {}
         summed: dict[str, float] = {}
@@ -128,18 +145,29 @@ class GRPOUpdate:
             sub = batch.sub(sl)
             lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
             mask = sub.loss_mask(mask)
-            # FORWARD: the sampling weights are these weights, the old log-probs are this forward's own.
-            if spec.old_logprobs == RECOMPUTE:
-                old_lp = old[k].to(lp)
-            elif spec.old_logprobs == ROLLOUT:
-                old_lp = sub.rollout_old_logprobs(lp.shape[1]).to(lp)
+            behaviour = sub.behaviour_logprobs(lp.shape[1]).to(lp) if plan.needs_behaviour else None
+            # The proximal policy (the clip's anchor) is the learners' current one: these very weights
+            # (FORWARD: this forward's own log-probs, detached) or a separate pass over them (RECOMPUTE);
+            # BEHAVIOUR clips around the policy that sampled instead.
+            if plan.proximal == RECOMPUTE:
+                prox = recomputed[k].to(lp)
+            elif plan.proximal == BEHAVIOUR:
+                prox = behaviour
             else:
-                old_lp = lp.detach()
+                prox = lp.detach()
+            weight = None
+            if plan.correction != "none":
+                corr = correction_weights(prox, behaviour, mask, corr_cfg)
+                weight = corr.weight
+                for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
+                    corr_sums[name] = corr_sums.get(name, 0.0) + v
+                if bool(mask.bool().any()):
+                    ratio_max = max(ratio_max, float(corr.ratio[mask.bool()].max()))
             ref_lp = ref[k].to(lp) if ref is not None else None
             adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
-            loss, metrics = policy_loss(lp, old_lp, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
+            loss, metrics = policy_loss(lp, prox, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
                                         num_global_tokens=spec.num_global_tokens,
-                                        num_global_seqs=spec.num_global_seqs)
+                                        num_global_seqs=spec.num_global_seqs, is_weight=weight)
             loss, bad, step_skipped = self.policy.backward_micro(loss, lp, scale, nonfinite > 0)
             nonfinite += bad
             skipped = step_skipped or skipped
@@ -159,8 +187,13 @@ class GRPOUpdate:
         out |= self.policy.end_update()
         out["nonfinite_microbatches"] = float(nonfinite)
         out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
-        out["recomputed_old_logprobs"] = float(spec.old_logprobs == RECOMPUTE)
-        out["rollout_old_logprobs"] = float(spec.old_logprobs == ROLLOUT)
+        out["recomputed_old_logprobs"] = float(plan.proximal == RECOMPUTE)
+        out["behaviour_old_logprobs"] = float(plan.proximal == BEHAVIOUR)
+        out["corrected_step"] = float(plan.correction != "none")
+        if plan.correction != "none":  # the same keys on every rank (the plan is the step's)
+            out |= corr_sums
+            (max_key,) = MAX_KEYS
+            out[max_key] = ratio_max
         out["frozen_logprob_s"] = t_frozen
         out["update_s"] = time.perf_counter() - t0 - t_frozen
         return out

@@ -1,41 +1,73 @@
-"""Where one GRPO step's old log-probs come from: the one decision, as a pure function.
+"""Which log-probs one GRPO step uses, as a pure function: the one decision.
 
-The old log-probs are the sampling policy's, the denominator of the importance ratio. Three sources:
-- FORWARD: every sample was drawn with the learners' current weights (on-policy): the training forward's own
-  log-probs, detached, are the old ones; no extra pass.
-- ROLLOUT: some sample was drawn with other weights (the overlapped schedule, a re-issued prompt), and the
-  rollout engine recorded its own sampling log-probs for every completion, and the config lets them stand in
-  (learner.old_logprobs: rollout, or auto with the hf engine, whose kernels are the learners').
-- RECOMPUTE: a no-grad pass on the learners before the update: asked for (learner.recompute_old_logprobs), or
-  off-policy without usable engine log-probs.
+Three policies stand behind a step (r1omni_ray/rollout_correction.py): behaviour (the weights that sampled),
+proximal (the learners' weights before this update: the PPO clip's anchor) and the one being optimised.
+The proximal log-probs come from:
+- FORWARD: the training forward's own, detached. Each step is one optimizer step, so the weights of that
+  forward ARE the learners' current weights, on-policy or not: no extra pass (learner.old_logprobs: auto).
+- RECOMPUTE: a no-grad pass on the learners before the update (learner.old_logprobs: recompute): the same
+  values up to kernel order; for comparisons.
+- BEHAVIOUR: the engine's own sampling log-probs (learner.old_logprobs: behaviour): the clip is then around
+  the behaviour policy (plain off-policy PPO) and no separate correction applies.
+The behaviour log-probs (recorded by the rollout engine as it samples) weight every token by
+proximal/behaviour (learner.rollout_correction) whenever a sample was drawn by other weights than the
+learners' (the step is off-policy: they are then required), and on-policy too whenever the engine recorded
+them (another engine's kernels, vLLM in bf16, are corrected the same way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from r1omni_ray.config import RunConfig
+from r1omni_ray.rollout_correction import CORRECTIONS
 
-FORWARD, ROLLOUT, RECOMPUTE = "forward", "rollout", "recompute"
-SOURCES = (FORWARD, ROLLOUT, RECOMPUTE)
+FORWARD, RECOMPUTE, BEHAVIOUR = "forward", "recompute", "behaviour"
+PROXIMAL_SOURCES = (FORWARD, RECOMPUTE, BEHAVIOUR)
 
 
-def engine_logprobs_allowed(cfg: RunConfig) -> bool:
-    """Whether off-policy steps may take the old log-probs from the rollout engine (learner.old_logprobs):
-    also whether the engine is asked to record them when the schedule is overlapped."""
-    src = cfg.learner.old_logprobs
-    return src == ROLLOUT or (src == "auto" and cfg.rollout.engine == "hf")
+@dataclass(frozen=True)
+class LogprobPlan:
+    """Where a step's proximal log-probs come from, and the correction applied with the behaviour log-probs
+    ("none": the behaviour log-probs are not used for a correction)."""
+
+    proximal: str = FORWARD
+    correction: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.proximal not in PROXIMAL_SOURCES:
+            raise ValueError(f"LogprobPlan.proximal: {self.proximal!r} is not one of {PROXIMAL_SOURCES}")
+        if self.correction not in CORRECTIONS:
+            raise ValueError(f"LogprobPlan.correction: {self.correction!r} is not one of {CORRECTIONS}")
+
+    @property
+    def needs_behaviour(self) -> bool:
+        return self.proximal == BEHAVIOUR or self.correction != "none"
+
+
+class MissingBehaviourLogprobs(ValueError):
+    """An off-policy step whose completions lack the engine's sampling log-probs: training on them without a
+    correction would treat stale samples as on-policy."""
+
+
+def behaviour_logprobs_requested(cfg: RunConfig) -> bool:
+    """Whether the rollout engine records its sampling log-probs: always when steps may be off-policy
+    (train.max_staleness > 0), else on request (rollout.sampling_logprobs)."""
+    return cfg.rollout.sampling_logprobs or cfg.train.max_staleness > 0
 
 
 def old_logprob_source(cfg: RunConfig, sample_versions: Sequence[int], learner_version: int,
-                       engine_logprobs_present: bool) -> str:
-    """FORWARD, ROLLOUT or RECOMPUTE for one step (see the module docstring). sample_versions: the weight
-    version each prompt's samples were drawn with; engine_logprobs_present: every completion carries the
-    engine's sampling log-probs."""
-    if cfg.learner.recompute_old_logprobs:
-        return RECOMPUTE
-    if all(v == learner_version for v in sample_versions):
-        return FORWARD
-    if engine_logprobs_allowed(cfg) and engine_logprobs_present:
-        return ROLLOUT
-    return RECOMPUTE
+                       behaviour_present: bool) -> LogprobPlan:
+    """The LogprobPlan of one step (module docstring). sample_versions: the weight version each prompt's
+    samples were drawn with; behaviour_present: every completion carries the engine's sampling log-probs."""
+    off_policy = any(v != learner_version for v in sample_versions)
+    if off_policy and not behaviour_present:
+        raise MissingBehaviourLogprobs(
+            f"samples drawn with weight versions {sorted(set(sample_versions))} but the learners are at "
+            f"{learner_version}, and the rollout engine did not record its sampling log-probs")
+    src = cfg.learner.old_logprobs
+    if src == BEHAVIOUR and off_policy:
+        return LogprobPlan(BEHAVIOUR, "none")
+    proximal = RECOMPUTE if src == RECOMPUTE else FORWARD
+    return LogprobPlan(proximal, cfg.learner.rollout_correction if behaviour_present else "none")

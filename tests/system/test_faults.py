@@ -90,8 +90,7 @@ def make_trainer(groups: RLVRGroups, records: list[Any], cfg: RunConfig | None =
 
 
 def run_step(tr: RLVRTrainer, step: int) -> dict[str, float]:
-    samples = tr.groups.rollout.collect(tr.submit(step), tr._params_for(step))
-    return tr.train_on(samples)
+    return tr.train_on(tr.pipeline.next_batch(step, tr.groups.sync.version))
 
 
 def learner_states(groups: RLVRGroups) -> list[dict[str, torch.Tensor]]:
@@ -117,11 +116,12 @@ def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(groups
     pid = ray.get(groups.rollout.workers[0].info.remote())["pid"]
     old = groups.rollout.workers[0]
 
-    pending = tr.submit(1)
+    pending = tr.pipeline.submit(1)
     mine = [p for p in pending if p.worker_id == groups.rollout.active[0].id]
     assert mine and not ray.wait([mine[0].ref], timeout=0)[0], "worker 0's rollout should still be running"
     os.kill(pid, signal.SIGKILL)
-    samples = groups.rollout.collect(pending, tr._params_for(1))
+    batch = tr.pipeline.next_batch(1, groups.sync.version)
+    samples = batch.samples
 
     # Every prompt exactly once, each with its full G samples, all sampled with the current weights.
     assert [g.uid for g in samples] == list(range(groups.cfg.train.prompts_per_step))
@@ -140,7 +140,7 @@ def test_rollout_worker_killed_mid_step_is_replaced_resynced_and_reissued(groups
     init = dict(load_policy(tiny_ckpt, "float32").named_parameters())
     assert any(not torch.equal(init[n].detach(), t) for n, t in state.items())
 
-    m = tr.train_on(samples)  # and the step completes on the re-issued samples
+    m = tr.train_on(batch)  # and the step completes on the re-issued samples
     assert m["samples"] == groups.cfg.train.prompts_per_step * G
 
 
@@ -156,22 +156,23 @@ def test_worker_dead_between_steps_is_replaced_at_the_next_rollout(groups, recor
 
 
 def test_worker_killed_during_overlapped_rollout_and_broadcast(groups, records):
-    """train.overlap: the next step's rollout is in flight while the learners update and broadcast. The
-    worker dies then: the broadcast drops it (a replacement is requested) and redoes itself for the survivor;
-    collecting the overlapped rollout later waits for the replacement (rollout.min_workers=2) and re-issues
-    the lost share, without requesting another."""
-    tr = make_trainer(groups, records)
+    """train.max_staleness=1: the next step's rollout is in flight while the learners update and broadcast.
+    The worker dies then: the broadcast drops it (a replacement is requested) and redoes itself for the
+    survivor; collecting the overlapped rollout later waits for the replacement (rollout.min_workers=2) and
+    re-issues the lost share, without requesting another."""
+    cfg = groups.cfg
+    tr = make_trainer(groups, records, dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_staleness=1)))
     restarts, reissued = groups.rollout.restarts, groups.rollout.reissued
-    samples = groups.rollout.collect(tr.submit(3), tr._params_for(3))
+    batch = tr.pipeline.next_batch(3, groups.sync.version)
     pid = ray.get(groups.rollout.workers[1].info.remote())["pid"]
-    pending = tr.submit(4)
+    pending = tr.pipeline.submit(4)
     lost = sum(len(p.items) for p in pending if p.worker_id == groups.rollout.active[1].id)
     os.kill(pid, signal.SIGKILL)
     version = groups.sync.version
-    m = tr.train_on(samples)
-    assert groups.sync.version == version + 1 and m["samples"] == len(samples) * G
+    m = tr.train_on(batch)
+    assert groups.sync.version == version + 1 and m["samples"] == len(batch.samples) * G
     assert groups.rollout.restarts == restarts + 1
-    nxt = groups.rollout.collect(pending, tr._params_for(4))
+    nxt = tr.pipeline.next_batch(4, groups.sync.version).samples
     assert groups.rollout.restarts == restarts + 1  # not replaced twice
     assert groups.rollout.reissued == reissued + lost
     assert [g.uid for g in nxt] == list(range(groups.cfg.train.prompts_per_step))
@@ -189,11 +190,12 @@ def test_idle_worker_killed_between_steps_is_found_before_the_broadcast(ray_clus
     groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
         tr = make_trainer(groups, records)
-        samples = groups.rollout.collect(tr.submit(0), tr._params_for(0))
+        batch = tr.pipeline.next_batch(0, groups.sync.version)
+        samples = batch.samples
         assert any(s.worker == 1 for s in samples)
         ray.kill(groups.rollout.workers[1], no_restart=True)
         t0 = time.monotonic()
-        m = tr.train_on(samples)
+        m = tr.train_on(batch)
         took = time.monotonic() - t0
         assert took < timeout / 10, f"the step took {took:.1f}s: the dead worker was found late"
         assert m["samples"] == len(samples) * G and groups.rollout.restarts == 1 and groups.sync.version == 1
@@ -308,16 +310,16 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(groups, bad
     recs, bad = bad_media_records
     cfg = dataclasses.replace(groups.cfg, train=dataclasses.replace(groups.cfg.train, prompts_per_step=len(recs)))
     tr = make_trainer(groups, recs, cfg)
-    samples = groups.rollout.collect(tr.submit(0), tr._params_for(0))
-    errors = {g.record_id: g.error for g in samples if g.error}
+    with caplog.at_level("WARNING", logger="r1omni_ray"):
+        batch = tr.pipeline.next_batch(0, groups.sync.version)
+    errors = {g.record_id: g.error for g in batch.skipped}
     assert set(errors) == {r.id for r in recs if r.id.startswith("bad-")}
     assert str(bad["truncated_mp4"]) in errors["bad-truncated-video"]
     assert "no audio track" in errors["bad-no-audio-track"]
     assert str(bad["zero_length_wav"]) in errors["bad-zero-length-wav"]
     assert "missing.mp4" in errors["bad-missing-file"]
 
-    with caplog.at_level("WARNING", logger="r1omni_ray"):
-        m = tr.train_on(samples)
+    m = tr.train_on(batch)
     assert m["data/skipped_records"] == 4.0
     assert m["samples"] == 2 * G  # only the two good records were trained on
     assert "bad-truncated-video" in caplog.text
@@ -325,7 +327,7 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(groups, bad
     # data.on_error=raise: the run stops with a DataError naming the record and the file, in the driver.
     rcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="raise"))
     with pytest.raises(DataError) as ei:
-        make_trainer(groups, recs, rcfg).train_on(samples)
+        make_trainer(groups, recs, rcfg).pipeline.next_batch(0, groups.sync.version)
     files = {"bad-truncated-video": "truncated.mp4", "bad-no-audio-track": "no_audio.mp4",
              "bad-zero-length-wav": "zero_length.wav", "bad-missing-file": "missing.mp4"}
     rid = str(ei.value).split("'")[1]

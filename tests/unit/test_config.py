@@ -16,8 +16,8 @@ def test_shipped_configs_load(path):
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["rollout.num_workers=4", "grpo.dual_clip=3", "train.overlap=true", "model.path=null"])
-    assert cfg.rollout.num_workers == 4 and cfg.grpo.dual_clip == 3.0 and cfg.train.overlap is True
+    cfg = load_config(None, ["rollout.num_workers=4", "grpo.dual_clip=3", "train.max_staleness=2", "model.path=null"])
+    assert cfg.rollout.num_workers == 4 and cfg.grpo.dual_clip == 3.0 and cfg.train.max_staleness == 2
     assert cfg.model.path is None
 
 
@@ -29,7 +29,16 @@ def test_overrides_are_typed():
         ("grpo.loss_agg=bogus", "grpo.loss_agg: 'bogus' is not one of"),
         ("learner.zero_stage=5", "learner.zero_stage"),
         ("learner.old_logprobs=sometimes", "learner.old_logprobs: 'sometimes' is not one of"),
-        ("train.overlap=3", "train.overlap: expected true/false"),
+        ("train.max_staleness=true", "train.max_staleness: expected an integer"),
+        ("train.max_staleness=-1", "train.max_staleness: -1 must be >= 0"),
+        ("train.overlap=true", "train: unknown key(s) ['overlap']"),  # train.max_staleness=1 now
+        ("learner.rollout_correction=is", "learner.rollout_correction: 'is' is not one of"),
+        ("learner.correction_cap=1", "learner.correction_cap: 1.0 must be > 1"),
+        ("learner.correction_cap=0.5", "learner.correction_cap: 0.5 must be > 1"),
+        ("learner.correction_band=[1.2,3]", "learner.correction_band: [1.2, 3.0] must be [lo, hi] with 0 <= lo <= 1 <= hi"),
+        ("learner.correction_band=[0.2,0.9]", "learner.correction_band: [0.2, 0.9] must be [lo, hi]"),
+        ("learner.correction_band=[0.5]", "learner.correction_band: [0.5] must be [lo, hi]"),
+        ("train.filter_max_rounds=-1", "train.filter_max_rounds: -1 must be >= 0"),
         ("reward.rewards=[1]", "reward.rewards[0]: expected a mapping"),
         ("notasection=1", "unknown key(s) ['notasection']"),
     ],
@@ -78,6 +87,9 @@ def test_rlvr_needs_a_rollout_worker():
 
     with pytest.raises(ConfigError, match="rollout.num_workers: 0 must be >= 1 for RLVR"):
         check_rlvr(load_config(None, ["rollout.num_workers=0"]))
+    with pytest.raises(ConfigError, match=r"train.filter_groups: true needs rollout.group_size >= 2 \(got 1\)"):
+        check_rlvr(load_config(None, ["train.filter_groups=true", "rollout.group_size=1"]))
+    check_rlvr(load_config(None, ["train.filter_groups=true", "rollout.group_size=2"]))
 
 
 def test_elastic_worker_bounds_default_to_a_fixed_group_and_must_hold_num_workers():
@@ -96,18 +108,13 @@ def test_elastic_worker_bounds_default_to_a_fixed_group_and_must_hold_num_worker
         load_config(None, ["learner.max_restarts=-1"])
 
 
-def test_where_off_policy_old_logprobs_come_from():
-    from r1omni_ray.config import check_rlvr
-    from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed
+def test_behaviour_logprobs_are_recorded_whenever_a_step_can_be_off_policy():
+    from r1omni_ray.learner.old_logprobs import behaviour_logprobs_requested
 
-    assert engine_logprobs_allowed(load_config(None, []))  # auto + hf: the engine's own, no extra pass
-    assert not engine_logprobs_allowed(load_config(None, ["rollout.engine=vllm"]))
-    assert not engine_logprobs_allowed(load_config(None, ["learner.old_logprobs=recompute"]))
-    # vLLM returns processed log-probs (after temperature): its own are a valid opt-in at any temperature
-    # (tests/system/test_vllm_cpu.py proves them equal to the learners' at T=0.7).
-    cfg = load_config(None, ["rollout.engine=vllm", "learner.old_logprobs=rollout", "rollout.temperature=0.7"])
-    check_rlvr(cfg)
-    assert engine_logprobs_allowed(cfg)
+    assert not behaviour_logprobs_requested(load_config(None, []))  # synchronous: on request only
+    assert behaviour_logprobs_requested(load_config(None, ["rollout.sampling_logprobs=true"]))
+    for engine in ("hf", "vllm"):
+        assert behaviour_logprobs_requested(load_config(None, ["train.max_staleness=1", f"rollout.engine={engine}"]))
 
 
 def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_range():
@@ -134,17 +141,30 @@ def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_ra
 
 
 @pytest.mark.parametrize("overrides,versions,present,want", [
-    ([], [3, 3], True, "forward"),  # on-policy: the training forward's own
-    ([], [3, 2], True, "rollout"),  # off-policy, hf (auto): the engine's own
-    ([], [3, 2], False, "recompute"),  # ... unless some completion lacks them
-    (["rollout.engine=vllm"], [3, 2], True, "recompute"),  # auto + vLLM: other kernels, recompute
-    (["rollout.engine=vllm"], [3, 3], True, "forward"),
-    (["rollout.engine=vllm", "learner.old_logprobs=rollout"], [2, 3], True, "rollout"),  # an explicit opt-in
-    (["learner.old_logprobs=recompute"], [3, 2], True, "recompute"),
-    (["learner.recompute_old_logprobs=true"], [3, 3], True, "recompute"),  # forced, even on-policy
-    (["learner.recompute_old_logprobs=true", "learner.old_logprobs=rollout"], [3, 2], True, "recompute"),
+    # on-policy without behaviour log-probs: the training forward's own, nothing to correct
+    ([], [3, 3], False, ("forward", "none")),
+    # on-policy with them (rollout.sampling_logprobs, or an async run's fresh step): the kernel mismatch is corrected
+    ([], [3, 3], True, ("forward", "tis")),
+    # off-policy, either engine: the proximal policy is the learners' current one, weighted to the behaviour's.
+    # (The bug this replaces: vLLM recomputed "old" log-probs with the current weights and corrected nothing.)
+    ([], [3, 2], True, ("forward", "tis")),
+    (["rollout.engine=vllm"], [3, 2], True, ("forward", "tis")),
+    (["rollout.engine=vllm", "learner.rollout_correction=seq_mis"], [1, 3], True, ("forward", "seq_mis")),
+    (["learner.old_logprobs=recompute"], [3, 2], True, ("recompute", "tis")),
+    (["learner.old_logprobs=recompute"], [3, 3], False, ("recompute", "none")),  # forced, even on-policy
+    # plain off-policy PPO: the clip around the behaviour policy, no separate weight
+    (["learner.old_logprobs=behaviour"], [3, 2], True, ("behaviour", "none")),
+    (["learner.old_logprobs=behaviour"], [3, 3], False, ("forward", "none")),
+    (["learner.rollout_correction=none"], [3, 2], True, ("forward", "none")),
 ])
 def test_old_logprob_source_table(overrides, versions, present, want):
-    from r1omni_ray.learner.old_logprobs import old_logprob_source
+    from r1omni_ray.learner.old_logprobs import LogprobPlan, old_logprob_source
 
-    assert old_logprob_source(load_config(None, overrides), versions, 3, present) == want
+    assert old_logprob_source(load_config(None, overrides), versions, 3, present) == LogprobPlan(*want)
+
+
+def test_an_off_policy_step_without_behaviour_logprobs_is_refused():
+    from r1omni_ray.learner.old_logprobs import MissingBehaviourLogprobs, old_logprob_source
+
+    with pytest.raises(MissingBehaviourLogprobs, match=r"weight versions \[2, 3\] but the learners are at 3"):
+        old_logprob_source(load_config(None, ["rollout.engine=vllm"]), [3, 2], 3, False)

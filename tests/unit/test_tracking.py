@@ -49,11 +49,14 @@ class FakeRollout:
         for uid, rec in pending[0][1]:
             comps = [Completion([5] * (3 + j), GOOD if j % 2 == 0 else "sad", "stop" if j else "length")
                      for j in range(params.n)]
-            inputs = SimpleNamespace(label=rec.label, solution=rec.solution)
+            inputs = SimpleNamespace(label=rec.label, solution=rec.solution, prompt_ids=[1, 2])
             samples.append(PromptSamples(uid, rec.id, inputs, comps, weight_version=self.version, worker=0))
         return samples
 
     def at_boundary(self):
+        return False
+
+    def leaving(self):
         return False
 
     def metrics(self):

@@ -1,0 +1,195 @@
+"""What happens to a step's batch before the learners see it, in one place: rollouts submitted ahead within the
+staleness window (train.max_staleness), collected, too-stale prompts redrawn, scored, DAPO's group filter with
+refills (train.filter_groups), then the group advantages. The driver only orders the step around it.
+
+The window: with the learners at weight version v (v updates done), the rollouts of steps up to v + k are
+submitted, so a step-t sample is drawn by weights at least t - k old and trained at version t: staleness <= k.
+Rollout workers take new weights between generate calls (RolloutWorker: its weights concurrency group), so a
+queued rollout samples with the newest weights it finds when it starts generating.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+import torch
+
+from actors.groups import RLVRGroups
+from actors.rollout import PromptSamples, usable_samples
+from actors.rollout_group import PendingRollout, wait_with_progress
+from r1omni_ray.config import RunConfig
+from r1omni_ray.data.sampler import batch_indices, refill_indices
+from r1omni_ray.engines.base import SamplingParams, step_seed
+from r1omni_ray.grpo import flat_groups, group_advantages
+from r1omni_ray.learner.old_logprobs import behaviour_logprobs_requested
+from r1omni_ray.rewards import RewardBatch
+from r1omni_ray.timing import PhaseTimer
+
+log = logging.getLogger("r1omni_ray")
+# A refill round's prompt uids start at round * REFILL_UID_STRIDE: fresh ids (and so fresh per-sample seeds).
+REFILL_UID_STRIDE = 1_000_000
+
+
+@dataclass
+class StepBatch:
+    """One step's trainable batch, scored, with its advantages (group-contiguous, in prompt order)."""
+
+    step: int
+    samples: list[PromptSamples]  # the prompts trained on
+    skipped: list[PromptSamples]  # records that failed to load (bad media)
+    rewards: RewardBatch  # of the trained samples
+    advantages: torch.Tensor  # [len(completions)]
+    scored: RewardBatch | None = None  # every sample scored this step (refill rounds included)
+    counters: dict[str, float] = field(default_factory=dict)  # staleness drops, filter rounds
+
+    @property
+    def completions(self) -> list[Any]:
+        return [c for g in self.samples for c in g.completions]
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(c.token_ids) for c in self.completions]
+
+
+class BatchPipeline:
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], timer: PhaseTimer | None = None) -> None:
+        self.cfg, self.groups, self.records = cfg, groups, records
+        self.timer = timer or PhaseTimer()
+        rc = cfg.rollout
+        self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
+                                     max_new_tokens=rc.max_new_tokens, min_new_tokens=rc.min_new_tokens,
+                                     logprobs=behaviour_logprobs_requested(cfg))
+        self.window: dict[int, list[PendingRollout]] = {}  # step -> its submitted rollout
+        self.stale_dropped = 0  # prompts redrawn because their samples were older than max_staleness
+        self.total: int = cfg.train.steps
+
+    # ---- the window ----
+    def items_for(self, step: int) -> list[tuple[int, Any]]:
+        idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
+        return [(uid, self.records[i]) for uid, i in enumerate(idx)]
+
+    def params_for(self, step: int, round_: int = 0) -> SamplingParams:
+        seed = step_seed(self.cfg.train.seed, step) if round_ == 0 else step_seed(self.cfg.train.seed + round_, step)
+        return dataclasses.replace(self.params, seed=seed)
+
+    def fill(self, learner_step: int, total: int | None = None) -> None:
+        """Submit every rollout the window allows with the learners at ``learner_step`` updates: steps up to
+        learner_step + train.max_staleness (before ``total``, default train.steps), each once."""
+        self.total = self.cfg.train.steps if total is None else total
+        last = min(learner_step + self.cfg.train.max_staleness, self.total - 1)
+        for t in range(learner_step, last + 1):
+            self.submit(t)
+
+    def submit(self, step: int) -> list[PendingRollout]:
+        """Step ``step``'s rollout, submitted now unless it already is (with the next step's records to decode
+        ahead): the in-flight calls that next_batch(step) collects."""
+        if step not in self.window:
+            d = self.cfg.data
+            ahead = self.items_for(step + 1) if step + 1 < self.total else None
+            self.window[step] = self.groups.rollout.submit(self.items_for(step), self.params_for(step), d.use_video,
+                                                           d.use_audio, ahead)
+        return self.window[step]
+
+    def in_flight(self) -> list[PendingRollout]:
+        return [p for ps in self.window.values() for p in ps]
+
+    def drain(self) -> None:
+        """Wait until no rollout is running (a worker may leave only then); results stay for their steps."""
+        refs = [p.ref for p in self.in_flight()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), fetch_local=False)
+
+    def discard(self) -> None:
+        """Forget the submitted rollouts (the learners rolled back: they were drawn by weights that no longer
+        exist and their steps are redone)."""
+        self.window.clear()
+
+    # ---- a step's batch ----
+    def next_batch(self, step: int, learner_version: int) -> StepBatch:
+        """Step ``step``'s batch with the learners at ``learner_version``: its rollout collected (submitted now
+        if the window had not), prompts drawn more than max_staleness versions back redrawn, scored, filtered,
+        advantages computed."""
+        d, k = self.cfg.data, self.cfg.train.max_staleness
+        pending = self.submit(step)
+        del self.window[step]
+        params = self.params_for(step)
+        with self.timer.phase("rollout"):
+            wait_with_progress(pending, f"rollout {step + 1}")
+            samples = self.groups.rollout.collect(pending, params, d.use_video, d.use_audio)
+            stale = [g for g in samples if g.error is None and learner_version - g.weight_version > k]
+            if stale:  # never trained on: redrawn now with the current weights
+                log.warning("step %d: %d prompts were drawn %d+ weight versions back (train.max_staleness=%d); "
+                            "redrawing them", step + 1, len(stale), k + 1, k)
+                self.stale_dropped += len(stale)
+                redo = {g.uid for g in stale}
+                fresh = self.groups.rollout.collect(
+                    self.groups.rollout.submit([it for it in self.items_for(step) if it[0] in redo], params,
+                                               d.use_video, d.use_audio), params, d.use_video, d.use_audio)
+                samples = sorted([g for g in samples if g.uid not in redo] + fresh, key=lambda g: g.uid)
+        samples, skipped = usable_samples(samples, d.on_error)
+        counters = {"async/stale_redrawn": float(len(stale)), "async/stale_redrawn_total": float(self.stale_dropped)}
+        if not samples:
+            return StepBatch(step, [], skipped, RewardBatch([], {}), torch.zeros(0), None, counters)
+        rewards = self.score(samples)
+        scored = rewards
+        if self.cfg.train.filter_groups:
+            samples, rewards, scored, more_skipped, fc = self._filter(step, samples, rewards)
+            skipped += more_skipped
+            counters |= fc
+        adv = group_advantages(torch.tensor(rewards.total, dtype=torch.float32), self.cfg.rollout.group_size,
+                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
+        return StepBatch(step, samples, skipped, rewards, adv, scored, counters)
+
+    def score(self, samples: list[PromptSamples]) -> RewardBatch:
+        texts = [c.text for g in samples for c in g.completions]
+        sols = [g.inputs.solution for g in samples for _ in g.completions]
+        with self.timer.phase("reward"):
+            return self.groups.rewards.score(texts, sols)
+
+    def _filter(self, step: int, samples: list[PromptSamples], rewards: RewardBatch):
+        """DAPO's dynamic sampling: keep the groups whose rewards differ; refill from the sampler (fresh prompt
+        uids and seeds, a pure function of (seed, step, round)) until prompts_per_step such groups or
+        train.filter_max_rounds refills. Short of them, the step is topped up with flat groups (no policy
+        gradient, KL only) so its size stays fixed; counted."""
+        G, want, d = self.cfg.rollout.group_size, self.cfg.train.prompts_per_step, self.cfg.data
+        kept: list[tuple[PromptSamples, list[int], RewardBatch]] = []
+        flat: list[tuple[PromptSamples, RewardBatch]] = []
+        scored, skipped, rounds = rewards, [], 0
+
+        def sort(batch: list[PromptSamples], rb: RewardBatch) -> None:
+            is_flat = flat_groups(torch.tensor(rb.total, dtype=torch.float32), G).tolist()
+            for j, (g, f) in enumerate(zip(batch, is_flat, strict=True)):
+                part = rb.select(list(range(j * G, (j + 1) * G)))
+                (flat.append((g, part)) if f else kept.append((g, [], part)))
+
+        sort(samples, rewards)
+        while len(kept) < want and rounds < self.cfg.train.filter_max_rounds:
+            rounds += 1
+            idx = refill_indices(len(self.records), want - len(kept), step, rounds, self.cfg.train.seed)
+            items = [(rounds * REFILL_UID_STRIDE + j, self.records[i]) for j, i in enumerate(idx)]
+            params = self.params_for(step, rounds)
+            with self.timer.phase("rollout"):
+                more = self.groups.rollout.collect(self.groups.rollout.submit(items, params, d.use_video, d.use_audio),
+                                                   params, d.use_video, d.use_audio)
+            more, bad = usable_samples(more, d.on_error)
+            skipped += bad
+            if more:
+                rb = self.score(more)
+                scored = scored.merge(rb)
+                sort(more, rb)
+        n_informative = len(kept)
+        chosen = [(g, rb) for g, _, rb in kept[:want]] + flat[: max(0, want - len(kept))]
+        out_samples = [g for g, _ in chosen]
+        out_rewards = chosen[0][1]
+        for _, rb in chosen[1:]:
+            out_rewards = out_rewards.merge(rb)
+        out_rewards = dataclasses.replace(out_rewards, errors=scored.errors, diagnostics=scored.diagnostics,
+                                          error_examples=scored.error_examples)
+        counters = {"filter/rounds": float(rounds), "filter/informative_groups": float(n_informative),
+                    "filter/flat_groups_seen": float(len(flat)),
+                    "filter/short_steps": float(n_informative < want)}
+        return out_samples, out_rewards, scored, skipped, counters
