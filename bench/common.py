@@ -180,10 +180,13 @@ def memcpy_bandwidth(nbytes: int, repeats: int = 5) -> dict[str, float]:
 BENCH_LABELS = ["happy", "sad", "angry", "neutral"]
 
 
-def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int, seed: int = 0) -> Path:
+def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int, seed: int = 0,
+                           stop_ids: int = 0) -> Path:
     """A random-init HumanOmni checkpoint in the real layout with the benchmark's Qwen2 sizes. Benchmarks ask
     for fixed-length completions through the run config (rollout.min_new_tokens = max_new_tokens = new_tokens:
-    eos and pad masked until then), never through the checkpoint's generation_config, which sampling ignores."""
+    eos and pad masked until then). stop_ids > 0: the checkpoint's generation_config lists that many more eos
+    ids (honoured with rollout.stop_on_checkpoint_eos), so a random policy stops with about (1 + stop_ids) /
+    vocab chance per token: geometric, long-tailed completion lengths, as reasoning traces have."""
     from r1omni_ray.tiny.model import TinySizes, make_tiny_checkpoint
 
     sizes = TinySizes(
@@ -191,7 +194,16 @@ def build_bench_checkpoint(out_dir: str | Path, lm: TinyLMArgs, new_tokens: int,
         num_attention_heads=lm.num_heads, num_key_value_heads=lm.num_kv_heads,
     )
     out = make_tiny_checkpoint(out_dir, sizes=sizes, seed=seed)
-    (out / "bench_sizes.json").write_text(json.dumps(asdict(lm) | {"new_tokens": new_tokens}) + "\n")
+    if stop_ids > 0:
+        gen_path = out / "generation_config.json"
+        gen = json.loads(gen_path.read_text())
+        first = int(gen["eos_token_id"] if isinstance(gen["eos_token_id"], int) else gen["eos_token_id"][0])
+        vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+        # Ordinary tokens from the top of the vocabulary (special tokens sit at the bottom of the tiny one).
+        extra = [t for t in range(vocab - 1, 0, -1) if t not in (first, gen.get("pad_token_id"))][:stop_ids]
+        gen_path.write_text(json.dumps(gen | {"eos_token_id": [first, *extra]}, indent=2) + "\n")
+    (out / "bench_sizes.json").write_text(json.dumps(asdict(lm) | {"new_tokens": new_tokens, "stop_ids": stop_ids})
+                                          + "\n")
     return out
 
 

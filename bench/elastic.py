@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(args.work_dir or tmp)
         ckpt = build_bench_checkpoint(work / "ckpt", wl.lm, wl.new_tokens, wl.seed)
         records = text_only_records(ckpt, wl.prompts, wl.prompt_tokens, wl.seed)
-        cfg = make_config(Layout(phases[0], 1, False, args.rollout_threads, args.learner_threads), wl, str(ckpt),
+        cfg = make_config(Layout(phases[0], 1, 0, args.rollout_threads, args.learner_threads), wl, str(ckpt),
                           str(work / "run"))
         cfg.rollout.min_workers, cfg.rollout.max_workers = 1, max(phases)
         cfg.train.steps = 10_000

@@ -15,9 +15,10 @@ the fastest layout and the speed-ups of overlap and of the one-pass step. Layout
 workers/learners/threads share one set of actors.
 
 Phases are the driver's own (launch.train_rlvr's PhaseTimer, read from its metrics): rollout (waiting for
-this step's rollout; near 0 once overlapped), reward, train (the one learner call), rollout_wait (overlap:
-the in-flight next rollout must end before a worker takes weights), broadcast, other (advantages, sharding,
-logging); train splits into logprob (reference, and off-policy old, log-probs) and update.
+this step's rollout; near 0 once overlapped), reward, train (the one learner call), rollout_wait (only when a
+worker leaves: its rollouts must end first), broadcast (a worker takes the weights between two generate calls:
+overlapped, it includes the end of the one under way), other (advantages, sharding, logging); train splits
+into logprob (reference, and a recompute pass if asked) and update.
 
 Idle fraction of a group over the measured window = 1 - mean over its actors of busy / wall, where a
 rollout worker is busy generating (RolloutWorker.stats busy_s) or receiving weights, and a learner is
@@ -64,7 +65,7 @@ from r1omni_ray.config import RunConfig, config_from_dict
 STEP_PHASES = ("rollout", "reward", "train", "rollout_wait", "broadcast")
 PHASES = STEP_PHASES + ("logprob", "update")
 DEFAULT_LAYOUTS = "1w1l-sync-recompute,1w1l-sync,1w1l-overlap,1w2l-overlap"
-_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(-recompute)?(-noprefix)?(?:-t(\d+)x(\d+))?$")
+_LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap|k\d+)(-recompute)?(-noprefix)?(?:-t(\d+)x(\d+))?$")
 
 
 # ----------------------------------------------------------------------------- layouts and workload
@@ -74,17 +75,25 @@ _LAYOUT_RE = re.compile(r"^(\d+)w(\d+)l-(sync|overlap)(-recompute)?(-noprefix)?(
 class Layout:
     workers: int
     learners: int
-    overlap: bool
+    staleness: int  # train.max_staleness: 0 sync, 1 overlap (the next rollout during the update), k
     rollout_threads: int
     learner_threads: int
-    recompute: bool = False  # learner.recompute_old_logprobs: the separate old-log-prob pass of before
+    recompute: bool = False  # learner.old_logprobs=recompute: the separate proximal-log-prob pass
     # Shared prefix off in the learner and the engine: every completion carries its own prompt copy, as in
     # TRL (the compute-matched line).
     no_prefix: bool = False
 
     @property
+    def overlap(self) -> bool:
+        return self.staleness > 0
+
+    @property
+    def mode(self) -> str:
+        return {0: "sync", 1: "overlap"}.get(self.staleness, f"k{self.staleness}")
+
+    @property
     def name(self) -> str:
-        mode = "overlap" if self.overlap else "sync"
+        mode = self.mode
         extra = ("-recompute" if self.recompute else "") + ("-noprefix" if self.no_prefix else "")
         return f"{self.workers}w{self.learners}l-{mode}{extra}-t{self.rollout_threads}x{self.learner_threads}"
 
@@ -97,12 +106,13 @@ class Layout:
 def parse_layout(spec: str, rollout_threads: int, learner_threads: int) -> Layout:
     m = _LAYOUT_RE.match(spec.strip())
     if not m:
-        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap}}[-recompute][-noprefix]"
-                         "[-t{{R}}x{{T}}], e.g. 2w1l-overlap")
+        raise ValueError(f"layout {spec!r}: expected {{W}}w{{L}}l-{{sync|overlap|k<N>}}[-recompute][-noprefix]"
+                         "[-t{{R}}x{{T}}], e.g. 2w1l-overlap or 1w1l-k2")
     w, learners, mode, recompute, no_prefix, rt, lt = m.groups()
     if int(w) < 1 or int(learners) < 1:
         raise ValueError(f"layout {spec!r}: needs at least one worker and one learner")
-    return Layout(int(w), int(learners), mode == "overlap", int(rt or rollout_threads), int(lt or learner_threads),
+    staleness = {"sync": 0, "overlap": 1}.get(mode) if not mode.startswith("k") else int(mode[1:])
+    return Layout(int(w), int(learners), staleness, int(rt or rollout_threads), int(lt or learner_threads),
                   recompute=bool(recompute), no_prefix=bool(no_prefix))
 
 
@@ -112,7 +122,8 @@ class Workload:
     prompts: int = 16
     prompt_tokens: int = 32
     group_size: int = 8
-    new_tokens: int = 48
+    new_tokens: int = 48  # the exact completion length, or the cap with stop_ids
+    stop_ids: int = 0  # > 0: eos allowed, long-tailed lengths (bench.common.build_bench_checkpoint)
     beta: float = 0.04
     lr: float = 1e-5
     micro_batch_size: int = 32
@@ -132,7 +143,8 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
         "model": {"path": ckpt_dir},
         "rollout": {
             "engine": "hf", "num_workers": layout.workers, "group_size": wl.group_size, "temperature": 1.0,
-            "top_p": 1.0, "max_new_tokens": wl.new_tokens, "min_new_tokens": wl.new_tokens, "num_cpus_per_worker": 1.0,
+            "top_p": 1.0, "max_new_tokens": wl.new_tokens,
+            "min_new_tokens": 0 if wl.stop_ids else wl.new_tokens, "num_cpus_per_worker": 1.0,
             "torch_threads": layout.rollout_threads, "max_restarts": 0, "shared_prefix": not layout.no_prefix,
         },
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
@@ -141,11 +153,11 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
             "num_learners": layout.learners, "zero_stage": wl.zero_stage, "lr": wl.lr,
             "micro_batch_size": wl.micro_batch_size, "num_cpus_per_learner": 1.0,
             "torch_threads": layout.learner_threads, "use_reference": True, "broadcast_bucket_mb": wl.bucket_mb,
-            "recompute_old_logprobs": layout.recompute, "shared_prefix": not layout.no_prefix,
+            "old_logprobs": "recompute" if layout.recompute else "auto", "shared_prefix": not layout.no_prefix,
         },
         "train": {
             "steps": wl.warmup_steps + wl.steps, "prompts_per_step": wl.prompts, "seed": wl.seed,
-            "overlap": layout.overlap, "output_dir": out_dir, "log_samples": 0, "eval_every": 0,
+            "max_staleness": layout.staleness, "output_dir": out_dir, "log_samples": 0, "eval_every": 0,
         },
         "wandb": {"mode": "disabled"},
     })
@@ -184,7 +196,7 @@ def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, 
         "layout": layout.name,
         "workers": layout.workers,
         "learners": layout.learners,
-        "mode": "overlap" if layout.overlap else "sync",
+        "mode": layout.mode,
         "old_logprobs": old_logprobs_source(measured),
         "rollout_threads": layout.rollout_threads,
         "learner_threads": layout.learner_threads,
@@ -211,12 +223,13 @@ def run_layout(groups: RLVRGroups, layout: Layout, wl: Workload, ckpt_dir: str, 
 
 
 def old_logprobs_source(rows: Sequence[dict[str, Any]]) -> str:
-    """Where the measured steps' old log-probs came from (the learners report it every step)."""
-    if median([h.get("learner/recomputed_old_logprobs", 0.0) for h in rows]) > 0.5:
-        return "separate pass"
-    if median([h.get("learner/rollout_old_logprobs", 0.0) for h in rows]) > 0.5:
-        return "rollout engine"
-    return "training forward"
+    """Where the measured steps' proximal log-probs came from, and whether the engine's behaviour log-probs
+    corrected them (the learners report both every step)."""
+    src = "separate pass" if median([h.get("learner/recomputed_old_logprobs", 0.0) for h in rows]) > 0.5 \
+        else "training forward"
+    if median([h.get("learner/corrected_step", 0.0) for h in rows]) > 0.5:
+        src += " + correction"
+    return src
 
 
 # ----------------------------------------------------------------------------- driver
@@ -228,7 +241,10 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=d.prompts, help="prompts per step")
     p.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="rendered prompt length")
     p.add_argument("--group-size", type=int, default=d.group_size, help="completions per prompt (G)")
-    p.add_argument("--new-tokens", type=int, default=d.new_tokens, help="exact completion length")
+    p.add_argument("--new-tokens", type=int, default=d.new_tokens,
+                   help="exact completion length (the cap with --stop-ids)")
+    p.add_argument("--stop-ids", type=int, default=d.stop_ids,
+                   help="extra eos ids in the checkpoint: eos allowed, long-tailed completion lengths")
     p.add_argument("--beta", type=float, default=d.beta, help="KL coefficient (reference model kept when > 0)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per fwd/bwd")
@@ -246,7 +262,7 @@ def add_workload_flags(p: argparse.ArgumentParser) -> None:
 def workload_from_flags(args: argparse.Namespace) -> Workload:
     wl = Workload(
         lm=tiny_lm_from_flags(args), prompts=args.prompts, prompt_tokens=args.prompt_tokens,
-        group_size=args.group_size, new_tokens=args.new_tokens, beta=args.beta, lr=args.lr,
+        group_size=args.group_size, new_tokens=args.new_tokens, stop_ids=args.stop_ids, beta=args.beta, lr=args.lr,
         micro_batch_size=args.micro_batch_size, zero_stage=args.zero_stage, bucket_mb=args.bucket_mb,
         warmup_steps=args.warmup_steps, steps=args.steps, seed=args.seed,
     )
@@ -280,7 +296,8 @@ class BenchSystem:
             self.work = Path(self._tmp.name)
         try:
             wl = self.wl
-            self.ckpt = str(build_bench_checkpoint(self.work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed))
+            self.ckpt = str(build_bench_checkpoint(self.work / "ckpt", wl.lm, wl.new_tokens, seed=wl.seed,
+                                                         stop_ids=wl.stop_ids))
             self.records = text_only_records(self.ckpt, wl.prompts, wl.prompt_tokens, seed=wl.seed)
             self.prompt_lens = prompt_lengths(self.ckpt, self.records)
             # A logical CPU per actor of the largest layout.

@@ -27,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learners", type=int, default=1, help="learners")
     args = p.parse_args(argv)
     layouts = [
-        Layout(args.workers, args.learners, overlap, args.rollout_threads, args.learner_threads)
-        for overlap in (False, True)
+        Layout(args.workers, args.learners, staleness, args.rollout_threads, args.learner_threads)
+        for staleness in (0, 1)
     ]
     sync, over = run_benchmark(args, layouts, bench="overlap")
     emit({

@@ -35,8 +35,9 @@ def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
     assert recs[0]["kind"] == "config" and recs[-1]["kind"] == "summary"
     steps = [r for r in recs if r.get("layout")]
     assert [r["mode"] for r in steps] == ["sync", "overlap"]
-    # Off-policy (overlap) steps take the old log-probs the hf engine recorded while sampling: no extra pass.
-    assert [r["old_logprobs"] for r in steps] == ["training forward", "rollout engine"]
+    # Off-policy (overlap) steps: the training forward is the proximal policy, weighted towards the behaviour
+    # log-probs the hf engine recorded while sampling: no extra pass.
+    assert [r["old_logprobs"] for r in steps] == ["training forward", "training forward + correction"]
     for r in steps:
         assert r["samples_per_step"] == [4] and r["completion_tokens_mean"] == 4  # no early stop
         assert set(r["phase_s_median"]) >= {"rollout", "reward", "logprob", "update", "broadcast"}

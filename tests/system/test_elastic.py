@@ -60,7 +60,7 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
         cfg = small_cfg(tmp_path, zero=3, learner={"node_resource": "learner_node"},
                         rollout={"node_resource": "rollout_node", "num_workers": 2, "min_workers": 1,
                                  "max_workers": 2, "num_cpus_per_worker": 1, "capacity_timeout_s": 5},
-                        reward={"num_actors": 0}, train={"overlap": True, "steps": 7, "prompts_per_step": PROMPTS})
+                        reward={"num_actors": 0}, train={"max_staleness": 1, "steps": 7, "prompts_per_step": PROMPTS})
         groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
         try:
             assert groups.rollout.state() == {"target": 2, "active": 1, "pending": 1, "min": 1, "max": 2}
@@ -98,8 +98,10 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
             assert all(h["samples"] == PROMPTS * G for h in hist)
             assert [h["rollout/lost"] for h in hist] == [0, 0, 0, 0, 0, 1, 0]
             assert groups.rollout.reissued > 0 and groups.rollout.state()["pending"] == 1  # a replacement asked
-            # Every overlapped step trained on samples drawn one version back, the joiner's included.
-            assert [h["weight_version_lag"] for h in hist] == [0.0] + [1.0] * 6
+            # Overlapped steps trained on samples drawn at most one version back (one back unless a worker took
+            # the new weights before its queued rollout started generating), the joiner's included.
+            lags = [h["weight_version_lag"] for h in hist]
+            assert lags[0] == 0.0 and all(x <= 1.0 for x in lags) and sum(lags) >= 3, lags
             assert groups.sync.version == 7
             assert_workers_match_learners(groups)
 

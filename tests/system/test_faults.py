@@ -368,7 +368,7 @@ def test_sft_bad_media_keeps_its_slot_with_zero_weight(groups, bad_media_records
 
 def _prepared_batches(groups: RLVRGroups, records: list[Any], adv: list[float]):
     tr = make_trainer(groups, records)
-    samples = groups.rollout.collect(tr.submit(6), tr._params_for(6))
+    samples = tr.pipeline.next_batch(6, groups.sync.version).samples
     shards, num_micro = shard_for_learners(samples, adv, len(groups.learners.actors), groups.cfg.learner.micro_batch_size)
     lens = [len(c) for b in shards for c in b.completions]
     return shards, StepSpec(num_micro, sum(lens), len(lens), groups.cfg.rollout.max_new_tokens)

@@ -20,7 +20,6 @@ from launch.train_rlvr import RLVRTrainer
 from r1omni_ray.config import config_from_dict
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.learner.old_logprobs import engine_logprobs_allowed
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.tracking import RunLogger
 from tests.vllm_support import LOGPROB_ATOL, vllm_platform
@@ -47,7 +46,7 @@ def vllm_cfg(out: Path):
                    "rewards": [{"name": "test_letter_e"}]},
         "grpo": {"beta": 0.0},
         "train": {"steps": STEPS, "prompts_per_step": 4, "output_dir": str(out), "log_samples": 0,
-                  "overlap": True},
+                  "max_staleness": 1},
         "wandb": {"mode": "disabled"},
     })
 
@@ -77,7 +76,6 @@ def kill_when(trainer: RLVRTrainer, groups: RLVRGroups, step: int, box: dict[str
 
 def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray, tiny_ckpt, synth_data, tmp_path):
     cfg = vllm_cfg(tmp_path)
-    assert not engine_logprobs_allowed(cfg)  # auto + vllm: off-policy steps recompute on the learners
     records = load_records(synth_data / "train.json", label_set=LABELS).records
     groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
     try:
@@ -90,8 +88,11 @@ def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray
         killer.join(timeout=1)
         assert len(hist) == STEPS and "pid" in box
 
-        # Every step trained on all its samples; overlapped steps were off-policy and recomputed old log-probs.
+        # Every step trained on all its samples; overlapped steps were off-policy, weighted by the learners'
+        # current log-probs over vLLM's own sampling ones (no recompute pass).
         assert all(h["samples"] == 4 * G for h in hist)
+        assert all(h["learner/corrected_step"] == 1.0 and h["learner/recomputed_old_logprobs"] == 0.0 for h in hist)
+        assert max(h["offpolicy/mismatch_kl"] for h in hist) > 0
         assert groups.rollout.restarts == 1
         assert max(h["weight_version_lag"] for h in hist) == 1.0
         # The replacement is a vLLM worker holding the learners' final weights: its own log-probs (greedy)

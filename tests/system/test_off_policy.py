@@ -1,0 +1,107 @@
+"""Off-policy training on real Ray + DeepSpeed (CPU, gloo): samples really drawn by older weights are weighted by
+proximal/behaviour (the bug this replaces: with vLLM the "old" log-probs were recomputed with the learners'
+current weights, so the ratio was exactly 1 and stale samples were trained on as if on-policy), and a run with
+train.max_staleness=2 keeps every sample within two versions, with the correction applied."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import ray
+import torch
+
+from actors.groups import RLVRGroups
+from actors.learner_group import shard_for_learners
+from launch.train_rlvr import RLVRTrainer
+from r1omni_ray.data.records import load_records
+from r1omni_ray.engines.base import SamplingParams
+from r1omni_ray.learner.grpo_update import StepSpec
+from r1omni_ray.learner.old_logprobs import LogprobPlan, old_logprob_source
+from r1omni_ray.step_metrics import learner_metrics
+from r1omni_ray.tracking import RunLogger
+from tests.system.test_rlvr_system import LABELS, small_cfg
+
+pytestmark = pytest.mark.slow
+CAP = 1.02  # small enough that one lr=1e-2 update truncates some tokens
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def _spec(shards, num_micro, plan=LogprobPlan()) -> StepSpec:
+    lens = [len(c) for s in shards for c in s.completions]
+    return StepSpec(num_micro, sum(lens), len(lens), 12, plan)
+
+
+def test_samples_drawn_one_version_back_are_weighted_proximal_over_behaviour(local_ray, tiny_ckpt, synth_data,
+                                                                              tmp_path):
+    cfg = small_cfg(tmp_path, zero=2, grpo={"beta": 0.0}, learner={"lr": 1e-2, "correction_cap": CAP},
+                    rollout={"num_workers": 1})
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+    try:
+        recs = load_records(synth_data / "train.json").records
+        params = SamplingParams(n=4, max_new_tokens=12, seed=0, logprobs=True)
+        samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:3])), params), params)
+        assert all(g.weight_version == 0 for g in samples)
+        adv = [1.0, 0.5, -0.5, -1.0] * len(samples)
+        shards, num_micro = shard_for_learners(samples, adv, 2, cfg.learner.micro_batch_size)
+        # The behaviour log-probs are the sampling weights' (version 0): equal to the learners' before the update.
+        v0 = [lp for rank in groups.learners.logprobs(shards, num_micro) for lp in rank]
+        behaviour = [lp for s in shards for lp in s.sampling_logprobs]
+        for a, b in zip(v0, behaviour, strict=True):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
+        groups.learners.train(shards, _spec(shards, num_micro))  # on-policy update: learners now at version 1
+        groups.sync.broadcast(1)
+
+        # The same samples, now one version stale. The decision for the vLLM engine (where the bug lived) and
+        # for hf alike: proximal = the learners' current weights, corrected towards the behaviour's.
+        for engine in ("vllm", "hf"):
+            ecfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=engine))
+            plan = old_logprob_source(ecfg, [g.weight_version for g in samples], groups.sync.version, True)
+            assert plan == LogprobPlan("forward", "tis"), (engine, plan)
+        v1 = [lp for rank in groups.learners.logprobs(shards, num_micro) for lp in rank]
+        rho = torch.cat([torch.tensor(p, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
+                         for p, b in zip(v1, behaviour, strict=True)]).exp()
+        assert (rho - 1).abs().max() > 1e-3, "the update did not move the policy: the test would prove nothing"
+        m = learner_metrics(groups.learners.train(shards, _spec(shards, num_micro, plan)))
+        # The applied weights are exactly proximal/behaviour (truncated at the cap), not 1.
+        assert m["learner/corrected_step"] == 1.0
+        assert m["offpolicy/is_ratio_mean"] == pytest.approx(float(rho.mean()), rel=1e-4)
+        assert m["offpolicy/is_ratio_max"] == pytest.approx(float(rho.max()), rel=1e-4)
+        assert m["offpolicy/is_weight_mean"] == pytest.approx(float(rho.clamp(max=CAP).mean()), rel=1e-4)
+        assert m["offpolicy/corrected_frac"] == pytest.approx(float((rho > CAP).double().mean()), abs=1e-9)
+        assert 0 < m["offpolicy/corrected_frac"] < 1
+        assert m["offpolicy/mismatch_kl"] == pytest.approx(float((rho - 1 - rho.log()).mean()), rel=1e-3)
+        assert m["offpolicy/mismatch_kl/video_audio"] == m["offpolicy/mismatch_kl"]  # every prompt has both
+    finally:
+        groups.shutdown()
+
+
+def test_a_run_at_max_staleness_two_trains_within_the_window_with_the_correction(local_ray, tiny_ckpt, synth_data,
+                                                                                tmp_path):
+    steps = 6
+    cfg = small_cfg(tmp_path, zero=2, rollout={"num_workers": 1}, learner={"num_learners": 1},
+                    train={"steps": steps, "max_staleness": 2, "prompts_per_step": 2},
+                    reward={"num_actors": 0})
+    groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+    try:
+        recs = load_records(synth_data / "train.json").records
+        tr = RLVRTrainer(cfg, groups, recs, None, LABELS, RunLogger(Path(cfg.train.output_dir), cfg.wandb, {}))
+        hist = tr.fit()
+        assert len(hist) == steps and groups.sync.version == steps
+        assert all(h["staleness/max"] <= 2 for h in hist)
+        assert max(h["staleness/max"] for h in hist) >= 1, "no step was off-policy"
+        for h in hist:
+            assert h["samples"] == 2 * cfg.rollout.group_size and h["async/stale_redrawn"] == 0
+            # The behaviour log-probs are recorded on every step of an async run, so every step is corrected
+            # (on-policy ones with ratio 1 on the hf engine, whose kernels are the learners').
+            assert h["learner/corrected_step"] == 1.0 and h["offpolicy/is_weight_mean"] > 0
+            if h["staleness/max"] == 0:
+                assert h["offpolicy/is_ratio_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert not tr.pipeline.in_flight()  # the window ends with the run
+    finally:
+        groups.shutdown()
