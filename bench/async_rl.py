@@ -10,6 +10,11 @@ k=2 / k=1 (today's overlap) and k=2 / sync, from medians measured in the same ru
 
 Off-policy steps are corrected (learner.rollout_correction, default tis): their proximal log-probs are the
 training forward's own, weighted towards the hf engine's recorded behaviour log-probs; no extra pass.
+
+`--quality`: instead, the demo task (configs/tiny_cpu.yaml: synthetic clips, SFT once, then RLVR from that one
+SFT checkpoint at each --staleness value, 600 steps). A line per k: the first step at which the accuracy reward,
+averaged over the last --window steps, reaches --target, and the final window's mean; then the ratio of each
+k's steps to the synchronous run's.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from bench.common import emit, rounded
@@ -46,6 +53,48 @@ def summarize(runs: dict[int, list[dict[str, Any]]], workers: int, learners: int
     return out
 
 
+def steps_to_target(accuracy: list[float], window: int, target: float) -> int | None:
+    """The first step (1-based) whose trailing ``window``-step mean accuracy reaches ``target``."""
+    for i in range(window, len(accuracy) + 1):
+        if statistics.fmean(accuracy[i - window : i]) >= target:
+            return i
+    return None
+
+
+def quality(args: argparse.Namespace, ks: list[int]) -> int:
+    from launch.common import init_ray, prepare, setup_logging
+    from launch.train_rlvr import run_rlvr
+    from launch.train_sft import run_sft
+    from r1omni_ray.config import load_config
+
+    setup_logging()
+    config = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_async_quality_"))
+    base = [f"train.output_dir={work / 'sft'}", "wandb.mode=disabled", f"train.steps={args.quality_steps}"]
+    cfg = load_config(config, base)
+    prep = prepare(cfg)
+    init_ray(cfg)
+    sft_ckpt = run_sft(cfg, prep)
+    rows = {}
+    for k in ks:
+        ck = load_config(config, base + [f"train.output_dir={work / f'k{k}'}", f"train.max_staleness={k}"])
+        hist = run_rlvr(ck, prep, init_ckpt=sft_ckpt)["history"]
+        acc = [h["accuracy"] for h in hist]
+        rows[k] = {"bench": "async_rl", "kind": "quality", "max_staleness": k, "steps": len(hist),
+                   "steps_to_target": steps_to_target(acc, args.window, args.target), "target": args.target,
+                   "window": args.window, "final_window_accuracy": rounded(statistics.fmean(acc[-args.window:]), 3),
+                   "staleness_max": max(h["staleness/max"] for h in hist),
+                   "corrected_frac_mean": rounded(statistics.fmean(h.get("offpolicy/corrected_frac", 0.0)
+                                                                   for h in hist), 4),
+                   "mismatch_kl_max": max(h.get("offpolicy/mismatch_kl", 0.0) for h in hist)}
+        emit(rows[k])
+    if 0 in rows and rows[0]["steps_to_target"]:
+        emit({"bench": "async_rl", "kind": "quality_summary", "steps_ratio_vs_sync": {
+            str(k): (rounded(r["steps_to_target"] / rows[0]["steps_to_target"], 3) if r["steps_to_target"] else None)
+            for k, r in rows.items()}})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_flags(p)
@@ -54,10 +103,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--learners", type=int, default=1, help="learners")
     p.add_argument("--staleness", default=DEFAULT_STALENESS, help="comma-separated train.max_staleness values")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every layout")
+    p.add_argument("--quality", action="store_true", help="the demo task's learning curve per k instead (below)")
+    p.add_argument("--quality-steps", type=int, default=600, help="--quality: RLVR steps per run")
+    p.add_argument("--window", type=int, default=50, help="--quality: trailing steps averaged")
+    p.add_argument("--target", type=float, default=0.9, help="--quality: accuracy reward to reach")
     args = p.parse_args(argv)
     ks = [int(x) for x in args.staleness.split(",") if x.strip()]
     if not ks or min(ks) < 0 or args.repeats < 1:
         p.error("--staleness needs values >= 0 and --repeats >= 1")
+    if args.quality:
+        return quality(args, ks)
     layouts = [Layout(args.workers, args.learners, k, args.rollout_threads, args.learner_threads) for k in ks]
     runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
     with BenchSystem(args, layouts, bench="async_rl") as system:  # one actor set: the layouts share a pool key

@@ -145,19 +145,20 @@ class GRPOUpdate:
             sub = batch.sub(sl)
             lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
             mask = sub.loss_mask(mask)
-            behaviour = sub.behaviour_logprobs(lp.shape[1]).to(lp) if plan.needs_behaviour else None
+            # float32 as the engine recorded them: a bf16 copy would move the importance ratios by ~1%.
+            behaviour = sub.behaviour_logprobs(lp.shape[1]).to(lp.device) if plan.needs_behaviour else None
             # The proximal policy (the clip's anchor) is the learners' current one: these very weights
             # (FORWARD: this forward's own log-probs, detached) or a separate pass over them (RECOMPUTE);
             # BEHAVIOUR clips around the policy that sampled instead.
             if plan.proximal == RECOMPUTE:
                 prox = recomputed[k].to(lp)
             elif plan.proximal == BEHAVIOUR:
-                prox = behaviour
+                prox = behaviour.to(lp)
             else:
                 prox = lp.detach()
             weight = None
             if plan.correction != "none":
-                corr = correction_weights(prox, behaviour, mask, corr_cfg)
+                corr = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
                 weight = corr.weight
                 for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
                     corr_sums[name] = corr_sums.get(name, 0.0) + v

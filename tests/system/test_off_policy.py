@@ -105,3 +105,45 @@ def test_a_run_at_max_staleness_two_trains_within_the_window_with_the_correction
         assert not tr.pipeline.in_flight()  # the window ends with the run
     finally:
         groups.shutdown()
+
+
+def test_a_learner_lost_at_max_staleness_two_is_restored_and_the_queued_rollouts_redrawn(local_ray, tiny_ckpt,
+                                                                                          synth_data, tmp_path):
+    """k=2 with an in-job learner restart: the rollouts queued ahead were drawn by weights that the restore
+    rolls back; they are discarded and redrawn from the checkpoint's weights, and the run ends with every step
+    once, each within the staleness bound."""
+    import json
+    import os
+    import signal
+    import threading
+    import time
+
+    from launch.common import Prepared
+    from launch.train_rlvr import run_rlvr
+    from r1omni_ray.checkpointing import latest_checkpoint, read_state
+    from tests.system.test_elastic import _learner_pids
+
+    out = tmp_path / "run"
+    cfg = small_cfg(out, zero=2, rollout={"num_workers": 1}, reward={"num_actors": 0},
+                    train={"steps": 5, "prompts_per_step": 2, "max_staleness": 2}, checkpoint={"every": 2})
+    box: dict[str, int] = {}
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            ck = latest_checkpoint(out)
+            if ck is not None and read_state(ck).step == 2 and (pids := _learner_pids()):
+                box["pid"] = pids[-1]
+                os.kill(pids[-1], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    res = run_rlvr(cfg, Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS))
+    killer.join(timeout=5)
+    assert "pid" in box and res["learner_restarts"] == 1 and res["weight_version"] == 5
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"reward/' in x]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["staleness/max"] <= 2 and r["learner/corrected_step"] == 1.0 for r in rows)
+    assert rows[-1]["faults/learner_restarts"] == 1.0
