@@ -24,8 +24,8 @@ from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, RolloutEngine, SamplingParams
-from r1omni_ray.engines.vllm_engine import VLLMEngine
-from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX  # imports vllm only when one starts
+from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
+from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_broadcast import (
     ACTORS,
@@ -77,7 +77,9 @@ def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[Pr
 
 # Rollout calls run one at a time in the default group. Weights arrive on a thread of their own ("weights"), so
 # an update waits only for the generate call under way, never for the rollouts queued behind it; pings and
-# stats ("control") answer while a rollout runs. self.lock keeps the engine to one user at a time.
+# stats ("control") answer while a rollout runs. self.lock keeps the engine to one user at a time; the weight
+# sync takes it on every worker (pause_for_weights) before the collective starts, so no rank waits inside a
+# collective for another worker's generate call.
 @ray.remote(concurrency_groups={"weights": 1, "control": 1})
 class RolloutWorker:
     def __init__(self, index: int, ckpt_dir: str, cfg: dict) -> None:
@@ -115,6 +117,7 @@ class RolloutWorker:
         self.sync_group: BroadcastGroup | None = None
         self.busy_s = 0.0
         self.lock = threading.Lock()
+        self.paused = False  # the lock is held for a weight update (pause_for_weights -> receive_weights)
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict[str, Any]:
@@ -203,12 +206,25 @@ class RolloutWorker:
         return True
 
     @ray.method(concurrency_group="weights")
+    def pause_for_weights(self) -> int:
+        """Returns once the generate call under way (if any) has ended; no other starts until receive_weights
+        has run. Idempotent (a retried broadcast pauses again)."""
+        if not self.paused:
+            self.lock.acquire()
+            self.paused = True
+        return self.version
+
+    @ray.method(concurrency_group="weights")
     def receive_weights(self, version: int, metas: list[ParamMeta], routes: list[Route]) -> int:
         """One update, between two generate calls: the actor receives its buckets (ACTORS) while the vLLM workers
-        receive theirs (ENGINES)."""
+        receive theirs (ENGINES). Ends the pause, whether it succeeds or raises."""
         assert self.sync_group is not None, "init_sync_group first"
-        with self.lock:
+        self.pause_for_weights()
+        try:
             return self._receive_weights(version, metas, routes)
+        finally:
+            self.paused = False
+            self.lock.release()
 
     def _receive_weights(self, version: int, metas: list[ParamMeta], routes: list[Route]) -> int:
 

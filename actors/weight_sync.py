@@ -106,6 +106,14 @@ class WeightSync:
             if dead := self._dead_ids(settle([(n, "info", w.info.remote())
                                           for n, w in zip(workers.names(), workers.workers, strict=True)])):
                 return Attempt(False, dead)
+            # Every worker ends the generate call under way first (rollouts queued behind it wait), so no rank
+            # of the collective waits inside it for another's generation.
+            pauses = [(n, "pause_for_weights", w.pause_for_weights.remote())
+                      for n, w in zip(workers.names(), workers.workers, strict=True)]
+            results = settle(pauses)
+            if dead := self._dead_ids(results):
+                return Attempt(False, dead)
+            raise_first_error(pauses, results)
             calls = [(f"learner-{r}", "broadcast_weights", lr.broadcast_weights.remote(version, self.routes))
                      for r, lr in enumerate(learners.actors)]
             calls += [(n, "receive_weights", w.receive_weights.remote(version, self.metas, self.routes))

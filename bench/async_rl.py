@@ -76,22 +76,29 @@ def quality(args: argparse.Namespace, ks: list[int]) -> int:
     init_ray(cfg)
     sft_ckpt = run_sft(cfg, prep)
     rows = {}
-    for k in ks:
-        ck = load_config(config, base + [f"train.output_dir={work / f'k{k}'}", f"train.max_staleness={k}"])
+    corrections = [c for c in args.corrections.split(",") if c.strip()]
+    runs = [(k, c) for k in ks for c in (corrections if k > 0 else corrections[:1])]
+    for k, corr in runs:
+        name = f"k{k}-{corr}"
+        ck = load_config(config, base + [f"train.output_dir={work / name}", f"train.max_staleness={k}",
+                                         f"learner.rollout_correction={corr}"])
         hist = run_rlvr(ck, prep, init_ckpt=sft_ckpt)["history"]
         acc = [h["accuracy"] for h in hist]
-        rows[k] = {"bench": "async_rl", "kind": "quality", "max_staleness": k, "steps": len(hist),
-                   "steps_to_target": steps_to_target(acc, args.window, args.target), "target": args.target,
-                   "window": args.window, "final_window_accuracy": rounded(statistics.fmean(acc[-args.window:]), 3),
-                   "staleness_max": max(h["staleness/max"] for h in hist),
-                   "corrected_frac_mean": rounded(statistics.fmean(h.get("offpolicy/corrected_frac", 0.0)
-                                                                   for h in hist), 4),
-                   "mismatch_kl_max": max(h.get("offpolicy/mismatch_kl", 0.0) for h in hist)}
-        emit(rows[k])
-    if 0 in rows and rows[0]["steps_to_target"]:
+        rows[name] = {"bench": "async_rl", "kind": "quality", "max_staleness": k, "rollout_correction": corr,
+                      "steps": len(hist),
+                      "steps_to_target": steps_to_target(acc, args.window, args.target), "target": args.target,
+                      "window": args.window,
+                      "final_window_accuracy": rounded(statistics.fmean(acc[-args.window:]), 3),
+                      "staleness_max": max(h["staleness/max"] for h in hist),
+                      "corrected_frac_mean": rounded(statistics.fmean(h.get("offpolicy/corrected_frac", 0.0)
+                                                                      for h in hist), 4),
+                      "mismatch_kl_max": max(h.get("offpolicy/mismatch_kl", 0.0) for h in hist)}
+        emit(rows[name])
+    sync = next((r for r in rows.values() if r["max_staleness"] == 0), None)
+    if sync is not None and sync["steps_to_target"]:
         emit({"bench": "async_rl", "kind": "quality_summary", "steps_ratio_vs_sync": {
-            str(k): (rounded(r["steps_to_target"] / rows[0]["steps_to_target"], 3) if r["steps_to_target"] else None)
-            for k, r in rows.items()}})
+            name: (rounded(r["steps_to_target"] / sync["steps_to_target"], 3) if r["steps_to_target"] else None)
+            for name, r in rows.items()}})
     return 0
 
 
@@ -107,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quality-steps", type=int, default=600, help="--quality: RLVR steps per run")
     p.add_argument("--window", type=int, default=50, help="--quality: trailing steps averaged")
     p.add_argument("--target", type=float, default=0.9, help="--quality: accuracy reward to reach")
+    p.add_argument("--corrections", default="tis",
+                   help="--quality: learner.rollout_correction values for the off-policy runs (e.g. tis,none)")
     args = p.parse_args(argv)
     ks = [int(x) for x in args.staleness.split(",") if x.strip()]
     if not ks or min(ks) < 0 or args.repeats < 1:

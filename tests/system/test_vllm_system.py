@@ -1,6 +1,7 @@
 """RLVR with `rollout.engine=vllm` through the real system: Ray rollout actors running vLLM's CPU build,
 two DeepSpeed ZeRO-2 learners, the reward actor, weight broadcasts into the vLLM worker processes, the
-overlapped (one-step off-policy) schedule, and a rollout worker killed mid-run."""
+asynchronous schedule (train.max_staleness=2: up to two rollouts queued, corrected), and a rollout worker
+killed mid-run."""
 
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ pytestmark = [
 LABELS = ["happy", "sad", "angry", "neutral"]
 G = 8
 STEPS = 16
-KILL_AT = 6  # worker 0 is killed once this many steps are done (its next rollout is in flight: overlap)
+KILL_AT = 6  # worker 0 is killed once this many steps are done (its queued rollouts are in flight)
 
 
 def vllm_cfg(out: Path):
@@ -46,7 +47,7 @@ def vllm_cfg(out: Path):
                    "rewards": [{"name": "test_letter_e"}]},
         "grpo": {"beta": 0.0},
         "train": {"steps": STEPS, "prompts_per_step": 4, "output_dir": str(out), "log_samples": 0,
-                  "max_staleness": 1},
+                  "max_staleness": 2},
         "wandb": {"mode": "disabled"},
     })
 
@@ -94,7 +95,8 @@ def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray
         assert all(h["learner/corrected_step"] == 1.0 and h["learner/recomputed_old_logprobs"] == 0.0 for h in hist)
         assert max(h["offpolicy/mismatch_kl"] for h in hist) > 0
         assert groups.rollout.restarts == 1
-        assert max(h["weight_version_lag"] for h in hist) == 1.0
+        # Up to two rollouts queued: vLLM takes each update between two generate calls.
+        assert 1.0 <= max(h["weight_version_lag"] for h in hist) <= 2.0
         # The replacement is a vLLM worker holding the learners' final weights: its own log-probs (greedy)
         # equal the learners' teacher-forced ones on the same tokens.
         info = ray.get(groups.rollout.workers[0].info.remote())
