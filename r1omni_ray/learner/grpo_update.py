@@ -157,9 +157,9 @@ class GRPOUpdate:
             else:
                 prox = lp.detach()
             weight = None
-            if plan.correction != "none":
+            if plan.behaviour:  # measured whenever the engine recorded them; applied unless correction is none
                 corr = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
-                weight = corr.weight
+                weight = corr.weight if plan.correction != "none" else None
                 for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
                     corr_sums[name] = corr_sums.get(name, 0.0) + v
                 if bool(mask.bool().any()):
@@ -191,7 +191,7 @@ class GRPOUpdate:
         out["recomputed_old_logprobs"] = float(plan.proximal == RECOMPUTE)
         out["behaviour_old_logprobs"] = float(plan.proximal == BEHAVIOUR)
         out["corrected_step"] = float(plan.correction != "none")
-        if plan.correction != "none":  # the same keys on every rank (the plan is the step's)
+        if plan.behaviour:  # the same keys on every rank (the plan is the step's)
             out |= corr_sums
             (max_key,) = MAX_KEYS
             out[max_key] = ratio_max

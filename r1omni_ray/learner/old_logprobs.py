@@ -29,11 +29,12 @@ PROXIMAL_SOURCES = (FORWARD, RECOMPUTE, BEHAVIOUR)
 
 @dataclass(frozen=True)
 class LogprobPlan:
-    """Where a step's proximal log-probs come from, and the correction applied with the behaviour log-probs
-    ("none": the behaviour log-probs are not used for a correction)."""
+    """Where a step's proximal log-probs come from, whether the behaviour log-probs are compared with them (the
+    off-policy metrics), and the correction applied with them ("none": measured, not applied)."""
 
     proximal: str = FORWARD
     correction: str = "none"
+    behaviour: bool = False
 
     def __post_init__(self) -> None:
         if self.proximal not in PROXIMAL_SOURCES:
@@ -41,9 +42,12 @@ class LogprobPlan:
         if self.correction not in CORRECTIONS:
             raise ValueError(f"LogprobPlan.correction: {self.correction!r} is not one of {CORRECTIONS}")
 
+        if self.correction != "none" and not self.behaviour:
+            raise ValueError("LogprobPlan: a correction needs the behaviour log-probs (behaviour=True)")
+
     @property
     def needs_behaviour(self) -> bool:
-        return self.proximal == BEHAVIOUR or self.correction != "none"
+        return self.proximal == BEHAVIOUR or self.behaviour
 
 
 class MissingBehaviourLogprobs(ValueError):
@@ -68,6 +72,8 @@ def old_logprob_source(cfg: RunConfig, sample_versions: Sequence[int], learner_v
             f"{learner_version}, and the rollout engine did not record its sampling log-probs")
     src = cfg.learner.old_logprobs
     if src == BEHAVIOUR and off_policy:
-        return LogprobPlan(BEHAVIOUR, "none")
+        return LogprobPlan(BEHAVIOUR, "none")  # the ratio itself is against the behaviour policy
     proximal = RECOMPUTE if src == RECOMPUTE else FORWARD
-    return LogprobPlan(proximal, cfg.learner.rollout_correction if behaviour_present else "none")
+    if not behaviour_present:
+        return LogprobPlan(proximal)
+    return LogprobPlan(proximal, cfg.learner.rollout_correction, behaviour=True)

@@ -79,3 +79,30 @@ def test_resume_matches_uninterrupted_run(local_ray, tiny_ckpt, synth_data, tmp_
     # metrics.jsonl continues across the resume
     rows = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["reward/total_mean"] != 9.9  # no step twice
+
+
+def test_resume_at_max_staleness_two_redraws_the_queued_rollouts_from_the_checkpoint(local_ray, tiny_ckpt, synth_data,
+                                                                                      tmp_path):
+    """train.max_staleness=2: the rollouts queued ahead at the checkpoint are not in it; the resumed run draws
+    those steps' prompts (the same ones: data order is a pure function of (seed, step)) from the checkpoint's
+    weights, so its first step is on-policy, and every step stays within the bound."""
+    from r1omni_ray.data.records import load_records
+    from r1omni_ray.data.sampler import batch_indices
+
+    prep = Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS)
+    out = tmp_path / "k2"
+
+    def cfg(steps: int):
+        c = cfg_for(out, tiny_ckpt, steps, "disabled")
+        c.train.max_staleness = 2
+        return c
+
+    first = run_rlvr(cfg(3), prep)
+    assert max(h["staleness/max"] for h in first["history"]) >= 1  # the first run really ran ahead
+    resumed = run_rlvr(cfg(5), prep, resume=True)
+    assert [h["step"] for h in resumed["history"]] == [4.0, 5.0] and resumed["weight_version"] == 5
+    assert resumed["history"][0]["staleness/max"] == 0.0  # drawn by the checkpoint's weights
+    assert all(h["staleness/max"] <= 2 and h["learner/corrected_step"] == 1.0 for h in resumed["history"])
+    records = load_records(synth_data / "train.json").records
+    want = {s: [records[i].id for i in batch_indices(len(records), 2, s, 0)] for s in range(5)}
+    assert {**first["batches"], **resumed["batches"]} == want

@@ -62,7 +62,7 @@ def test_samples_drawn_one_version_back_are_weighted_proximal_over_behaviour(loc
         for engine in ("vllm", "hf"):
             ecfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine=engine))
             plan = old_logprob_source(ecfg, [g.weight_version for g in samples], groups.sync.version, True)
-            assert plan == LogprobPlan("forward", "tis"), (engine, plan)
+            assert plan == LogprobPlan("forward", "tis", behaviour=True), (engine, plan)
         v1 = [lp for rank in groups.learners.logprobs(shards, num_micro) for lp in rank]
         rho = torch.cat([torch.tensor(p, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
                          for p, b in zip(v1, behaviour, strict=True)]).exp()

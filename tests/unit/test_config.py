@@ -141,21 +141,22 @@ def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_ra
 
 
 @pytest.mark.parametrize("overrides,versions,present,want", [
-    # on-policy without behaviour log-probs: the training forward's own, nothing to correct
-    ([], [3, 3], False, ("forward", "none")),
+    # on-policy without behaviour log-probs: the training forward's own, nothing to compare or correct
+    ([], [3, 3], False, ("forward", "none", False)),
     # on-policy with them (rollout.sampling_logprobs, or an async run's fresh step): the kernel mismatch is corrected
-    ([], [3, 3], True, ("forward", "tis")),
+    ([], [3, 3], True, ("forward", "tis", True)),
     # off-policy, either engine: the proximal policy is the learners' current one, weighted to the behaviour's.
     # (The bug this replaces: vLLM recomputed "old" log-probs with the current weights and corrected nothing.)
-    ([], [3, 2], True, ("forward", "tis")),
-    (["rollout.engine=vllm"], [3, 2], True, ("forward", "tis")),
-    (["rollout.engine=vllm", "learner.rollout_correction=seq_mis"], [1, 3], True, ("forward", "seq_mis")),
-    (["learner.old_logprobs=recompute"], [3, 2], True, ("recompute", "tis")),
-    (["learner.old_logprobs=recompute"], [3, 3], False, ("recompute", "none")),  # forced, even on-policy
+    ([], [3, 2], True, ("forward", "tis", True)),
+    (["rollout.engine=vllm"], [3, 2], True, ("forward", "tis", True)),
+    (["rollout.engine=vllm", "learner.rollout_correction=seq_mis"], [1, 3], True, ("forward", "seq_mis", True)),
+    (["learner.old_logprobs=recompute"], [3, 2], True, ("recompute", "tis", True)),
+    (["learner.old_logprobs=recompute"], [3, 3], False, ("recompute", "none", False)),  # forced, even on-policy
     # plain off-policy PPO: the clip around the behaviour policy, no separate weight
-    (["learner.old_logprobs=behaviour"], [3, 2], True, ("behaviour", "none")),
-    (["learner.old_logprobs=behaviour"], [3, 3], False, ("forward", "none")),
-    (["learner.rollout_correction=none"], [3, 2], True, ("forward", "none")),
+    (["learner.old_logprobs=behaviour"], [3, 2], True, ("behaviour", "none", False)),
+    (["learner.old_logprobs=behaviour"], [3, 3], False, ("forward", "none", False)),
+    # correction off: the mismatch is still measured (offpolicy/* metrics), no weight applied
+    (["learner.rollout_correction=none"], [3, 2], True, ("forward", "none", True)),
 ])
 def test_old_logprob_source_table(overrides, versions, present, want):
     from r1omni_ray.learner.old_logprobs import LogprobPlan, old_logprob_source
