@@ -104,8 +104,8 @@ class RLVRTrainer:
         metrics["throughput/tokens_per_s"] = self._tokens / metrics["time/step"]
         metrics["throughput/samples_per_s"] = metrics.get("samples", 0.0) / metrics["time/step"]
         self.step += 1
+        self.log(metrics)  # before anything that can stop the run: a checkpoint never holds an unlogged step
         self.pipeline.fill(self.step, total)  # the window moves with the new weights
-        self.log(metrics)
         self.after_step()
 
     def _may_restart_learners(self, e: ActorCallError) -> bool:

@@ -160,6 +160,25 @@ def _learner_pids() -> list[int]:
                   if (p.info["cmdline"] or [""])[0].startswith("ray::LearnerActor"))
 
 
+def kill_a_learner_at_checkpoint(out: Path, step: int, box: dict[str, int]) -> threading.Thread:
+    """SIGKILL a learner process (its pid goes in box["pid"]) once the run in ``out`` committed the checkpoint
+    of ``step``; the thread is started."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            ck = latest_checkpoint(out)
+            if ck is not None and read_state(ck).step == step and (pids := _learner_pids()):
+                box["pid"] = pids[-1]
+                os.kill(pids[-1], signal.SIGKILL)
+                return
+            time.sleep(0.2)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def test_learner_killed_mid_run_is_restored_in_the_job_and_replays_exactly(tiny_ckpt, synth_data, tmp_path):
     """SIGKILL a learner once the step-2 checkpoint is committed: the run rebuilds its learner group from it,
     re-syncs the workers, replays from step 3, and ends with the same weights and per-step metrics as an
@@ -178,19 +197,7 @@ def test_learner_killed_mid_run_is_restored_in_the_job_and_replays_exactly(tiny_
         straight = run_rlvr(cfg_for(tmp_path / "straight"), prep)
         killed_out = tmp_path / "killed"
         box: dict[str, int] = {}
-
-        def kill_after_first_checkpoint() -> None:
-            deadline = time.monotonic() + 600
-            while time.monotonic() < deadline:
-                ck = latest_checkpoint(killed_out)
-                if ck is not None and read_state(ck).step == 2 and (pids := _learner_pids()):
-                    box["pid"] = pids[-1]
-                    os.kill(pids[-1], signal.SIGKILL)
-                    return
-                time.sleep(0.2)
-
-        killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-        killer.start()
+        killer = kill_a_learner_at_checkpoint(killed_out, 2, box)
         res = run_rlvr(cfg_for(killed_out), prep)
         killer.join(timeout=5)
         assert "pid" in box and res["learner_restarts"] == 1

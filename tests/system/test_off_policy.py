@@ -113,33 +113,16 @@ def test_a_learner_lost_at_max_staleness_two_is_restored_and_the_queued_rollouts
     rolls back; they are discarded and redrawn from the checkpoint's weights, and the run ends with every step
     once, each within the staleness bound."""
     import json
-    import os
-    import signal
-    import threading
-    import time
 
     from launch.common import Prepared
     from launch.train_rlvr import run_rlvr
-    from r1omni_ray.checkpointing import latest_checkpoint, read_state
-    from tests.system.test_elastic import _learner_pids
+    from tests.system.test_elastic import kill_a_learner_at_checkpoint
 
     out = tmp_path / "run"
     cfg = small_cfg(out, zero=2, rollout={"num_workers": 1}, reward={"num_actors": 0},
                     train={"steps": 5, "prompts_per_step": 2, "max_staleness": 2}, checkpoint={"every": 2})
     box: dict[str, int] = {}
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            ck = latest_checkpoint(out)
-            if ck is not None and read_state(ck).step == 2 and (pids := _learner_pids()):
-                box["pid"] = pids[-1]
-                os.kill(pids[-1], signal.SIGKILL)
-                return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer = kill_a_learner_at_checkpoint(out, 2, box)
     res = run_rlvr(cfg, Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS))
     killer.join(timeout=5)
     assert "pid" in box and res["learner_restarts"] == 1 and res["weight_version"] == 5

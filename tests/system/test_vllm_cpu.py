@@ -175,7 +175,7 @@ def test_a_clip_without_audio_and_one_token_completions_equal_the_transformers_e
 
 def test_sampled_logprobs_equal_the_learner_forward_at_the_configured_temperature(world, engine):
     """vLLM's own log-probs are of the distribution it sampled (processed: after temperature), so they can
-    serve as off-policy old log-probs (learner.old_logprobs=rollout) at any temperature."""
+    serve as the behaviour log-probs of an off-policy step (learner.rollout_correction) at any temperature."""
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.model.loading import load_policy
 
