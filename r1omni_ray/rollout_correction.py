@@ -83,8 +83,11 @@ def correction_weights(proximal: Tensor, behaviour: Tensor, mask: Tensor, cfg: C
 # ----------------------------------------------------------------------------- metrics
 
 SUM_PREFIX = "offpolicy_sum/"  # learner outputs summed over micro-batches and ranks, made means by the driver
-MAX_KEYS = frozenset({"offpolicy/is_ratio_max"})
-_SUMMED = ("mismatch_kl", "is_ratio", "is_weight", "corrected", "tokens")
+RATIO_MAX_KEY = "offpolicy/is_ratio_max"
+MAX_KEYS = frozenset({RATIO_MAX_KEY})  # learner outputs reduced by max over ranks
+# Each summed per-token quantity and the name of its mean.
+_MEAN_NAMES = {"mismatch_kl": "mismatch_kl", "is_ratio": "is_ratio_mean", "is_weight": "is_weight_mean",
+               "corrected": "corrected_frac"}
 
 
 def modality_tag(has_video: bool, has_audio: bool) -> str:
@@ -106,6 +109,7 @@ def correction_sums(corr: Correction, mask: Tensor, row_tags: Sequence[str]) -> 
         sel = valid & rows[:, None]
         vals = {"mismatch_kl": corr.mismatch_kl, "is_ratio": corr.ratio, "is_weight": corr.weight,
                 "corrected": corr.corrected}
+        assert vals.keys() == _MEAN_NAMES.keys()
         for name, t in vals.items():
             out[f"{SUM_PREFIX}{name}/{tag}"] = float(torch.where(sel, t, 0.0).sum())
         out[f"{SUM_PREFIX}tokens/{tag}"] = float(sel.sum())
@@ -121,8 +125,6 @@ def correction_means(sums: dict[str, float]) -> dict[str, float]:
         if n <= 0:
             continue
         suffix = "" if tag == "all" else f"/{tag}"
-        for name in _SUMMED[:-1]:
-            key = {"is_ratio": "is_ratio_mean", "is_weight": "is_weight_mean", "corrected": "corrected_frac"}.get(
-                name, name)
-            out[f"offpolicy/{key}{suffix}"] = sums[f"{SUM_PREFIX}{name}/{tag}"] / n
+        for name, mean in _MEAN_NAMES.items():
+            out[f"offpolicy/{mean}{suffix}"] = sums[f"{SUM_PREFIX}{name}/{tag}"] / n
     return out

@@ -20,7 +20,7 @@ from r1omni_ray.learner.old_logprobs import BEHAVIOUR, RECOMPUTE, LogprobPlan
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
 from r1omni_ray.rollout_correction import (
-    MAX_KEYS,
+    RATIO_MAX_KEY,
     correction_sums,
     correction_weights,
     modality_tag,
@@ -193,8 +193,7 @@ class GRPOUpdate:
         out["corrected_step"] = float(plan.correction != "none")
         if plan.behaviour:  # the same keys on every rank (the plan is the step's)
             out |= corr_sums
-            (max_key,) = MAX_KEYS
-            out[max_key] = ratio_max
+            out[RATIO_MAX_KEY] = ratio_max
         out["frozen_logprob_s"] = t_frozen
         out["update_s"] = time.perf_counter() - t0 - t_frozen
         return out
