@@ -11,6 +11,10 @@ count as the proximal policy would have drawn them. Modes:
 - ``mis``: token weights ``rho_t`` inside ``band = [lo, hi]``, 0 outside (masked importance sampling);
 - ``seq_tis`` / ``seq_mis``: the same with the sequence ratio ``prod_t rho_t`` applied to all its tokens;
 - ``none``: weight 1 everywhere.
+These are verl's token/sequence IS (``min(rho, C)``, ``min(prod rho, C)``) and its token/sequence rejection
+combined with IS inside the band (docs/algo/rollout_corr_math.md). One difference: a masked token here keeps
+its place in the loss's normaliser (the global token count is fixed before the learners see the ratios), where
+verl drops it from the denominator.
 """
 
 from __future__ import annotations
