@@ -160,15 +160,16 @@ def _learner_pids() -> list[int]:
                   if (p.info["cmdline"] or [""])[0].startswith("ray::LearnerActor"))
 
 
-def kill_a_learner_at_checkpoint(out: Path, step: int, box: dict[str, int]) -> threading.Thread:
+def kill_a_learner_at_checkpoint(out: Path, step: int, box: dict[str, int], or_later: bool = False) -> threading.Thread:
     """SIGKILL a learner process (its pid goes in box["pid"]) once the run in ``out`` committed the checkpoint
-    of ``step``; the thread is started."""
+    of ``step`` (or of a later step, with or_later); the thread is started."""
 
     def run() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             ck = latest_checkpoint(out)
-            if ck is not None and read_state(ck).step == step and (pids := _learner_pids()):
+            at = read_state(ck).step if ck is not None else -1
+            if (at == step or (or_later and at > step)) and (pids := _learner_pids()):
                 box["pid"] = pids[-1]
                 os.kill(pids[-1], signal.SIGKILL)
                 return
