@@ -63,7 +63,7 @@ def pytest_sessionfinish(session, exitstatus) -> None:
     _exit_status.append(int(exitstatus))
 
 
-@pytest.hookimpl(trylast=True)
+@pytest.hookimpl(tryfirst=True)  # before other plugins' teardown: everything is reported by now
 def pytest_unconfigure(config) -> None:
     """End the process with the session's status once pytest has reported everything. A full run leaves Ray,
     gRPC and torch threads in this process; on 2026-12-02 one CI rehearsal passed every test and then died in
