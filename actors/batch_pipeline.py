@@ -156,20 +156,15 @@ class BatchPipeline:
         train.filter_max_rounds refills. Short of them, the step is topped up with flat groups (no policy
         gradient, KL only) so its size stays fixed; counted."""
         G, want, d = self.cfg.rollout.group_size, self.cfg.train.prompts_per_step, self.cfg.data
-        kept: list[tuple[PromptSamples, list[int], RewardBatch]] = []
-        flat: list[tuple[PromptSamples, RewardBatch]] = []
-        scored, skipped, rounds = rewards, [], 0
+        # Every group sampled this step, in order, with its rewards at the same place in ``scored``.
+        seen, scored, skipped, rounds = list(samples), rewards, [], 0
 
-        def sort(batch: list[PromptSamples], rb: RewardBatch) -> None:
-            is_flat = flat_groups(torch.tensor(rb.total, dtype=torch.float32), G).tolist()
-            for j, (g, f) in enumerate(zip(batch, is_flat, strict=True)):
-                part = rb.select(list(range(j * G, (j + 1) * G)))
-                (flat.append((g, part)) if f else kept.append((g, [], part)))
+        def informative() -> list[int]:
+            return [j for j, f in enumerate(flat_groups(torch.tensor(scored.total), G).tolist()) if not f]
 
-        sort(samples, rewards)
-        while len(kept) < want and rounds < self.cfg.train.filter_max_rounds:
+        while len(informative()) < want and rounds < self.cfg.train.filter_max_rounds:
             rounds += 1
-            idx = refill_indices(len(self.records), want - len(kept), step, rounds, self.cfg.train.seed)
+            idx = refill_indices(len(self.records), want - len(informative()), step, rounds, self.cfg.train.seed)
             items = [(rounds * REFILL_UID_STRIDE + j, self.records[i]) for j, i in enumerate(idx)]
             params = self.params_for(step, rounds)
             with self.timer.phase("rollout"):
@@ -178,18 +173,15 @@ class BatchPipeline:
             more, bad = usable_samples(more, d.on_error)
             skipped += bad
             if more:
-                rb = self.score(more)
-                scored = scored.merge(rb)
-                sort(more, rb)
-        n_informative = len(kept)
-        chosen = [(g, rb) for g, _, rb in kept[:want]] + flat[: max(0, want - len(kept))]
-        out_samples = [g for g, _ in chosen]
-        out_rewards = chosen[0][1]
-        for _, rb in chosen[1:]:
-            out_rewards = out_rewards.merge(rb)
-        out_rewards = dataclasses.replace(out_rewards, errors=scored.errors, diagnostics=scored.diagnostics,
-                                          error_examples=scored.error_examples)
-        counters = {"filter/rounds": float(rounds), "filter/informative_groups": float(n_informative),
+                seen += more
+                scored = scored.merge(self.score(more))
+        keep = informative()
+        flat = sorted(set(range(len(seen))) - set(keep))
+        chosen = keep[:want] + flat[: max(0, want - len(keep))]
+        out_samples = [seen[j] for j in chosen]
+        # select keeps the whole step's failure counters (those of every round)
+        out_rewards = scored.select([j * G + i for j in chosen for i in range(G)])
+        counters = {"filter/rounds": float(rounds), "filter/informative_groups": float(len(keep)),
                     "filter/flat_groups_seen": float(len(flat)),
-                    "filter/short_steps": float(n_informative < want)}
+                    "filter/short_steps": float(len(keep) < want)}
         return out_samples, out_rewards, scored, skipped, counters
