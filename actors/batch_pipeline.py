@@ -5,7 +5,9 @@ refills (train.filter_groups), then the group advantages. The driver only orders
 The window: with the learners at weight version v (v updates done), the rollouts of steps up to v + k are
 submitted, so a step-t sample is drawn by weights at least t - k old and trained at version t: staleness <= k.
 Rollout workers take new weights between generate calls (RolloutWorker: its weights concurrency group), so a
-queued rollout samples with the newest weights it finds when it starts generating.
+queued rollout samples with the newest weights it finds when it starts generating. With train.stream_groups the
+rollouts are one stream of small calls instead, and a step takes the first groups to complete
+(actors/group_stream.py).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 import ray
 import torch
 
+from actors.group_stream import GroupStream
 from actors.groups import RLVRGroups
 from actors.rollout import PromptSamples, usable_samples
 from actors.rollout_group import PendingRollout, wait_with_progress
@@ -66,6 +69,8 @@ class BatchPipeline:
         self.window: dict[int, list[PendingRollout]] = {}  # step -> its submitted rollout
         self.stale_dropped = 0  # prompts redrawn because their samples were older than max_staleness
         self.total: int = cfg.train.steps
+        self.stream = (GroupStream(cfg, groups, records, self.params, self.params_for, self.score, self.timer)
+                       if cfg.train.stream_groups else None)
 
     # ---- the window ----
     def items_for(self, step: int) -> list[tuple[int, Any]]:
@@ -80,6 +85,9 @@ class BatchPipeline:
         """Submit every rollout the window allows with the learners at ``learner_step`` updates: steps up to
         learner_step + train.max_staleness (before ``total``, default train.steps), each once."""
         self.total = self.cfg.train.steps if total is None else total
+        if self.stream is not None:
+            self.stream.fill(learner_step, self.total)
+            return
         last = min(learner_step + self.cfg.train.max_staleness, self.total - 1)
         for t in range(learner_step, last + 1):
             self.submit(t)
@@ -95,10 +103,15 @@ class BatchPipeline:
         return self.window[step]
 
     def in_flight(self) -> list[PendingRollout]:
+        if self.stream is not None:
+            return list(self.stream.in_flight)
         return [p for ps in self.window.values() for p in ps]
 
     def drain(self) -> None:
         """Wait until no rollout is running (a worker may leave only then); results stay for their steps."""
+        if self.stream is not None:
+            self.stream.drain()
+            return
         refs = [p.ref for p in self.in_flight()]
         if refs:
             ray.wait(refs, num_returns=len(refs), fetch_local=False)
@@ -107,12 +120,27 @@ class BatchPipeline:
         """Forget the submitted rollouts (the learners rolled back: they were drawn by weights that no longer
         exist and their steps are redone)."""
         self.window.clear()
+        if self.stream is not None:
+            self.stream.restore({"next": self.stream.next_pos, "redo": self.stream.positions_ahead()})
+
+    def state(self) -> dict[str, Any] | None:
+        """What a checkpoint keeps of the pipeline: with streamed groups, the positions ahead of the learners
+        (drawn again on resume); None otherwise (the data order is a function of (seed, step))."""
+        return self.stream.state() if self.stream is not None else None
+
+    def restore(self, state: dict[str, Any] | None, step: int) -> None:
+        """Continue after ``step`` steps from a checkpoint's pipeline state (nothing in flight is kept)."""
+        self.window.clear()
+        if self.stream is not None:
+            self.stream.restore(state, step)
 
     # ---- a step's batch ----
     def next_batch(self, step: int, learner_version: int) -> StepBatch:
         """Step ``step``'s batch with the learners at ``learner_version``: its rollout collected (submitted now
         if the window had not), prompts drawn more than max_staleness versions back redrawn, scored, filtered,
         advantages computed."""
+        if self.stream is not None:
+            return self._streamed_batch(step, learner_version)
         d, k = self.cfg.data, self.cfg.train.max_staleness
         pending = self.submit(step)
         del self.window[step]
@@ -143,6 +171,15 @@ class BatchPipeline:
         adv = group_advantages(torch.tensor(rewards.total, dtype=torch.float32), self.cfg.rollout.group_size,
                                scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
         return StepBatch(step, samples, skipped, rewards, adv, scored, counters)
+
+    def _streamed_batch(self, step: int, learner_version: int) -> StepBatch:
+        assert self.stream is not None
+        t = self.stream.take(step, learner_version)
+        if not t.groups or t.rewards is None:
+            return StepBatch(step, [], t.skipped, RewardBatch([], {}), torch.zeros(0), None, t.counters)
+        adv = group_advantages(torch.tensor(t.rewards.total, dtype=torch.float32), self.cfg.rollout.group_size,
+                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
+        return StepBatch(step, t.groups, t.skipped, t.rewards, adv, t.scored, t.counters)
 
     def score(self, samples: list[PromptSamples]) -> RewardBatch:
         texts = [c.text for g in samples for c in g.completions]

@@ -290,6 +290,24 @@ class RolloutGroup:
                 out.append(PendingRollout(s.id, sub, refs[0], list(refs[1:])))
         return out
 
+    def worker_ids(self) -> list[int]:
+        """The active workers' ids (what submit_to takes), in join order."""
+        return [s.id for s in self.active]
+
+    def submit_to(self, worker_id: int, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True,
+                  use_audio: bool = True) -> PendingRollout:
+        """One rollout call of ``items`` on one active worker (streamed dispatch: the caller picks a free one)."""
+        s = next(s for s in self.active if s.id == worker_id)
+        refs = s.actor.rollout.options(num_returns=1 + len(items)).remote(items, params, use_video, use_audio, None)
+        return PendingRollout(s.id, items, refs[0], list(refs[1:]))
+
+    @staticmethod
+    def wait_any(pending: list[PendingRollout]) -> tuple[list[PendingRollout], list[PendingRollout]]:
+        """Blocks until at least one call has ended (returned, raised or lost its worker): (ended, running)."""
+        done, _ = ray.wait([p.ref for p in pending], num_returns=1, fetch_local=False)
+        ended = set(done)
+        return [p for p in pending if p.ref in ended], [p for p in pending if p.ref not in ended]
+
     def collect(self, pending: list[PendingRollout], params: SamplingParams, use_video: bool = True,
                 use_audio: bool = True) -> list[PromptSamples]:
         """Gather results. A dead worker's whole share is lost: the worker is dropped (a replacement is

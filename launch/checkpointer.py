@@ -34,10 +34,12 @@ class Checkpointer:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, out: Path, init_ckpt: str, logger: RunLogger) -> None:
         self.cfg, self.groups, self.out, self.init_ckpt, self.logger = cfg, groups, out, init_ckpt, logger
         self.last: Path | None = None
+        self.last_state: DriverState | None = None  # of ``last``
         self.loaded_checksums: list[list[float]] | None = None  # of the last load
 
-    def save(self, step: int, num_records: int, with_hf: bool = False) -> Path:
-        """A checkpoint after ``step`` steps of a run over ``num_records`` records."""
+    def save(self, step: int, num_records: int, with_hf: bool = False, pipeline: dict | None = None) -> Path:
+        """A checkpoint after ``step`` steps of a run over ``num_records`` records; pipeline: the batch
+        pipeline's state (BatchPipeline.state)."""
         t0 = time.perf_counter()
         tag = step_name(step)
         tmp = begin_checkpoint(self.out, step)
@@ -50,9 +52,9 @@ class Checkpointer:
             step=step, seed=self.cfg.train.seed, weight_version=self.groups.sync.version,
             prompts_per_step=self.cfg.train.prompts_per_step, num_records=num_records,
             init_ckpt=self.init_ckpt, wandb_run_id=self.logger.run_id, wandb_step=self.logger.wandb_step,
-            deepspeed_tag=tag, weights_checksum=sums,
+            deepspeed_tag=tag, weights_checksum=sums, pipeline=pipeline,
         )
-        self.last = commit_checkpoint(self.out, step, state)
+        self.last, self.last_state = commit_checkpoint(self.out, step, state), state
         removed = prune_checkpoints(self.out, self.cfg.checkpoint.keep_last)
         log.info("checkpoint %s (weight version %d) in %.1fs%s", self.last, state.weight_version,
                  time.perf_counter() - t0, f"; pruned {[r.name for r in removed]}" if removed else "")
@@ -69,13 +71,14 @@ class Checkpointer:
             raise RuntimeError(f"{ck_dir}: loaded learner weights differ from the saved ones "
                                f"({sums} != {state.weights_checksum})")
         self.groups.sync.broadcast(state.weight_version)
-        self.last, self.loaded_checksums = ck_dir, sums
+        self.last, self.last_state, self.loaded_checksums = ck_dir, state, sums
         return state
 
     def restore_learners(self) -> int:
         """A learner was lost: a new learner group (placed when the cluster can, within
         ray.placement_timeout_s) from the init checkpoint, then the latest checkpoint of this run if there is
-        one, re-formed broadcast groups and re-synced workers. Returns the step to continue from."""
+        one, re-formed broadcast groups and re-synced workers. Returns the step to continue from (the batch
+        pipeline's state to continue with is ``last_state``'s)."""
         g = self.groups
         g.learners.shutdown()
         g.learners = LearnerGroup(self.cfg, self.init_ckpt)
@@ -98,4 +101,7 @@ def resume_state(cfg: RunConfig, out: Path, resume: str | bool, num_records: int
     if got != want:
         raise ConfigError(f"{ck}: saved (seed, prompts_per_step, records) {got} != this run's {want}; "
                          "resuming would change the data order")
+    if state.pipeline is not None and not cfg.train.stream_groups:
+        raise ConfigError(f"{ck}: saved by a run with train.stream_groups=true; resuming without it would skip or "
+                          "repeat the prompts that were ahead of the learners (set train.stream_groups=true)")
     return ck, state

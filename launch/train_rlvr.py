@@ -42,7 +42,8 @@ log = logging.getLogger("r1omni_ray")
 class RLVRTrainer:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], eval_records: list[Any] | None,
                  labels: list[str], logger: RunLogger, start_step: int = 0, skipped_at_load: int = 0,
-                 checkpointer: Checkpointer | None = None, scale: ScaleChannel | None = None) -> None:
+                 checkpointer: Checkpointer | None = None, scale: ScaleChannel | None = None,
+                 pipeline_state: dict[str, Any] | None = None) -> None:
         """skipped_at_load: records dropped when the dataset was read (counted on every row). checkpointer:
         periodic checkpoints, and what a lost learner group is restored from (without one a lost learner ends
         the run). scale: the run's scale channel, served at every step."""
@@ -56,6 +57,7 @@ class RLVRTrainer:
         self.skipped_at_load = skipped_at_load
         self.timer = PhaseTimer()
         self.pipeline = BatchPipeline(cfg, groups, records, self.timer)
+        self.pipeline.restore(pipeline_state, start_step)
         self._table: tuple[list[str], list[list[Any]]] | None = None  # this step's sample table
         self._diag_keys: set[str] = set()
         self._tokens = 0.0  # completion tokens trained on in the step being logged
@@ -130,6 +132,8 @@ class RLVRTrainer:
                     self.learner_restarts, self.cfg.learner.max_restarts, self.checkpointer.last or "the start")
         self.pipeline.discard()  # rollouts ahead were drawn from weights that are rolled back
         step = self.checkpointer.restore_learners()
+        last = self.checkpointer.last_state
+        self.pipeline.restore(last.pipeline if last is not None else None, step)
         out = self.logger.metrics_path.parent
         for name in ("metrics.jsonl", "completions.jsonl"):
             truncate_step_log(out / name, step)
@@ -143,7 +147,7 @@ class RLVRTrainer:
         self.step steps; save them so the run resumes from here."""
         if self.checkpointer is None:
             return e
-        ck = self.checkpointer.save(self.step, len(self.records))
+        ck = self.checkpointer.save(self.step, len(self.records), pipeline=self.pipeline.state())
         return CapacityError(f"{e}; stopped at step {self.step} with checkpoint {ck}: continue with --resume once "
                              "the cluster has room")
 
@@ -154,7 +158,7 @@ class RLVRTrainer:
         if tc.eval_every > 0 and self.eval_records and self.step % tc.eval_every == 0 and self.step < tc.steps:
             self.evaluate()
         if self.checkpointer is not None and every > 0 and self.step % every == 0 and self.step < tc.steps:
-            self.checkpointer.save(self.step, len(self.records))
+            self.checkpointer.save(self.step, len(self.records), pipeline=self.pipeline.state())
 
     def evaluate(self) -> EvalResult:
         """Greedy evaluation of the eval split on the rollout workers, logged at the current step."""
@@ -316,7 +320,8 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             result["resume_check"] = {"saved": state.weights_checksum, "loaded": checkpointer.loaded_checksums}
         trainer = RLVRTrainer(cfg, groups, records, eval_records, prep.labels, logger,
                               start_step=state.step if state else 0, skipped_at_load=skipped_at_load,
-                              checkpointer=checkpointer, scale=scale)
+                              checkpointer=checkpointer, scale=scale,
+                              pipeline_state=state.pipeline if state else None)
         if eval_before and eval_records and state is None:
             ev = trainer.evaluate()  # at step 0
             result["eval_before"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
@@ -327,7 +332,8 @@ def run_rlvr(cfg: RunConfig, prepared: Prepared | None = None, init_ckpt: str | 
             result["eval"] = ev.metrics.to_dict() | {"format_rate": ev.format_rate}
             logger.summary({"eval/war": ev.metrics.war, "eval/uar": ev.metrics.uar})
         # End of run: a full checkpoint with an HF export; final_model shares its files (hard links).
-        final_ckpt = trainer.checkpointer.save(trainer.step, len(records), with_hf=True)
+        final_ckpt = trainer.checkpointer.save(trainer.step, len(records), with_hf=True,
+                                               pipeline=trainer.pipeline.state())
         final_dir = out / "final_model"
         link_or_copy_tree(final_ckpt / HF_SUBDIR, final_dir)
         result["checkpoint"] = str(final_ckpt)

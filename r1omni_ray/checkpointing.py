@@ -47,6 +47,8 @@ class DriverState:
     wandb_step: int = 0  # W&B's monotonic step counter, so a resumed run keeps logging forward
     deepspeed_tag: str = ""
     weights_checksum: list[list[float]] = field(default_factory=list)  # per learner rank
+    # train.stream_groups: the prompt stream's positions ahead of the learners (drawn again on resume)
+    pipeline: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=True)

@@ -118,6 +118,10 @@ class RolloutConfig:
     # each rollout call also starts decoding the next step's records while it generates.
     decode_threads: int = 4
     prefetch_media: bool = True
+    # train.stream_groups: prompts per rollout call, and calls queued per worker (2: the next call is there
+    # when one ends, so a worker never waits for the driver).
+    stream_chunk: int = 1
+    stream_calls_per_worker: int = 2
     # Elastic workers: the run starts once min_workers are placed and loaded, asks for the rest (num_workers in
     # all) and admits each at a step boundary; `python -m launch.scale` moves the target within
     # [min_workers, max_workers]. A worker lost with its node is dropped (its prompts go to the survivors) and
@@ -243,6 +247,11 @@ class TrainConfig:
     # with fresh prompts, up to filter_max_rounds refill rounds (actors/batch_pipeline.py).
     filter_groups: bool = False
     filter_max_rounds: int = 3
+    # Streamed groups (max_staleness >= 1): prompts go to whichever rollout worker is free, rollout.stream_chunk
+    # at a time, and a step trains on the first prompts_per_step groups to complete within the window; a slow
+    # group goes to a later step instead of holding this one (actors/group_stream.py). Every prompt is still
+    # drawn in the (seed, step) order, but which step trains it depends on timing.
+    stream_groups: bool = False
     eval_every: int = 0
     output_dir: str = "runs/demo"
     log_samples: int = 4
@@ -342,6 +351,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
     "rollout.min_new_tokens": (0, True), "rollout.min_workers": (1, True), "rollout.max_workers": (1, True),
     "rollout.capacity_timeout_s": (0, False), "learner.max_restarts": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
+    "rollout.stream_chunk": (1, True), "rollout.stream_calls_per_worker": (1, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
     "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
     "grpo.clip_eps_high": (0, True),
@@ -478,6 +488,9 @@ def check_rlvr(cfg: RunConfig) -> None:
     if cfg.train.filter_groups and rc.group_size < 2:
         raise ConfigError(f"train.filter_groups: true needs rollout.group_size >= 2 (got {rc.group_size}): a group of "
                           "one sample always has equal rewards, so every group would be dropped")
+    if cfg.train.stream_groups and cfg.train.max_staleness < 1:
+        raise ConfigError("train.stream_groups: true needs train.max_staleness >= 1 (got 0): a synchronous step "
+                          "trains exactly its own prompts, so there is nothing to stream")
     lo, hi = rc.worker_bounds()
     if not lo <= rc.num_workers <= hi:
         raise ConfigError(f"rollout.num_workers: {rc.num_workers} must lie within [rollout.min_workers, "

@@ -130,3 +130,41 @@ def test_a_learner_lost_at_max_staleness_two_is_restored_and_the_queued_rollouts
     assert [r["step"] for r in rows] == list(range(1, 9))
     assert all(r["staleness/max"] <= 2 and r["learner/corrected_step"] == 1.0 for r in rows)
     assert rows[-1]["faults/learner_restarts"] == 1.0
+
+
+def test_streamed_groups_train_within_the_window_and_resume_without_repeating_a_prompt(local_ray, tiny_ckpt,
+                                                                                       synth_data, tmp_path):
+    """train.stream_groups on two real workers: every step trains prompts_per_step groups within the window;
+    a checkpoint keeps the positions still ahead, and a run resumed from it draws those first, so no prompt is
+    trained twice or skipped (16 records, 8 trained: all within one epoch)."""
+    from launch.common import Prepared
+    from launch.train_rlvr import run_rlvr
+    from r1omni_ray.checkpointing import read_state
+
+    out = tmp_path / "run"
+    prep = Prepared(str(tiny_ckpt), str(synth_data / "train.json"), None, None, LABELS)
+
+    def cfg(steps):
+        return small_cfg(out, zero=2, learner={"num_learners": 1}, reward={"num_actors": 0},
+                         rollout={"num_workers": 2, "stream_calls_per_worker": 1},
+                         train={"steps": steps, "prompts_per_step": 2, "max_staleness": 2, "stream_groups": True},
+                         checkpoint={"every": 1, "keep_last": 4})
+
+    first = run_rlvr(cfg(4), prep)
+    ck = out / "checkpoints" / "step_2"
+    state = read_state(ck)
+    assert state.step == 2 and state.pipeline is not None and state.pipeline["next"] >= 4
+    resumed = run_rlvr(cfg(4), prep, resume=str(ck))
+    batches = {k: v for k, v in first["batches"].items() if k < 2} | resumed["batches"]
+    assert sorted(batches) == [0, 1, 2, 3]
+    trained = [r for ids in batches.values() for r in ids]
+    assert len(trained) == len(set(trained)) == 8
+    # the positions ahead at the checkpoint went first in the resumed run (none skipped)
+    from r1omni_ray.data.sampler import batch_indices
+
+    recs = load_records(synth_data / "train.json").records
+    ahead = [recs[batch_indices(len(recs), 2, p // 2, 0)[p % 2]].id for p in state.pipeline["redo"]]
+    assert 0 < len(ahead) <= 4 and set(ahead) <= {r for s in (2, 3) for r in batches[s]}
+    for h in first["history"] + resumed["history"]:
+        assert h["samples"] == 2 * 4 and h["staleness/max"] <= 2 and h["async/stale_redrawn"] == 0
+        assert h["learner/corrected_step"] == 1.0
