@@ -6,7 +6,9 @@ with a fixed chance per token; lengths are geometric, capped at --new-tokens), s
 decides its rollout time, as with reasoning traces. The layouts run interleaved, `--repeats` rounds of each;
 a line per run (the grpo_step line: median step, completions/s, phases, idle fractions, the largest
 staleness), then a summary line: per k the median completions/s over the rounds with its range, and the ratios
-k=2 / k=1 (today's overlap) and k=2 / sync, from medians measured in the same run.
+k=2 / k=1 (one-step overlap) and k=2 / sync, from medians measured in the same run. A value with an ``s``
+(``2s``) runs that k with streamed groups (train.stream_groups, `--stream-chunk` prompts per rollout call): a
+step trains the first groups to complete; its ratios are reported on their own lines (``2s / 1``).
 
 Off-policy steps are corrected (learner.rollout_correction, default tis): their proximal log-probs are the
 training forward's own, weighted towards the hf engine's recorded behaviour log-probs; no extra pass.
@@ -29,10 +31,19 @@ from typing import Any
 from bench.common import emit, rounded
 from bench.grpo_step import BenchSystem, Layout, add_workload_flags
 
-DEFAULT_STALENESS = "0,1,2,4"
+DEFAULT_STALENESS = "0,1,2,2s"
 
 
-def summarize(runs: dict[int, list[dict[str, Any]]], workers: int, learners: int) -> dict[str, Any]:
+def parse_staleness(spec: str) -> list[tuple[str, int, bool]]:
+    """"0,1,2,2s" -> (key, k, streamed) per value."""
+    out = []
+    for x in (x.strip() for x in spec.split(",")):
+        if x:
+            out.append((x, int(x.removesuffix("s")), x.endswith("s")))
+    return out
+
+
+def summarize(runs: dict[str, list[dict[str, Any]]], workers: int, learners: int) -> dict[str, Any]:
     per_k = {}
     for k, rows in runs.items():
         cps = [r["completions_per_s"] for r in rows]
@@ -47,7 +58,8 @@ def summarize(runs: dict[int, list[dict[str, Any]]], workers: int, learners: int
     out: dict[str, Any] = {"bench": "async_rl", "kind": "summary", "workers": workers, "learners": learners,
                            "rounds": len(next(iter(runs.values()))), "by_staleness": per_k}
     med = {k: v["completions_per_s_median"] for k, v in per_k.items()}
-    for num, den in (("2", "1"), ("2", "0"), ("1", "0"), ("4", "0")):
+    for num, den in (("2", "1"), ("2", "0"), ("1", "0"), ("4", "0"), ("2s", "1"), ("2s", "0"), ("2s", "2"),
+                     ("4s", "0"), ("4s", "4")):
         if num in med and den in med:
             out[f"speedup_k{num}_vs_k{den}"] = rounded(med[num] / med[den], 3)
     return out
@@ -108,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(stop_ids=4, new_tokens=96, steps=4)
     p.add_argument("--workers", type=int, default=1, help="rollout workers")
     p.add_argument("--learners", type=int, default=1, help="learners")
-    p.add_argument("--staleness", default=DEFAULT_STALENESS, help="comma-separated train.max_staleness values")
+    p.add_argument("--staleness", default=DEFAULT_STALENESS,
+                   help="comma-separated train.max_staleness values; a trailing s streams groups (e.g. 2s)")
+    p.add_argument("--stream-chunk", type=int, default=4, help="rollout.stream_chunk of the streamed values")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every layout")
     p.add_argument("--quality", action="store_true", help="the demo task's learning curve per k instead (below)")
     p.add_argument("--quality-steps", type=int, default=600, help="--quality: RLVR steps per run")
@@ -117,19 +131,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--corrections", default="tis",
                    help="--quality: learner.rollout_correction values for the off-policy runs (e.g. tis,none)")
     args = p.parse_args(argv)
-    ks = [int(x) for x in args.staleness.split(",") if x.strip()]
-    if not ks or min(ks) < 0 or args.repeats < 1:
-        p.error("--staleness needs values >= 0 and --repeats >= 1")
+    try:
+        values = parse_staleness(args.staleness)
+    except ValueError:
+        p.error(f"--staleness {args.staleness!r}: expected integers, each optionally ending in s (e.g. 0,1,2,2s)")
+    if not values or min(k for _, k, _ in values) < 0 or args.repeats < 1 or any(
+            k < 1 for _, k, s in values if s):
+        p.error("--staleness needs values >= 0 (>= 1 when streamed) and --repeats >= 1")
     if args.quality:
-        return quality(args, ks)
-    layouts = [Layout(args.workers, args.learners, k, args.rollout_threads, args.learner_threads) for k in ks]
-    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in ks}
-    with BenchSystem(args, layouts, bench="async_rl") as system:  # one actor set: the layouts share a pool key
+        return quality(args, [k for _, k, s in values if not s])
+    layouts = {key: Layout(args.workers, args.learners, k, args.rollout_threads, args.learner_threads,
+                           stream_chunk=args.stream_chunk if s else 0) for key, k, s in values}
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in layouts}
+    with BenchSystem(args, list(layouts.values()), bench="async_rl") as system:  # one actor set: one pool key
         emit(system.header())
         for r in range(args.repeats):
-            for lay in layouts:
-                res = system.run(lay) | {"round": r, "max_staleness": lay.staleness}
-                runs[lay.staleness].append(res)
+            for key, lay in layouts.items():
+                res = system.run(lay) | {"round": r, "max_staleness": lay.staleness, "streamed": lay.stream_chunk > 0}
+                runs[key].append(res)
                 emit(res)
     emit(summarize(runs, args.workers, args.learners))
     return 0

@@ -82,6 +82,7 @@ class Layout:
     # Shared prefix off in the learner and the engine: every completion carries its own prompt copy, as in
     # TRL (the compute-matched line).
     no_prefix: bool = False
+    stream_chunk: int = 0  # > 0: train.stream_groups with rollout.stream_chunk prompts per call
 
     @property
     def overlap(self) -> bool:
@@ -89,7 +90,8 @@ class Layout:
 
     @property
     def mode(self) -> str:
-        return {0: "sync", 1: "overlap"}.get(self.staleness, f"k{self.staleness}")
+        mode = {0: "sync", 1: "overlap"}.get(self.staleness, f"k{self.staleness}")
+        return f"k{self.staleness}-stream{self.stream_chunk}" if self.stream_chunk else mode
 
     @property
     def name(self) -> str:
@@ -146,6 +148,7 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
             "top_p": 1.0, "max_new_tokens": wl.new_tokens,
             "min_new_tokens": 0 if wl.stop_ids else wl.new_tokens, "num_cpus_per_worker": 1.0,
             "torch_threads": layout.rollout_threads, "max_restarts": 0, "shared_prefix": not layout.no_prefix,
+            "stream_chunk": max(1, layout.stream_chunk),
         },
         "reward": {"num_actors": 1, "num_cpus_per_actor": 0.25},
         "grpo": {"beta": wl.beta},
@@ -157,7 +160,8 @@ def make_config(layout: Layout, wl: Workload, ckpt_dir: str, out_dir: str) -> Ru
         },
         "train": {
             "steps": wl.warmup_steps + wl.steps, "prompts_per_step": wl.prompts, "seed": wl.seed,
-            "max_staleness": layout.staleness, "output_dir": out_dir, "log_samples": 0, "eval_every": 0,
+            "max_staleness": layout.staleness, "stream_groups": layout.stream_chunk > 0, "output_dir": out_dir,
+            "log_samples": 0, "eval_every": 0,
         },
         "wandb": {"mode": "disabled"},
     })

@@ -54,15 +54,17 @@ def test_grpo_step_and_overlap_benchmarks_run(bench_ray, capsys):
 def test_async_rl_benchmark_runs_each_staleness_with_long_tailed_lengths(bench_ray, capsys):
     from bench import async_rl
 
-    args = TINY_GRPO + ["--staleness", "0,2", "--repeats", "1", "--steps", "3", "--new-tokens", "12", "--stop-ids", "20"]
+    args = TINY_GRPO + ["--staleness", "0,2,2s", "--repeats", "1", "--steps", "3", "--new-tokens", "12",
+                        "--stop-ids", "20", "--stream-chunk", "1"]
     assert async_rl.main(args) == 0
     recs = json_lines(capsys.readouterr().out)
     runs = [r for r in recs if r.get("layout")]
-    assert [r["max_staleness"] for r in runs] == [0, 2] and recs[-1]["kind"] == "summary"
-    assert runs[0]["weight_version_lag_max"] == 0 and runs[1]["weight_version_lag_max"] <= 2
+    assert [(r["max_staleness"], r["streamed"]) for r in runs] == [(0, False), (2, False), (2, True)]
+    assert recs[-1]["kind"] == "summary" and runs[2]["mode"] == "k2-stream1"
+    assert runs[0]["weight_version_lag_max"] == 0 and max(r["weight_version_lag_max"] for r in runs[1:]) <= 2
     # eos allowed: completions stop early (20 extra stop ids in a tiny vocabulary)
     assert all(r["completion_tokens_mean"] < 12 for r in runs)
-    assert set(recs[-1]["by_staleness"]) == {"0", "2"} and "speedup_k2_vs_k0" in recs[-1]
+    assert set(recs[-1]["by_staleness"]) == {"0", "2", "2s"} and "speedup_k2s_vs_k2" in recs[-1]
 
 
 @pytest.mark.slow
