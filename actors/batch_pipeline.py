@@ -24,10 +24,11 @@ from actors.group_stream import GroupStream
 from actors.groups import RLVRGroups
 from actors.rollout import PromptSamples, usable_samples
 from actors.rollout_group import PendingRollout, wait_with_progress
+from r1omni_ray.advantages import compute_advantages
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import batch_indices, refill_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
-from r1omni_ray.grpo import flat_groups, group_advantages
+from r1omni_ray.grpo import flat_groups
 from r1omni_ray.learner.old_logprobs import behaviour_logprobs_requested
 from r1omni_ray.rewards import RewardBatch
 from r1omni_ray.timing import PhaseTimer
@@ -168,18 +169,20 @@ class BatchPipeline:
             samples, rewards, scored, more_skipped, fc = self._filter(step, samples, rewards)
             skipped += more_skipped
             counters |= fc
-        adv = group_advantages(torch.tensor(rewards.total, dtype=torch.float32), self.cfg.rollout.group_size,
-                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
-        return StepBatch(step, samples, skipped, rewards, adv, scored, counters)
+        return StepBatch(step, samples, skipped, rewards, self.advantages(rewards), scored, counters)
 
     def _streamed_batch(self, step: int, learner_version: int) -> StepBatch:
         assert self.stream is not None
         t = self.stream.take(step, learner_version)
         if not t.groups or t.rewards is None:
             return StepBatch(step, [], t.skipped, RewardBatch([], {}), torch.zeros(0), None, t.counters)
-        adv = group_advantages(torch.tensor(t.rewards.total, dtype=torch.float32), self.cfg.rollout.group_size,
-                               scale=self.cfg.grpo.advantage_scale, eps=self.cfg.grpo.advantage_eps)
-        return StepBatch(step, t.groups, t.skipped, t.rewards, adv, t.scored, t.counters)
+        return StepBatch(step, t.groups, t.skipped, t.rewards, self.advantages(t.rewards), t.scored, t.counters)
+
+    def advantages(self, rewards: RewardBatch) -> torch.Tensor:
+        """grpo.advantage over the trained groups (group-contiguous, in prompt order)."""
+        g = self.cfg.grpo
+        return compute_advantages(g.advantage, torch.tensor(rewards.total, dtype=torch.float32),
+                                  g.advantage_args(self.cfg.rollout.group_size))
 
     def score(self, samples: list[PromptSamples]) -> RewardBatch:
         texts = [c.text for g in samples for c in g.completions]

@@ -4,8 +4,8 @@ instead of one call per step and worker.
 The stream: position p is prompt p % N of the (seed, p // N) batch, with that block's sampling seed, so what
 is drawn at a position is a pure function of (seed, p) and the weights. Prompts go out in order,
 rollout.stream_chunk at a time (one block per call), to whichever active worker has fewest calls queued (at
-most rollout.stream_calls_per_worker), while fewer than (max_staleness + 1) * N groups are ahead of the
-learners. Each call's groups are scored as it ends. A step takes the first N groups to complete, in
+most rollout.stream_calls_per_worker; by default what the window holds), while fewer than
+(max_staleness + 1) * N groups are ahead of the learners. Each call's groups are scored as it ends. A step takes the first N groups to complete, in
 completion order, so one slow worker or one long completion holds only its own group, which a later step
 takes. A group drawn more than max_staleness versions back is put back in the stream and drawn again; with
 train.filter_groups a group with equal rewards is dropped and the stream goes on.
@@ -127,13 +127,14 @@ class GroupStream:
             return
         rollout.ensure_min()
         ids = rollout.worker_ids()
+        per_worker = rc.stream_calls_per_worker or -(-limit // (len(ids) * rc.stream_chunk))
         while (room := limit - self.ahead()) > 0:
             load = dict.fromkeys(ids, 0)
             for p in self.in_flight:
                 if p.worker_id in load:
                     load[p.worker_id] += 1
             wid = min(ids, key=lambda w: load[w])
-            if load[wid] >= rc.stream_calls_per_worker:
+            if load[wid] >= per_worker:
                 return
             chunk = self._next_chunk(min(rc.stream_chunk, room))
             params = self.params_for(chunk[0] // self.n)

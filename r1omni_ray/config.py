@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import types
 import typing
@@ -12,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from r1omni_ray.advantages import AdvantageArgs
 from r1omni_ray.data.prompts import INPUT_STYLES
 from r1omni_ray.grpo import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGS, LossConfig
 from r1omni_ray.model.towers import TowerPaths
@@ -118,10 +120,11 @@ class RolloutConfig:
     # each rollout call also starts decoding the next step's records while it generates.
     decode_threads: int = 4
     prefetch_media: bool = True
-    # train.stream_groups: prompts per rollout call, and calls queued per worker (2: the next call is there
-    # when one ends, so a worker never waits for the driver).
+    # train.stream_groups: prompts per rollout call, and calls queued per worker. None: as many as the staleness
+    # window holds, so the workers keep generating while the driver waits for the learners (it sends nothing
+    # then); a small number balances better across workers but lets them run dry during long updates.
     stream_chunk: int = 1
-    stream_calls_per_worker: int = 2
+    stream_calls_per_worker: int | None = None
     # Elastic workers: the run starts once min_workers are placed and loaded, asks for the rest (num_workers in
     # all) and admits each at a step boundary; `python -m launch.scale` moves the target within
     # [min_workers, max_workers]. A worker lost with its node is dropped (its prompts go to the survivors) and
@@ -161,22 +164,51 @@ class RewardConfig:
 
 @dataclass
 class GRPOConfig:
-    """The GRPO loss configuration (r1omni_ray.grpo validates the values and lists the allowed ones)."""
+    """The RL objective: the advantage estimator and the policy loss, by registered name (r1omni_ray/advantages.py,
+    r1omni_ray/policy_losses.py; r1omni_ray.grpo validates the loss values)."""
 
-    advantage_scale: str = "group"  # group | batch | none (Dr. GRPO)
+    advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | a registered one
+    advantage_scale: str = "group"  # grpo: group | batch | none (Dr. GRPO)
     advantage_eps: float = 1e-4
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | gspo_token | a registered one
+    clip_eps_low: float | None = None  # None: the policy loss's own (ppo_clip 0.2/0.2, gspo 3e-4/4e-4)
+    clip_eps_high: float | None = None
     dual_clip: float | None = None
     beta: float = 0.04
     kl_estimator: str = "k3"
     loss_agg: str = "seq_mean_token_mean"
+    modules: list[str] = field(default_factory=list)  # imported first: they register custom losses/advantages
+
+    def __post_init__(self) -> None:
+        """Names and cross-field rules are checked when the config is read, before anything starts."""
+        from r1omni_ray.advantages import ADVANTAGES
+        from r1omni_ray.policy_losses import POLICY_LOSSES
+
+        for name in self.modules:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # noqa: BLE001 - any import failure is the user's module's
+                raise ConfigError(f"grpo.modules: cannot import {name!r} ({type(e).__name__}: {e})") from e
+        if self.advantage not in ADVANTAGES:
+            raise ConfigError(f"grpo.advantage: {self.advantage!r} is not one of {sorted(ADVANTAGES)} (custom ones: "
+                              "register_advantage in a grpo.modules module)")
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ConfigError(f"grpo.policy_loss: {self.policy_loss!r} is not one of {sorted(POLICY_LOSSES)} (custom "
+                              "ones: register_policy_loss in a grpo.modules module)")
+        try:
+            self.loss_config(max_len=1)
+        except ValueError as e:
+            raise ConfigError(f"grpo.{e} (grpo.policy_loss={self.policy_loss})") from None
 
     def loss_config(self, max_len: int, with_reference: bool = True) -> LossConfig:
         """The loss maths' view of this section; no reference model means no KL term."""
-        return LossConfig(clip_eps_low=self.clip_eps_low, clip_eps_high=self.clip_eps_high,
-                          dual_clip=self.dual_clip, beta=self.beta if with_reference else 0.0,
-                          kl_estimator=self.kl_estimator, loss_agg=self.loss_agg, max_len=max_len)
+        return LossConfig(policy_loss=self.policy_loss, clip_eps_low=self.clip_eps_low,
+                          clip_eps_high=self.clip_eps_high, dual_clip=self.dual_clip,
+                          beta=self.beta if with_reference else 0.0, kl_estimator=self.kl_estimator,
+                          loss_agg=self.loss_agg, max_len=max_len)
+
+    def advantage_args(self, group_size: int) -> AdvantageArgs:
+        return AdvantageArgs(group_size, self.advantage_scale, self.advantage_eps)
 
 
 @dataclass
@@ -353,8 +385,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.capacity_timeout_s": (0, False), "learner.max_restarts": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
     "rollout.stream_chunk": (1, True), "rollout.stream_calls_per_worker": (1, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
-    "grpo.advantage_eps": (0, True), "grpo.beta": (0, True), "grpo.clip_eps_low": (0, True),
-    "grpo.clip_eps_high": (0, True),
+    "grpo.advantage_eps": (0, True),  # the loss's own bounds: GRPOConfig.__post_init__ (r1omni_ray.grpo.LossConfig)
     "learner.num_learners": (1, True), "learner.lr": (0, False), "learner.weight_decay": (0, True),
     "learner.grad_clip": (0, True), "learner.micro_batch_size": (1, True), "learner.num_cpus_per_learner": (0, False),
     "learner.num_gpus_per_learner": (0, True), "learner.torch_threads": (1, True),

@@ -21,13 +21,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from r1omni_ray.policy_losses import POLICY_LOSSES, token_log_ratio
+
 ADVANTAGE_SCALES = ("group", "batch", "none")
 KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
-
-# exp() of a log-ratio beyond this overflows float16/bfloat16 ranges; such tokens are always
-# clipped anyway, so bounding the log-ratio only removes inf/NaN, not useful gradient.
-_MAX_LOG_RATIO = 20.0
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -114,8 +112,9 @@ def kl_estimate(logp: Tensor, ref_logp: Tensor, kind: str = "k3", clamp: float |
 
 @dataclass
 class LossConfig:
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
+    policy_loss: str = "ppo_clip"  # a key of r1omni_ray.policy_losses.POLICY_LOSSES
+    clip_eps_low: float | None = None  # None: the policy loss's own default
+    clip_eps_high: float | None = None
     dual_clip: float | None = None
     beta: float = 0.04
     kl_estimator: str = "k3"
@@ -124,6 +123,11 @@ class LossConfig:
     kl_clamp: float | None = 10.0
 
     def __post_init__(self) -> None:
+        if self.policy_loss not in POLICY_LOSSES:
+            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; registered: {sorted(POLICY_LOSSES)}")
+        lo, hi = POLICY_LOSSES[self.policy_loss].clip_eps
+        self.clip_eps_low = lo if self.clip_eps_low is None else self.clip_eps_low
+        self.clip_eps_high = hi if self.clip_eps_high is None else self.clip_eps_high
         if not 0.0 <= self.clip_eps_low < 1.0:
             raise ValueError(f"clip_eps_low must be in [0, 1) so that 1 - eps > 0, got {self.clip_eps_low}")
         if self.clip_eps_high < 0.0:
@@ -200,14 +204,15 @@ def policy_loss(
     num_global_seqs: float | int | Tensor | None = None,
     is_weight: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
-    """Clipped GRPO/PPO surrogate (+ beta * KL) for ``[B, T]`` token log-probs.
+    """The policy-gradient surrogate ``cfg.policy_loss`` (+ beta * KL) for ``[B, T]`` token log-probs.
 
     ``old_logp`` is the clip's anchor: the proximal policy's log-probs (decoupled PPO). ``is_weight`` (``[B, T]``,
     detached) multiplies each token's policy-gradient term: the off-policy correction proximal/behaviour of
     r1omni_ray.rollout_correction (a weight of 0 drops a token; the KL term is not reweighted).
 
     ``advantages`` is ``[B]`` (one per sequence) or ``[B, T]``; ``mask`` is 1 on completion tokens.
-    Per token: ``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)``; with ``dual_clip=c`` the loss of
+    Per token (ppo_clip; the others: r1omni_ray/policy_losses.py): ``-min(r*A, clip(r, 1-eps_low, 1+eps_high)*A)``;
+    with ``dual_clip=c`` the loss of
     tokens with ``A < 0`` is additionally capped at ``-c*A`` (dual-clip PPO). Aggregation follows
     ``cfg.loss_agg``; pass ``num_global_tokens`` / ``num_global_seqs`` (totals over all
     micro-batches and ranks) to make the per-micro-batch losses sum to the global loss — see the
@@ -238,15 +243,10 @@ def policy_loss(
     m = valid.to(logp.dtype)
     old_logp = old_logp.detach()
 
-    # Padding may hold garbage/inf log-probs: zero the log-ratio there before exp so no NaN leaks
-    # through 0 * inf into the loss or its gradient.
-    log_ratio = torch.where(valid, logp - old_logp, torch.zeros_like(logp))
-    log_ratio = log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    ratio = torch.exp(log_ratio)
-    lo, hi = 1.0 - cfg.clip_eps_low, 1.0 + cfg.clip_eps_high
-    unclipped = -ratio * adv
-    clipped = -ratio.clamp(lo, hi) * adv
-    pg = torch.maximum(unclipped, clipped)
+    # The surrogate (r1omni_ray/policy_losses.py); padding's log-ratio is 0 there, so no NaN leaks through 0 * inf.
+    assert cfg.clip_eps_low is not None and cfg.clip_eps_high is not None  # resolved by LossConfig
+    terms = POLICY_LOSSES[cfg.policy_loss].fn(logp, old_logp, adv, valid, cfg.clip_eps_low, cfg.clip_eps_high)
+    pg, ratio = terms.pg, terms.ratio
     dual_active = torch.zeros_like(valid)
     if cfg.dual_clip is not None:
         bound = -cfg.dual_clip * adv  # > 0 where adv < 0
@@ -273,8 +273,7 @@ def policy_loss(
         def tmean(x: Tensor) -> float:
             return float(torch.where(valid, x, 0.0).sum() / n_tok) if n_tok else 0.0
 
-        # Clipping "active" = the clipped branch won, i.e. the token's gradient is cut.
-        clip_active = ((ratio < lo) & (adv < 0)) | ((ratio > hi) & (adv > 0))
+        clip_active = terms.clipped  # the clipped branch won: the token's gradient is cut
         if kl is not None:
             kl_loss = _aggregate(cfg.beta * kl, m, cfg, num_global_tokens, num_global_seqs)
             kl_tok = tmean(kl)
@@ -290,7 +289,7 @@ def policy_loss(
             "ratio_mean": tmean(ratio),
             "ratio_max": float(ratio[valid].max()) if n_tok else 0.0,
             "ratio_min": float(ratio[valid].min()) if n_tok else 0.0,
-            "approx_kl": 0.5 * tmean(torch.where(valid, logp - old_logp, 0.0).square()),
+            "approx_kl": 0.5 * tmean(token_log_ratio(logp, old_logp, valid).square()),
             "num_tokens": float(n_tok),
         }
         if entropy is not None:

@@ -39,8 +39,8 @@ class StreamRollout(Rollout):
         return [first], [p for p in pending if p is not first]
 
 
-def make(records, workers=2, **train):
-    cfg = config_from_dict({"rollout": {"group_size": G},
+def make(records, workers=2, calls=2, **train):
+    cfg = config_from_dict({"rollout": {"group_size": G, "stream_calls_per_worker": calls},
                             "train": {"steps": 10, "prompts_per_step": N, "max_staleness": 1,
                                       "stream_groups": True} | train})
     groups = SimpleNamespace(rollout=StreamRollout(workers), rewards=Rewards())
@@ -64,8 +64,7 @@ def test_a_slow_group_holds_only_itself_and_a_later_step_trains_it():
     idx = int(pipe.stream.item(slow)[1].id.split("-")[0][1:])
     records = recs(["slow" if i == idx else "happy" for i in range(8)])
     # one call per worker: nothing queues behind the slow call (with two, the one behind it waits too)
-    pipe, groups = make(records, max_staleness=2)
-    pipe.cfg.rollout.stream_calls_per_worker = 1
+    pipe, groups = make(records, calls=1, max_staleness=2)
     assert pipe.stream.item(slow)[1].label == "slow"
     batches = run(pipe, 4)
     # step 0 trained the next block's first group instead, and a later step trained the slow one (within k)
@@ -95,6 +94,10 @@ def test_the_stream_keeps_each_worker_fed_within_the_window():
     pipe, _ = make(recs(["happy"] * 16), workers=8, max_staleness=1)
     pipe.fill(9)
     assert sum(len(p.items) for p in pipe.in_flight()) == N
+    # by default a worker queues what the window holds: the driver sends nothing while the learners update
+    pipe, _ = make(recs(["happy"] * 16), workers=2, calls=None, max_staleness=2)
+    pipe.fill(0)
+    assert len(pipe.in_flight()) == 3 * N and {p.worker_id for p in pipe.in_flight()} == {0, 1}
 
 
 def test_stale_groups_are_drawn_again_never_trained_on():
