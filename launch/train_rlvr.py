@@ -23,7 +23,7 @@ from launch.splits import load_split, load_split_counted
 from r1omni_ray.checkpointing import HF_SUBDIR, link_or_copy_tree
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import RunConfig, check_rlvr
-from r1omni_ray.learner.grpo_update import StepSpec
+from r1omni_ray.learner.grpo_update import StepSpec, mini_batch_counts
 from r1omni_ray.learner.old_logprobs import old_logprob_source
 from r1omni_ray.rollout_correction import modality_tag
 from r1omni_ray.step_metrics import (
@@ -197,7 +197,8 @@ class RLVRTrainer:
                                                cfg.learner.micro_batch_size)
         plan = old_logprob_source(cfg, [g.weight_version for g in batch.samples], version,
                                   all(c.logprobs is not None for c in batch.completions))
-        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, plan)
+        minis = mini_batch_counts(shards, num_micro, cfg.learner.micro_batch_size, cfg.grpo.mini_batches)
+        spec = StepSpec(num_micro, sum(lens), len(lens), cfg.rollout.max_new_tokens, plan, minis)
         with self.timer.phase("train"):
             return self.groups.learners.train(shards, spec), shards
 

@@ -178,6 +178,14 @@ class GRPOConfig:
     kl_estimator: str = "k3"
     loss_agg: str = "seq_mean_token_mean"
     modules: list[str] = field(default_factory=list)  # imported first: they register custom losses/advantages
+    # Several optimizer steps per batch (TRL num_iterations, verl ppo_mini_batch_size): num_iterations passes
+    # over the step's batch, each cut into mini_batches optimizer steps (of whole micro-batches), the proximal
+    # log-probs fixed before the first (a separate no-grad pass). 1 and 1: one optimizer step per batch.
+    num_iterations: int = 1
+    mini_batches: int = 1
+
+    def updates_per_step(self) -> int:
+        return self.num_iterations * self.mini_batches
 
     def __post_init__(self) -> None:
         """Names and cross-field rules are checked when the config is read, before anything starts."""
@@ -225,7 +233,8 @@ class LearnerConfig:
     use_reference: bool = True
     ref_offload: bool = False  # keep the frozen reference model in host memory between steps (GPU)
     # The proximal log-probs (the PPO clip's anchor; r1omni_ray/learner/old_logprobs.py). "auto": the training
-    # forward's own, detached (one optimizer step per batch: its weights are the learners' current ones);
+    # forward's own, detached (one optimizer step per batch: its weights are the learners' current ones), or a
+    # separate pass before the first of several (grpo.num_iterations, grpo.mini_batches);
     # "recompute": a separate no-grad pass on the learners (same values up to kernel order); "behaviour": the
     # engine's sampling log-probs on off-policy steps (plain off-policy PPO: clip around the behaviour policy,
     # no separate correction).
@@ -385,6 +394,7 @@ _MIN: dict[str, tuple[float, bool]] = {
     "rollout.capacity_timeout_s": (0, False), "learner.max_restarts": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
     "rollout.stream_chunk": (1, True), "rollout.stream_calls_per_worker": (1, True),
     "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
+    "grpo.num_iterations": (1, True), "grpo.mini_batches": (1, True),
     "grpo.advantage_eps": (0, True),  # the loss's own bounds: GRPOConfig.__post_init__ (r1omni_ray.grpo.LossConfig)
     "learner.num_learners": (1, True), "learner.lr": (0, False), "learner.weight_decay": (0, True),
     "learner.grad_clip": (0, True), "learner.micro_batch_size": (1, True), "learner.num_cpus_per_learner": (0, False),

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.sampler import split_even
 from r1omni_ray.grpo import policy_loss
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
-from r1omni_ray.learner.old_logprobs import BEHAVIOUR, RECOMPUTE, LogprobPlan
+from r1omni_ray.learner.old_logprobs import BEHAVIOUR, FORWARD, RECOMPUTE, LogprobPlan
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
 from r1omni_ray.rollout_correction import (
@@ -86,6 +87,39 @@ class StepSpec:
     num_global_seqs: int
     max_len: int
     logprobs: LogprobPlan = LogprobPlan()  # learner/old_logprobs.py
+    # grpo.mini_batches > 1: each mini-batch's global (tokens, sequences), what its optimizer step's loss divides
+    # by (mini_batch_counts); empty: one mini-batch, the whole step.
+    mini_counts: tuple[tuple[int, int], ...] = ()
+
+    def mini_batches(self) -> list[tuple[range, int, int]]:
+        """(micro-batch indices, global tokens, global sequences) of each optimizer step of one pass."""
+        if not self.mini_counts:
+            return [(range(self.num_micro), self.num_global_tokens, self.num_global_seqs)]
+        parts = split_even(self.num_micro, len(self.mini_counts))
+        return [(r, t, n) for r, (t, n) in zip(parts, self.mini_counts, strict=True)]
+
+
+def mini_batch_counts(shards: Sequence[Any], num_micro: int, micro_batch_size: int,
+                      mini_batches: int) -> tuple[tuple[int, int], ...]:
+    """Each mini-batch's (tokens, sequences) over every rank: mini-batch j is the same contiguous run of
+    micro-batches on each rank (split_even of num_micro), cut as the learners cut them (micro_slices); padding
+    copies (weight 0) count nothing. At most num_micro mini-batches; () for one."""
+    m = min(mini_batches, num_micro)
+    if m <= 1:
+        return ()
+    counts = [[0, 0] for _ in range(m)]
+    parts = split_even(num_micro, m)
+    for sh in shards:
+        slices = micro_slices(len(sh.completions), num_micro, sh.prompt_index, micro_batch_size)
+        weights = sh.weights or [1.0] * len(sh.completions)
+        for j, part in enumerate(parts):
+            for k in part:
+                for i in range(slices[k].start, slices[k].stop):
+                    if weights[i] > 0:
+                        counts[j][0] += len(sh.completions[i])
+                        counts[j][1] += 1
+    # an optimizer step over only empty completions still divides by something (its loss is 0 anyway)
+    return tuple((max(t, 1), max(n, 1)) for t, n in counts)
 
 
 class GRPOUpdate:
@@ -137,57 +171,76 @@ class GRPOUpdate:
         corr_cfg = dataclasses.replace(self.cfg.learner.correction(), mode=plan.correction)
         corr_sums: dict[str, float] = {}
         ratio_max = 0.0
-        scale = self.policy.begin_update(spec.num_micro)
+        passes, minis = self.cfg.grpo.num_iterations, spec.mini_batches()
+        if (passes > 1 or len(minis) > 1) and plan.proximal == FORWARD:
+            raise ValueError("several optimizer steps per batch need proximal log-probs fixed before the first "
+                             f"(a {RECOMPUTE} or {BEHAVIOUR} plan), got {plan}")
         sums: dict[str, float] = {}
         summed: dict[str, float] = {}
         total_loss, nonfinite, skipped = 0.0, 0, False
-        for k, sl in enumerate(slices):
-            sub = batch.sub(sl)
-            lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
-            mask = sub.loss_mask(mask)
-            # float32 as the engine recorded them: a bf16 copy would move the importance ratios by ~1%.
-            behaviour = sub.behaviour_logprobs(lp.shape[1]).to(lp.device) if plan.needs_behaviour else None
-            # The proximal policy (the clip's anchor) is the learners' current one: these very weights
-            # (FORWARD: this forward's own log-probs, detached) or a separate pass over them (RECOMPUTE);
-            # BEHAVIOUR clips around the policy that sampled instead.
-            if plan.proximal == RECOMPUTE:
-                prox = recomputed[k].to(lp)
-            elif plan.proximal == BEHAVIOUR:
-                prox = behaviour.to(lp)
-            else:
-                prox = lp.detach()
-            weight = None
-            if plan.behaviour:  # measured whenever the engine recorded them; applied unless correction is none
-                corr = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
-                weight = corr.weight if plan.correction != "none" else None
-                for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
-                    corr_sums[name] = corr_sums.get(name, 0.0) + v
-                if bool(mask.bool().any()):
-                    ratio_max = max(ratio_max, float(corr.ratio[mask.bool()].max()))
-            ref_lp = ref[k].to(lp) if ref is not None else None
-            adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
-            loss, metrics = policy_loss(lp, prox, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
-                                        num_global_tokens=spec.num_global_tokens,
-                                        num_global_seqs=spec.num_global_seqs, is_weight=weight)
-            loss, bad, step_skipped = self.policy.backward_micro(loss, lp, scale, nonfinite > 0)
-            nonfinite += bad
-            skipped = step_skipped or skipped
-            total_loss += float(loss.detach())
-            w = float(mask.sum())
-            for name, v in metrics.items():
-                if not (isinstance(v, float) and math.isfinite(v)):
-                    continue
-                if name in GLOBALLY_NORMALISED:  # already divided by global counts: they add up
-                    summed[name] = summed.get(name, 0.0) + v
+        # grpo.num_iterations passes over the batch, each mini-batch one optimizer step; the proximal log-probs,
+        # the reference's and the correction's stay those computed before the first.
+        for sub_step, (micros, n_tokens, n_seqs) in enumerate(m for _ in range(passes) for m in minis):
+            scale = self.policy.begin_update(len(micros), sub_step)
+            bad_here = 0
+            for k in micros:
+                sub = batch.sub(slices[k])
+                lp, mask, ent = self._logprobs(module, sub, with_entropy=True)
+                mask = sub.loss_mask(mask)
+                # float32 as the engine recorded them: a bf16 copy would move the importance ratios by ~1%.
+                behaviour = sub.behaviour_logprobs(lp.shape[1]).to(lp.device) if plan.needs_behaviour else None
+                # The proximal policy (the clip's anchor) is the learners' weights before this step's first
+                # update: FORWARD: this forward's own log-probs, detached (one optimizer step per batch only);
+                # RECOMPUTE: the pass before the update; BEHAVIOUR clips around the policy that sampled instead.
+                if plan.proximal == RECOMPUTE:
+                    assert recomputed is not None
+                    prox = recomputed[k].to(lp)
+                elif plan.proximal == BEHAVIOUR:
+                    assert behaviour is not None
+                    prox = behaviour.to(lp)
                 else:
-                    sums[name] = sums.get(name, 0.0) + v * w
-            sums["_tokens"] = sums.get("_tokens", 0.0) + w
+                    prox = lp.detach()
+                weight = None
+                if plan.behaviour:  # measured whenever the engine recorded them; applied unless correction is none
+                    assert behaviour is not None
+                    corr = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
+                    weight = corr.weight if plan.correction != "none" else None
+                    if sub_step == 0:  # the batch's numbers (later passes see the same proximal log-probs)
+                        for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
+                            corr_sums[name] = corr_sums.get(name, 0.0) + v
+                        if bool(mask.bool().any()):
+                            ratio_max = max(ratio_max, float(corr.ratio[mask.bool()].max()))
+                ref_lp = ref[k].to(lp) if ref is not None else None
+                adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
+                loss, metrics = policy_loss(lp, prox, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
+                                            num_global_tokens=n_tokens, num_global_seqs=n_seqs, is_weight=weight)
+                loss, bad, step_skipped = self.policy.backward_micro(loss, lp, scale, bad_here > 0)
+                if self.policy.at_boundary != (k == micros[-1]):  # an optimizer step must end each mini-batch
+                    raise RuntimeError(f"DeepSpeed's accumulation boundary fell at micro-batch {k} of {list(micros)}")
+                bad_here += bad
+                skipped = step_skipped or skipped
+                total_loss += float(loss.detach())
+                w = float(mask.sum())
+                for name, v in metrics.items():
+                    if not (isinstance(v, float) and math.isfinite(v)):
+                        continue
+                    if name in GLOBALLY_NORMALISED:  # already divided by global counts: they add up
+                        summed[name] = summed.get(name, 0.0) + v
+                    else:
+                        sums[name] = sums.get(name, 0.0) + v * w
+                sums["_tokens"] = sums.get("_tokens", 0.0) + w
+            nonfinite += bad_here
+        # Each optimizer step's globally normalised terms sum to its loss: report their mean over the steps.
+        n_steps = passes * len(minis)
+        summed = {k: v / n_steps for k, v in summed.items()}
+        total_loss /= n_steps
         tokens = max(sums.pop("_tokens", 1.0), 1.0)
         out = {k: v / tokens for k, v in sums.items()} | summed
         out["loss"] = total_loss
         out |= self.policy.end_update()
         out["nonfinite_microbatches"] = float(nonfinite)
         out["skipped_update"] = float(skipped)  # same on every rank (all-reduced decision)
+        out["optimizer_steps"] = float(n_steps)
         out["recomputed_old_logprobs"] = float(plan.proximal == RECOMPUTE)
         out["behaviour_old_logprobs"] = float(plan.proximal == BEHAVIOUR)
         out["corrected_step"] = float(plan.correction != "none")

@@ -3,10 +3,11 @@
 Three policies stand behind a step (r1omni_ray/rollout_correction.py): behaviour (the weights that sampled),
 proximal (the learners' weights before this update: the PPO clip's anchor) and the one being optimised.
 The proximal log-probs come from:
-- FORWARD: the training forward's own, detached. Each step is one optimizer step, so the weights of that
+- FORWARD: the training forward's own, detached. With one optimizer step per step, the weights of that
   forward ARE the learners' current weights, on-policy or not: no extra pass (learner.old_logprobs: auto).
 - RECOMPUTE: a no-grad pass on the learners before the update (learner.old_logprobs: recompute): the same
-  values up to kernel order; for comparisons.
+  values up to kernel order; and always with several optimizer steps per batch (grpo.num_iterations,
+  grpo.mini_batches), whose later forwards run on weights already updated.
 - BEHAVIOUR: the engine's own sampling log-probs (learner.old_logprobs: behaviour): the clip is then around
   the behaviour policy (plain off-policy PPO) and no separate correction applies.
 The behaviour log-probs (recorded by the rollout engine as it samples) weight every token by
@@ -73,7 +74,7 @@ def old_logprob_source(cfg: RunConfig, sample_versions: Sequence[int], learner_v
     src = cfg.learner.old_logprobs
     if src == BEHAVIOUR and off_policy:
         return LogprobPlan(BEHAVIOUR, "none")  # the ratio itself is against the behaviour policy
-    proximal = RECOMPUTE if src == RECOMPUTE else FORWARD
+    proximal = RECOMPUTE if src == RECOMPUTE or cfg.grpo.updates_per_step() > 1 else FORWARD
     if not behaviour_present:
         return LogprobPlan(proximal)
     return LogprobPlan(proximal, cfg.learner.rollout_correction, behaviour=True)

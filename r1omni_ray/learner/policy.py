@@ -94,6 +94,7 @@ class DeepSpeedPolicy:
         self.zero3 = lc.zero_stage == 3
         self.version = 0  # weights version: +1 per update (skipped ones included), set by restores
         self.skipped_updates = 0
+        self.at_boundary = False  # whether the last micro-batch's engine step was an optimizer step
         # Local gradients are checked as autograd produces them, before ZeRO reduces/partitions them.
         self._grad_bad = torch.zeros((), dtype=torch.bool, device=device)
         self._inject_grad: float | None = None
@@ -115,10 +116,11 @@ class DeepSpeedPolicy:
         """Fault injection (tests): the next update's gradients on this rank get ``value`` added."""
         self._inject_grad = value
 
-    def seed_step(self) -> None:
-        """Dropout (e.g. in the BERT gate) draws from (train.seed, weight version, rank), not from the
-        process's history: a run resumed from a checkpoint repeats an uninterrupted run's masks."""
-        torch.manual_seed((self.cfg.train.seed * 1_000_003 + self.version) * 1_009 + self.rank)
+    def seed_step(self, sub_step: int = 0) -> None:
+        """Dropout (e.g. in the BERT gate) draws from (train.seed, weight version, optimizer step within the
+        update, rank), not from the process's history: a resumed run repeats an uninterrupted run's masks."""
+        seed = (self.cfg.train.seed * 1_000_003 + self.version) * 1_009 + self.rank
+        torch.manual_seed(seed * 101 + sub_step if sub_step else seed)  # the first step's seed as before
 
     def dp_any(self, flag: bool) -> bool:
         """True if any data-parallel rank raised ``flag`` (every rank takes the same decision)."""
@@ -133,20 +135,26 @@ class DeepSpeedPolicy:
             ) from e
         return bool(t.item() > 0)
 
-    def begin_update(self, num_micro: int) -> float:
-        """Train mode, per-step seed and accumulation over ``num_micro`` micro-batches; returns the loss
-        scale that undoes DeepSpeed's own averaging (see grpo.grad_scale_for_framework)."""
+    def begin_update(self, num_micro: int, sub_step: int = 0) -> float:
+        """Train mode, seed and accumulation over ``num_micro`` micro-batches for one optimizer step (the
+        ``sub_step``-th of an update); returns the loss scale that undoes DeepSpeed's own averaging (see
+        grpo.grad_scale_for_framework)."""
         if num_micro != self.grad_accum:
             self.engine.set_train_batch_size(self.cfg.learner.micro_batch_size * num_micro * self.world_size)
             self.grad_accum = num_micro
+        # DeepSpeed finds the accumulation boundary from its running micro-step count modulo the accumulation
+        # steps: after steps of another size (2, then 3 micro-batches) it would fall mid-step. Each optimizer
+        # step ends on a boundary, so counting from this step's first micro-batch is exact.
+        self.engine.micro_steps = 0
         set_train_mode(self.engine.module)
-        self.seed_step()
+        self.seed_step(sub_step)
         return grad_scale_for_framework(self.world_size, self.grad_accum)
 
     def _optimizer_step(self, local_bad: bool) -> bool | None:
         """engine.step() after a micro-batch's backward. At the accumulation boundary a non-finite loss or
         gradient on any rank skips the update on all ranks; returns whether it did (None off-boundary)."""
-        if not self.engine.is_gradient_accumulation_boundary():
+        self.at_boundary = bool(self.engine.is_gradient_accumulation_boundary())
+        if not self.at_boundary:
             self.engine.step()
             return None
         skip = self.dp_any(local_bad or bool(self._grad_bad))

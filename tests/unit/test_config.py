@@ -157,6 +157,10 @@ def test_network_settings_reach_actors_as_environment_and_ports_come_from_the_ra
     (["learner.old_logprobs=behaviour"], [3, 3], False, ("forward", "none", False)),
     # correction off: the mismatch is still measured (offpolicy/* metrics), no weight applied
     (["learner.rollout_correction=none"], [3, 2], True, ("forward", "none", True)),
+    # several optimizer steps per batch: the later forwards run on updated weights, so a pass before the first
+    (["grpo.num_iterations=2"], [3, 3], False, ("recompute", "none", False)),
+    (["grpo.mini_batches=2"], [3, 2], True, ("recompute", "tis", True)),
+    (["grpo.num_iterations=2", "learner.old_logprobs=behaviour"], [3, 2], True, ("behaviour", "none", False)),
 ])
 def test_old_logprob_source_table(overrides, versions, present, want):
     from r1omni_ray.learner.old_logprobs import LogprobPlan, old_logprob_source
