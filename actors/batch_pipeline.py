@@ -30,7 +30,7 @@ from r1omni_ray.data.sampler import batch_indices, refill_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import flat_groups
 from r1omni_ray.learner.old_logprobs import behaviour_logprobs_requested
-from r1omni_ray.rewards import RewardBatch
+from r1omni_ray.rewards import RewardBatch, SampleContext
 from r1omni_ray.timing import PhaseTimer
 
 log = logging.getLogger("r1omni_ray")
@@ -186,9 +186,18 @@ class BatchPipeline:
 
     def score(self, samples: list[PromptSamples]) -> RewardBatch:
         texts = [c.text for g in samples for c in g.completions]
-        sols = [g.inputs.solution for g in samples for _ in g.completions]
         with self.timer.phase("reward"):
-            return self.groups.rewards.score(texts, sols)
+            return self.groups.rewards.score(texts, self.contexts(samples))
+
+    def contexts(self, samples: list[PromptSamples]) -> list[SampleContext]:
+        """What each completion's rewards may read besides its text (context rewards: r1omni_ray.rewards)."""
+        out = []
+        for g in samples:
+            video, audio = g.modalities()
+            for c in g.completions:
+                out.append(SampleContext(g.inputs.solution, g.inputs.label, g.record_id, video, audio,
+                                         len(c.token_ids), c.finish_reason, self.cfg.rollout.max_new_tokens))
+        return out
 
     def _filter(self, step: int, samples: list[PromptSamples], rewards: RewardBatch):
         """DAPO's dynamic sampling: keep the groups whose rewards differ; refill from the sampler (fresh prompt

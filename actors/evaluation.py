@@ -10,7 +10,7 @@ from actors.rollout_group import RolloutGroup, wait_with_progress
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.emotion_metrics import EmotionMetrics, emotion_metrics
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.rewards import extract_answer, format_reward
+from r1omni_ray.rewards import extract_answer, matches_format
 
 EVAL_PROMPTS_PER_CALL = 32  # per worker and submission: big enough for engine batching
 
@@ -42,7 +42,7 @@ def evaluate_records(
         rec = records[g.uid]
         text = g.completions[0].text if g.completions else ""
         pred = extract_answer(text) if g.error is None else None
-        f = format_reward(text, rec.solution) if g.error is None else 0.0
+        f = float(matches_format(text)) if g.error is None else 0.0  # the output format, whatever the rewards
         fmt += f
         rows.append({"id": rec.id, "label": rec.label, "prediction": pred,
                      "reasoning": split_reasoning(text).reasoning, "completion": text,

@@ -15,7 +15,7 @@ from actors.placement import bundles, create_placement_group, in_bundle, release
 from actors.reward import RewardActor
 from r1omni_ray.config import RunConfig
 from r1omni_ray.data.sampler import split_even
-from r1omni_ray.rewards import RewardBatch, RewardSpec, check_reward_specs, score_completions
+from r1omni_ray.rewards import RewardBatch, RewardSpec, SampleContext, check_reward_specs, score_completions
 
 log = logging.getLogger("r1omni_ray")
 
@@ -24,7 +24,7 @@ class RewardGroup:
     def __init__(self, cfg: RunConfig, label_set: Sequence[str] | None) -> None:
         self.cfg = cfg
         self.label_set = list(label_set) if label_set else None
-        self.specs = [RewardSpec(r.name, r.weight) for r in cfg.reward.rewards]
+        self.specs = [RewardSpec(r.name, r.weight, dict(r.args)) for r in cfg.reward.rewards]
         # Before any actor exists: an unknown reward name is a config error, not a mid-run actor crash.
         check_reward_specs(self.specs, cfg.reward.modules)
         self.restarts = 0
@@ -38,10 +38,11 @@ class RewardGroup:
     def _make(self, i: int) -> Any:
         return RewardActor.options(num_cpus=self.cfg.reward.num_cpus_per_actor,
                                    scheduling_strategy=in_bundle(self.pg, i)).remote(
-            [(s.name, s.weight) for s in self.specs], self.label_set, list(self.cfg.reward.modules))
+            self.specs, self.label_set, list(self.cfg.reward.modules))
 
-    def score(self, texts: list[str], solutions: list[str]) -> RewardBatch:
-        """Rewards of every completion, in order. With no reward actors the driver scores them itself."""
+    def score(self, texts: list[str], solutions: Sequence[str | SampleContext]) -> RewardBatch:
+        """Rewards of every completion, in order; solutions: each sample's SampleContext (or bare solution).
+        With no reward actors the driver scores them itself."""
         if not self.actors:
             return score_completions(texts, solutions, self.specs, label_set=self.label_set)
         parts = [p for p in split_even(len(texts), len(self.actors))]

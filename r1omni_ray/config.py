@@ -148,6 +148,7 @@ class RolloutConfig:
 class RewardItem:
     name: str = "accuracy"
     weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward (checked at start)
 
 
 @dataclass
@@ -440,6 +441,10 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__} ({value!r})")
+        return dict(value)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} ({value!r})")

@@ -13,6 +13,7 @@ here as linear scans with ``str.find``; tests check them against the reference r
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -21,7 +22,23 @@ from typing import Any
 
 from r1omni_ray.labels import canonical_label
 
-RewardFn = Callable[[str, str], float]
+# (completion, solution, **args) -> float; or, registered with context=True, (completion, SampleContext, **args)
+RewardFn = Callable[..., float]
+
+
+@dataclass(frozen=True)
+class SampleContext:
+    """Everything about one sample a reward may look at besides its text (register_reward(context=True))."""
+
+    solution: str
+    label: str | None = None
+    record_id: str | None = None
+    has_video: bool = False
+    has_audio: bool = False
+    length: int = 0  # completion tokens
+    finish_reason: str | None = None  # "stop" (eos) | "length" (hit the token limit)
+    max_new_tokens: int | None = None  # the run's limit (rollout.max_new_tokens)
+    metadata: dict[str, Any] = field(default_factory=dict)  # the record's extra fields
 
 # The reference patterns, kept for documentation and for the equivalence tests.
 FORMAT_PATTERN = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
@@ -97,15 +114,20 @@ def matches_format(completion: str) -> bool:
 # ----------------------------------------------------------------------------- registry
 
 REWARD_REGISTRY: dict[str, RewardFn] = {}
+CONTEXT_REWARDS: set[str] = set()  # names whose function takes the SampleContext instead of the solution
 
 
-def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator adding a ``(completion, solution) -> float`` function to ``REWARD_REGISTRY``."""
+def register_reward(name: str, context: bool = False) -> Callable[[RewardFn], RewardFn]:
+    """Decorator adding a reward to ``REWARD_REGISTRY``: ``(completion, solution, **args) -> float``, or with
+    ``context=True`` ``(completion, ctx: SampleContext, **args) -> float``; args come from the config
+    (``reward.rewards[i].args``)."""
 
     def deco(fn: RewardFn) -> RewardFn:
         if name in REWARD_REGISTRY and REWARD_REGISTRY[name] is not fn:
             raise ValueError(f"reward {name!r} is already registered")
         REWARD_REGISTRY[name] = fn
+        if context:
+            CONTEXT_REWARDS.add(name)
         return fn
 
     return deco
@@ -142,6 +164,21 @@ def accuracy_reward(completion: str, solution: str) -> float:
     return 1.0 if pred == truth else 0.0
 
 
+@register_reward("overlong", context=True)
+def overlong_reward(completion: str, ctx: SampleContext, buffer: int = 256, max_len: int | None = None) -> float:
+    """DAPO's soft overlong punishment (arXiv 2503.14476, eq. 13): 0 up to max_len - buffer tokens, then falling
+    linearly to -1 at max_len; -1 for a completion cut at the token limit (finish reason "length") or past
+    max_len. max_len: default the run's rollout.max_new_tokens. Weight it like any reward."""
+    limit = max_len if max_len is not None else ctx.max_new_tokens
+    if limit is None:
+        raise ValueError("overlong: no max_len argument and no max_new_tokens in the sample's context")
+    if not 0 < buffer <= limit:
+        raise ValueError(f"overlong: buffer {buffer} must be in (0, max_len={limit}]")
+    if ctx.finish_reason == "length" or ctx.length >= limit:
+        return -1.0
+    return min(0.0, (limit - buffer - ctx.length) / buffer)
+
+
 # ----------------------------------------------------------------------------- batch scoring
 
 
@@ -149,6 +186,7 @@ def accuracy_reward(completion: str, solution: str) -> float:
 class RewardSpec:
     name: str
     weight: float = 1.0
+    args: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the reward function
 
 
 @dataclass
@@ -226,11 +264,11 @@ def _diagnose(completion: str, canon_labels: frozenset[str] | None, diag: dict[s
                 break
 
 
-def _safe_call(fn: RewardFn, completion: Any, solution: Any) -> tuple[float | None, str | None]:
+def _safe_call(fn: RewardFn, completion: Any, second: Any, args: dict[str, Any]) -> tuple[float | None, str | None]:
     """(the reward as a finite float, None), or (None, what went wrong) when the function raised or
     returned junk."""
     try:
-        value = float(fn(completion, solution))
+        value = float(fn(completion, second, **args))
     except Exception as e:
         return None, f"{type(e).__name__}: {str(e)[:200]}"
     return (value, None) if math.isfinite(value) else (None, f"non-finite value {value}")
@@ -254,15 +292,20 @@ def check_reward_specs(specs: Sequence[RewardSpec], modules: Sequence[str] = ())
         if s.name not in REWARD_REGISTRY:
             raise ValueError(f"reward.rewards[{i}].name: unknown reward {s.name!r}; known rewards: "
                              f"{sorted(REWARD_REGISTRY)} (custom ones: register them in a reward.modules module)")
+        try:
+            inspect.signature(REWARD_REGISTRY[s.name]).bind("", None, **s.args)
+        except TypeError as e:
+            raise ValueError(f"reward.rewards[{i}].args: {s.name!r} does not take {sorted(s.args)} ({e})") from None
 
 
 def score_completions(
     completions: list[str],
-    solutions: list[str],
+    solutions: Sequence[str | SampleContext],
     specs: list[RewardSpec],
     label_set: Sequence[str] | None = None,
 ) -> RewardBatch:
-    """Score completions with several weighted rewards; robust to any completion content.
+    """Score completions with several weighted rewards; robust to any completion content. ``solutions``: each
+    sample's solution string, or its SampleContext (what context rewards read; the others get its solution).
 
     Raises ValueError only for caller bugs (length mismatch, unknown/duplicate reward names, no
     specs). A reward that raises or returns a non-finite value scores 0.0 and is counted in
@@ -278,6 +321,7 @@ def score_completions(
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate reward names in specs: {names}")
     fns = [get_reward(s.name) for s in specs]
+    with_ctx = [s.name in CONTEXT_REWARDS for s in specs]
     weights = [float(s.weight) for s in specs]
     canon = None if label_set is None else frozenset(canonical_label(x) for x in label_set)
 
@@ -286,7 +330,9 @@ def score_completions(
     examples: dict[str, str] = {}
     diag = {k: 0 for k in DIAGNOSTIC_KEYS}
     total: list[float] = []
-    for completion, solution in zip(completions, solutions, strict=True):
+    for completion, given in zip(completions, solutions, strict=True):
+        ctx = given if isinstance(given, SampleContext) else None
+        solution = ctx.solution if ctx is not None else given
         if not isinstance(completion, str) or not isinstance(solution, str):
             diag["non_text"] += 1
             for name in names:
@@ -295,8 +341,10 @@ def score_completions(
             continue
         _diagnose(completion, canon, diag)
         row_total = 0.0
-        for name, fn, w in zip(names, fns, weights, strict=True):
-            value, err = _safe_call(fn, completion, solution)
+        for spec, fn, w, wants_ctx in zip(specs, fns, weights, with_ctx, strict=True):
+            name = spec.name
+            second = (ctx or SampleContext(solution)) if wants_ctx else solution
+            value, err = _safe_call(fn, completion, second, spec.args)
             if value is None:
                 errors[name] += 1
                 examples.setdefault(name, err or "")

@@ -22,8 +22,10 @@ def reward_metrics(total: Sequence[float], per_reward: Mapping[str, Sequence[flo
     m = {"reward/total_mean": float(rewards.mean())}
     for name, vals in per_reward.items():
         m[f"reward/{name}_mean"] = statistics.fmean(vals) if vals else 0.0
-    m["accuracy"] = m.get("reward/accuracy_mean", 0.0)
-    m["format_rate"] = m.get("reward/format_mean", 0.0)
+    # Short names for the emotion task's two rewards, only where the run has them (a recipe may not).
+    for short, name in (("accuracy", "accuracy"), ("format_rate", "format")):
+        if f"reward/{name}_mean" in m:
+            m[short] = m[f"reward/{name}_mean"]
     grouped = rewards.view(-1, group_size)
     std = grouped.std(dim=1, unbiased=True) if group_size > 1 else torch.zeros(grouped.shape[0])
     m["reward/group_std_mean"] = float(std.mean())
