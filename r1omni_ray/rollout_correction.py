@@ -38,13 +38,13 @@ class CorrectionConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in CORRECTIONS:
-            raise ValueError(f"rollout correction {self.mode!r} is not one of {CORRECTIONS}")
+            raise ValueError(f"rollout_correction: {self.mode!r} is not one of {list(CORRECTIONS)}")
         if not self.cap > 1.0:
-            raise ValueError(f"correction cap {self.cap} must be > 1 (a cap <= 1 truncates every on-policy token)")
+            raise ValueError(f"correction_cap: {self.cap!r} must be > 1 (a cap <= 1 truncates every on-policy token)")
         lo, hi = self.band
         if not 0.0 <= lo <= 1.0 <= hi:
-            raise ValueError(f"correction band {list(self.band)} must satisfy 0 <= lo <= 1 <= hi (it must hold "
-                             "ratio 1, the on-policy value)")
+            raise ValueError(f"correction_band: {list(self.band)} must be [lo, hi] with 0 <= lo <= 1 <= hi (it must "
+                             "hold ratio 1, the on-policy value)")
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Config loading: every shipped YAML parses; wrong keys and types are named in the error."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,38 @@ def test_rlvr_needs_a_rollout_worker():
     with pytest.raises(ConfigError, match=r"train.filter_groups: true needs rollout.group_size >= 2 \(got 1\)"):
         check_rlvr(load_config(None, ["train.filter_groups=true", "rollout.group_size=1"]))
     check_rlvr(load_config(None, ["train.filter_groups=true", "rollout.group_size=2"]))
+
+
+@pytest.mark.parametrize("overrides, msg", [
+    (["train.stream_groups=true"], "train.stream_groups: true needs train.max_staleness >= 1"),
+    (["rollout.min_new_tokens=80", "rollout.max_new_tokens=64"],
+     "rollout.min_new_tokens: 80 > rollout.max_new_tokens: 64"),
+    (["rollout.group_size=1"], "grpo.advantage: 'grpo' gives every sample advantage 0 with rollout.group_size=1"),
+    (["rollout.group_size=1", "grpo.advantage=rloo"], "grpo.advantage: 'rloo' gives every sample advantage 0"),
+    (["learner.use_reference=false"], "grpo.beta: 0.04 needs learner.use_reference: true"),
+    (["grpo.mini_batches=3", "train.prompts_per_step=2", "rollout.group_size=4", "learner.micro_batch_size=4"],
+     "grpo.mini_batches: 3 > the 1 micro-batches of learner.micro_batch_size=4 each learner runs per step"),
+    (["rollout.engine=vllm", "rollout.num_gpus_per_worker=1", "rollout.tensor_parallel_size=2"],
+     "rollout.num_gpus_per_worker: 1 < rollout.tensor_parallel_size=2"),
+    (["rollout.num_workers=3", "rollout.max_workers=2"], "rollout.num_workers: 3 must lie within"),
+])
+def test_cross_field_rules_stop_before_ray_with_one_line_naming_both_keys(overrides, msg):
+    from r1omni_ray.config import check_rlvr
+
+    cfg = load_config(None, overrides)  # each setting alone is valid
+    with pytest.raises(ConfigError, match=re.escape(msg)) as e:
+        check_rlvr(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_cross_field_rules_let_the_fixed_combinations_through():
+    from r1omni_ray.config import check_rlvr
+
+    for overrides in (["rollout.group_size=1", "grpo.advantage=reinforce_pp"],
+                      ["learner.use_reference=false", "grpo.beta=0"],
+                      ["grpo.mini_batches=2", "train.prompts_per_step=2", "rollout.group_size=4",
+                       "learner.micro_batch_size=2", "learner.num_learners=2"]):
+        check_rlvr(load_config(None, overrides))
 
 
 def test_elastic_worker_bounds_default_to_a_fixed_group_and_must_hold_num_workers():

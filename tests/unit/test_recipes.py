@@ -180,9 +180,9 @@ def test_recipes_are_chosen_by_registered_name_and_checked_before_anything_start
 
 
 @pytest.mark.parametrize("overrides, msg", [
-    (["grpo.clip_eps_low=1.5", "grpo.dual_clip=0.5"], r"grpo.clip_eps_low must be in \[0, 1\)"),
-    (["grpo.dual_clip=0.5"], "grpo.dual_clip must be > 1"),
-    (["grpo.policy_loss=gspo", "grpo.clip_eps_high=-1"], "grpo.clip_eps_high must be >= 0"),
+    (["grpo.clip_eps_low=1.5", "grpo.dual_clip=0.5"], r"grpo.clip_eps_low: 1.5 must be in \[0, 1\)"),
+    (["grpo.dual_clip=0.5"], "grpo.dual_clip: 0.5 must be > 1"),
+    (["grpo.policy_loss=gspo", "grpo.clip_eps_high=-1"], r"grpo.clip_eps_high: -1.0 must be >= 0 \(grpo.policy_loss=gspo\)"),
     (["grpo.advantage=ppo"], r"grpo.advantage: 'ppo' is not one of \['grpo', "),
     (["grpo.policy_loss=dapo"], r"grpo.policy_loss: 'dapo' is not one of "),
     (["grpo.modules=[no_such_recipes]"], "grpo.modules: cannot import 'no_such_recipes'"),
