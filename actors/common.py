@@ -54,6 +54,13 @@ def node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
+def gpu_ids() -> list[str]:
+    """The GPUs Ray gave this actor (empty without one): where its collectives run."""
+    import ray
+
+    return [str(x) for x in ray.get_runtime_context().get_accelerator_ids().get("GPU", [])]
+
+
 def free_port() -> int:
     return free_ports(1)[0]
 

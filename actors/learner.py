@@ -16,7 +16,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import device, free_ports, node_ip, setup_process
+from actors.common import device, free_ports, gpu_ids, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.learner import export
 from r1omni_ray.learner.grpo_update import GRPOUpdate, StepSpec, TrainBatch
@@ -101,7 +101,8 @@ class LearnerActor:
         sync_ports = sorted(g.port for g in self.sender.groups.values()) if self.sender is not None else []
         return {"rank": self.rank, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "version": self.policy.version, "master_port": int(os.environ["MASTER_PORT"]),
-                "sync_ports": sync_ports, "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
+                "sync_ports": sync_ports, "ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+                "gpu_ids": gpu_ids()}
 
     def sync_metas(self) -> list[ParamMeta]:
         """Layout of the tensors broadcast to rollout workers: every trainable parameter."""

@@ -18,7 +18,7 @@ from typing import Any
 import ray
 import torch
 
-from actors.common import device, node_ip, setup_process
+from actors.common import device, gpu_ids, node_ip, setup_process
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
@@ -123,7 +123,8 @@ class RolloutWorker:
     def info(self) -> dict[str, Any]:
         return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__,
-                "ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
+                "ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
+                "gpu_ids": gpu_ids()}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,

@@ -28,6 +28,21 @@ def rank_offsets(ranks_per_worker: list[int]) -> tuple[list[int], int]:
     return first, nxt
 
 
+def choose_backend(setting: str, learner_gpus: tuple[str, list[str]],
+                   worker_gpus: list[tuple[str, list[str]]]) -> str:
+    """The broadcast groups' backend (learner.broadcast_backend). Each end is (node id, the GPU ids Ray gave
+    it). auto: nccl when learner-0 and every worker have GPUs and none of them shares learner-0's (NCCL refuses
+    two ranks on one device: fractional GPUs, one-GPU boxes), else gloo."""
+    if setting != "auto":
+        return setting
+    node, gpus = learner_gpus
+    if not gpus or any(not ids for _, ids in worker_gpus):
+        return "gloo"
+    if any(n == node and set(ids) & set(gpus) for n, ids in worker_gpus):
+        return "gloo"
+    return "nccl"
+
+
 class WeightSync:
     def __init__(self, cfg: RunConfig, learners: LearnerGroup, rollout: RolloutGroup) -> None:
         self.cfg, self.learners, self.rollout = cfg, learners, rollout
@@ -39,6 +54,7 @@ class WeightSync:
         # vLLM worker route_bytes[ENGINES].
         self.bytes = route_bytes(self.metas, self.routes)
         self.version = 0
+        self.backend = "gloo"  # of the current groups (init_group)
         rollout.on_join = self.resync
         self.init_group()
 
@@ -52,11 +68,9 @@ class WeightSync:
         pinged first (a dead one would stall the rendezvous until the timeout): dead ones are dropped before
         anyone joins. With no worker left there is no group: ``broadcast`` then only advances the version."""
         lc = self.cfg.learner
-        # NCCL wherever both ends have GPUs: every group has one process per GPU (the rollout actor and its
-        # vLLM worker share a GPU but never a group).
-        backend = "nccl" if lc.num_gpus_per_learner > 0 and self.rollout.gpus_per_worker > 0 else "gloo"
         learner0 = self.learners.actors[0]
-        host = ray.get(learner0.info.remote())["node_ip"]
+        info0 = ray.get(learner0.info.remote())
+        host = info0["node_ip"]
         workers = self.rollout
 
         def attempt() -> Attempt:
@@ -67,6 +81,16 @@ class WeightSync:
             if dead := self._dead_ids(results):
                 return Attempt(False, dead)
             raise_first_error(pings, results)
+            # Where Ray placed each end decides the backend (the rollout actor and its vLLM worker share a GPU
+            # but never a group).
+            infos = settle([(n, "info", w.info.remote()) for n, w in zip(workers.names(), workers.workers,
+                                                                          strict=True)])
+            if dead := self._dead_ids(infos):
+                return Attempt(False, dead)
+            raise_first_error(pings, infos)
+            backend = choose_backend(lc.broadcast_backend, (info0["node_id"], info0.get("gpu_ids", [])),
+                                     [(i["node_id"], i.get("gpu_ids", [])) for i in infos])
+            self.backend = backend
             dests = sorted({d for r in results for d in r})
             # Ports are chosen on learner-0's node, which binds them (within ray.port_range if set).
             ports = ray.get(learner0.free_ports.remote(len(dests), self.cfg.ray.port_range))

@@ -175,6 +175,10 @@ class RewardConfig:
     max_restarts: int = knob(3, ge=0)  # re-runs of one call on replacements when its reward actor dies
 
 
+# The LossConfig fields a user sets in the grpo section (the others are the learner's: max_len, kl_clamp).
+LOSS_KNOBS = ("policy_loss", "clip_eps_low", "clip_eps_high", "dual_clip", "beta", "kl_estimator", "loss_agg")
+
+
 @dataclass
 class GRPOConfig:
     """The RL objective: the advantage estimator and the policy loss, by registered name (r1omni_ray/advantages.py,
@@ -222,11 +226,10 @@ class GRPOConfig:
             raise ConfigError(f"grpo.{e} (grpo.policy_loss={self.policy_loss})") from None
 
     def loss_config(self, max_len: int, with_reference: bool = True) -> LossConfig:
-        """The loss maths' view of this section; no reference model means no KL term."""
-        return LossConfig(policy_loss=self.policy_loss, clip_eps_low=self.clip_eps_low,
-                          clip_eps_high=self.clip_eps_high, dual_clip=self.dual_clip,
-                          beta=self.beta if with_reference else 0.0, kl_estimator=self.kl_estimator,
-                          loss_agg=self.loss_agg, max_len=max_len)
+        """The loss maths' view of this section (every LossConfig knob this section has, by name); no reference
+        model means no KL term."""
+        knobs = {f.name: getattr(self, f.name) for f in dataclasses.fields(LossConfig) if f.name in LOSS_KNOBS}
+        return LossConfig(**knobs | {"beta": self.beta if with_reference else 0.0, "max_len": max_len})
 
     def advantage_args(self, group_size: int) -> AdvantageArgs:
         return AdvantageArgs(group_size, self.advantage_scale, self.advantage_eps)
@@ -268,6 +271,13 @@ class LearnerConfig:
     # and the policy is bf16/fp16 on a GPU (transformers then unpads every batch by its attention mask:
     # varlen, no compute on padding; the shared prefix stays), else sdpa.
     attn_implementation: str = knob("auto", choices={"auto", "sdpa", "flash_attention_2"})
+    # ZeRO's gradient reduction overlapped with the backward (DeepSpeed overlap_comm). None: on for GPU learners,
+    # off on CPU (gloo, where it only adds copies).
+    overlap_comm: bool | None = None
+    # The weight broadcast's backend: nccl where every rank of a group has a GPU of its own, gloo where not
+    # (CPU ends, or learner-0 sharing a GPU with a rollout worker: fractional GPUs, one-GPU boxes, where NCCL
+    # refuses two ranks on one device). auto decides from where Ray placed them; nccl | gloo force it.
+    broadcast_backend: str = knob("auto", choices={"auto", "nccl", "gloo"})
     dist_timeout_s: float = knob(300.0, gt=0)
     broadcast_bucket_mb: float = knob(64.0, ge=0)
     # A learner lost mid-run (its node gone, its process killed): the group is rebuilt in the job, loaded from
@@ -518,10 +528,21 @@ def check_rlvr(cfg: RunConfig) -> None:
     if not lo <= rc.num_workers <= hi:
         raise ConfigError(f"rollout.num_workers: {rc.num_workers} must lie within [rollout.min_workers, "
                           f"rollout.max_workers] = [{lo}, {hi}]")
+    lc = cfg.learner
+    if lc.broadcast_backend == "nccl" and (lc.num_gpus_per_learner <= 0 or rollout_without_gpus(cfg)):
+        raise ConfigError("learner.broadcast_backend: nccl needs GPUs on both ends (learner.num_gpus_per_learner="
+                          f"{lc.num_gpus_per_learner:g}, rollout.num_gpus_per_worker={rc.num_gpus_per_worker}); "
+                          "auto picks gloo there")
     if rc.engine == "vllm" and rc.num_gpus_per_worker is not None and rc.num_gpus_per_worker < rc.tensor_parallel_size:
         raise ConfigError(f"rollout.num_gpus_per_worker: {rc.num_gpus_per_worker:g} < rollout.tensor_parallel_size="
                           f"{rc.tensor_parallel_size}: a vLLM engine needs one GPU per tensor-parallel rank "
                           "(leave it unset to get tensor_parallel_size)")
+
+
+def rollout_without_gpus(cfg: RunConfig) -> bool:
+    """The rollout workers are given no GPU (explicitly 0, or hf by default)."""
+    n = cfg.rollout.num_gpus_per_worker
+    return n == 0 or (n is None and cfg.rollout.engine != "vllm")
 
 
 def check_objective(cfg: RunConfig) -> None:

@@ -57,6 +57,23 @@ def set_dp_timeouts(timeout: datetime.timedelta) -> None:
             pass
 
 
+def deepspeed_config(cfg: RunConfig, bf16: bool, on_gpu: bool, grad_accum: int = 1) -> dict[str, Any]:
+    """The DeepSpeed config of one learner. overlap_comm (learner.overlap_comm; None: on GPUs only) overlaps
+    ZeRO's gradient reduction with the backward, at the cost of its buckets' memory; on CPU (gloo) it only
+    adds copies."""
+    lc = cfg.learner
+    overlap = on_gpu if lc.overlap_comm is None else lc.overlap_comm
+    return {
+        "train_micro_batch_size_per_gpu": lc.micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": lc.grad_clip,
+        "zero_optimization": {"stage": lc.zero_stage, "overlap_comm": overlap},
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
 class DeepSpeedPolicy:
     def __init__(self, model: Any, cfg: RunConfig, lr: float, rank: int, world_size: int,
                  device: torch.device) -> None:
@@ -66,15 +83,7 @@ class DeepSpeedPolicy:
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.grad_accum = 1
         bf16 = self.bf16 = device.type == "cuda" and model.dtype == torch.bfloat16
-        ds_config = {
-            "train_micro_batch_size_per_gpu": lc.micro_batch_size,
-            "gradient_accumulation_steps": self.grad_accum,
-            "gradient_clipping": lc.grad_clip,
-            "zero_optimization": {"stage": lc.zero_stage, "overlap_comm": False},
-            "bf16": {"enabled": bf16},
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
+        ds_config = deepspeed_config(cfg, bf16, device.type == "cuda", self.grad_accum)
         params = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(params, lr=lr, weight_decay=lc.weight_decay, betas=(0.9, 0.99))
         # Every ZeRO stage ends its step in this optimizer's step(): gating it skips an update with

@@ -105,6 +105,9 @@ def test_rlvr_needs_a_rollout_worker():
     (["rollout.engine=vllm", "rollout.num_gpus_per_worker=1", "rollout.tensor_parallel_size=2"],
      "rollout.num_gpus_per_worker: 1 < rollout.tensor_parallel_size=2"),
     (["rollout.num_workers=3", "rollout.max_workers=2"], "rollout.num_workers: 3 must lie within"),
+    (["learner.broadcast_backend=nccl"], "learner.broadcast_backend: nccl needs GPUs on both ends"),
+    (["learner.broadcast_backend=nccl", "learner.num_gpus_per_learner=1", "rollout.num_gpus_per_worker=0"],
+     "learner.broadcast_backend: nccl needs GPUs on both ends"),
 ])
 def test_cross_field_rules_stop_before_ray_with_one_line_naming_both_keys(overrides, msg):
     from r1omni_ray.config import check_rlvr

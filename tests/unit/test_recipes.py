@@ -191,3 +191,19 @@ def test_bad_recipe_settings_fail_at_load_with_one_line_naming_the_key(overrides
     with pytest.raises(ConfigError, match=msg) as e:
         load_config(None, overrides)
     assert "\n" not in str(e.value)
+
+
+def test_the_grpo_section_carries_each_loss_knob_once_with_the_loss_defaults():
+    import dataclasses
+
+    from r1omni_ray.config import LOSS_KNOBS, GRPOConfig
+
+    own = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+    for f in dataclasses.fields(LossConfig):
+        if f.name in LOSS_KNOBS:
+            assert own[f.name] == f.default, f.name  # the default is the loss's
+        else:
+            assert f.name not in own, f.name  # the learner sets it
+    cfg = load_config(None, ["grpo.policy_loss=gspo", "grpo.dual_clip=3", "grpo.loss_agg=token_mean"])
+    lc = cfg.grpo.loss_config(7, with_reference=False)
+    assert (lc.policy_loss, lc.dual_clip, lc.loss_agg, lc.max_len, lc.beta) == ("gspo", 3.0, "token_mean", 7, 0.0)

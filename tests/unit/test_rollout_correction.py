@@ -75,9 +75,9 @@ def test_the_ratio_is_exactly_one_on_policy_and_nothing_is_corrected():
 
 @pytest.mark.parametrize("bad, needle", [
     (dict(mode="is"), "is not one of"),
-    (dict(cap=1.0), "cap 1.0 must be > 1"),
-    (dict(band=(1.1, 2.0)), "must satisfy 0 <= lo <= 1 <= hi"),
-    (dict(band=(0.1, 0.9)), "must satisfy 0 <= lo <= 1 <= hi"),
+    (dict(cap=1.0), "correction_cap: 1.0 must be > 1"),
+    (dict(band=(1.1, 2.0)), r"correction_band: \[1.1, 2.0\] must be \[lo, hi\] with 0 <= lo <= 1 <= hi"),
+    (dict(band=(0.1, 0.9)), "with 0 <= lo <= 1 <= hi"),
 ])
 def test_bad_correction_settings_are_refused(bad, needle):
     with pytest.raises(ValueError, match=needle):
