@@ -165,9 +165,10 @@ class GroupStream:
                 self.pool.append(Arrived(g, part))
 
     def take(self, step: int, learner_version: int) -> Taken:
-        """Step ``step``'s groups with the learners at ``learner_version``: the first N to complete within the staleness window (with the filter: the first N
-        with differing rewards, looking at no more than (1 + filter_max_rounds) * N groups, then topped up with
-        flat ones). Keeps the workers busy while it waits."""
+        """Step ``step``'s groups with the learners at ``learner_version``: the first N to complete within the
+        staleness window (with the filter: the first N with differing rewards, looking at no more than
+        (1 + filter_max_rounds) * N groups, then topped up with flat ones). Keeps the workers busy while it
+        waits."""
         tc = self.cfg.train
         k, n = tc.max_staleness, self.n
         cap = n * (1 + (tc.filter_max_rounds if tc.filter_groups else 0))
