@@ -83,11 +83,11 @@ class WeightSync:
             raise_first_error(pings, results)
             # Where Ray placed each end decides the backend (the rollout actor and its vLLM worker share a GPU
             # but never a group).
-            infos = settle([(n, "info", w.info.remote()) for n, w in zip(workers.names(), workers.workers,
-                                                                          strict=True)])
+            asks = [(n, "info", w.info.remote()) for n, w in zip(workers.names(), workers.workers, strict=True)]
+            infos = settle(asks)
             if dead := self._dead_ids(infos):
                 return Attempt(False, dead)
-            raise_first_error(pings, infos)
+            raise_first_error(asks, infos)
             backend = choose_backend(lc.broadcast_backend, (info0["node_id"], info0.get("gpu_ids", [])),
                                      [(i["node_id"], i.get("gpu_ids", [])) for i in infos])
             self.backend = backend
