@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -45,7 +46,10 @@ def raise_first_error(calls: Sequence[Call], results: Sequence[Any]) -> None:
 
 def wait_named(calls: Sequence[Call]) -> list[Any]:
     """Results of (actor name, method, ref) calls; the first failure to arrive is raised at once as an
-    ActorCallError naming its actor (its peers may be stuck in a collective until their timeout)."""
+    ActorCallError naming its actor (its peers may be stuck in a collective until their timeout). The peers'
+    calls are still collected, in the background: they are expected to fail once one rank is gone, and an
+    error never fetched would reach the job log as Ray's "Unhandled error" traceback, reading like a crash
+    after a failure the run recovers from."""
     by_ref = {ref: (name, method) for name, method, ref in calls}
     remaining = list(by_ref)
     while remaining:
@@ -55,8 +59,25 @@ def wait_named(calls: Sequence[Call]) -> list[Any]:
                 ray.get(ref)
             except Exception as e:
                 name, method = by_ref[ref]
+                consume_in_background([r for r in remaining + ready if r is not ref],
+                                      f"the peers of {name}.{method}")
                 raise ActorCallError(name, method, e) from e
     return ray.get([ref for _n, _m, ref in calls])
+
+
+def consume_in_background(refs: Sequence[Any], what: str) -> None:
+    """Fetch ``refs`` on a daemon thread, their errors logged at debug level only (see wait_named)."""
+    if not refs:
+        return
+
+    def consume() -> None:
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except Exception as e:  # noqa: BLE001 - expected after a peer failed
+                log.debug("%s: %s after the failure (expected)", what, type(e).__name__)
+
+    threading.Thread(target=consume, name="consume-peer-calls", daemon=True).start()
 
 
 class Attempt(NamedTuple):

@@ -491,3 +491,33 @@ def test_hung_collectives_time_out_naming_the_actor(groups, records):
     with pytest.raises(ActorCallError, match="learner-0.train"):
         wait_named([("learner-0", "train", groups.learners.actors[0].train.remote(batches[0], spec))])
     assert time.monotonic() - t0 < TIMEOUT_S + 30
+
+
+@ray.remote(num_cpus=0)
+class _Raiser:
+    def fail(self, delay: float) -> None:
+        time.sleep(delay)
+        raise ValueError(f"failed after {delay}s")
+
+
+def test_the_peers_of_a_failed_call_fail_quietly(ray_cluster):
+    """One rank fails; its peer fails a moment later (as a rank left in a collective does). The first failure
+    is raised, named; the peer's expected error is collected, not printed as Ray's "Unhandled error"
+    traceback (which made a recovered learner loss read like a crash in the job log)."""
+    import gc
+    import logging
+
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    ray_log = logging.getLogger("ray._private.worker")  # where Ray reports an error nobody fetched
+    ray_log.addHandler(handler)
+    first, peer = _Raiser.remote(), _Raiser.remote()
+    with pytest.raises(ActorCallError, match=r"learner-0.train failed: ValueError: failed after 0.0s"):
+        wait_named([("learner-0", "train", first.fail.remote(0.0)), ("learner-1", "train", peer.fail.remote(1.0))])
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:  # the peer fails and its ref is dropped meanwhile
+        gc.collect()
+        time.sleep(0.5)
+    ray_log.removeHandler(handler)
+    assert not [m for m in seen if "Unhandled error" in m], seen
