@@ -22,6 +22,7 @@ from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
 from r1omni_ray.rollout_correction import (
     RATIO_MAX_KEY,
+    Correction,
     correction_sums,
     correction_weights,
     modality_tag,
@@ -170,6 +171,7 @@ class GRPOUpdate:
         loss_cfg = self.cfg.grpo.loss_config(spec.max_len, with_reference=ref is not None)
         corr_cfg = dataclasses.replace(self.cfg.learner.correction(), mode=plan.correction)
         corr_sums: dict[str, float] = {}
+        corrs: dict[int, Correction] = {}  # micro-batch index -> its correction
         ratio_max = 0.0
         passes, minis = self.cfg.grpo.num_iterations, spec.mini_batches()
         if (passes > 1 or len(minis) > 1) and plan.proximal == FORWARD:
@@ -203,13 +205,15 @@ class GRPOUpdate:
                 weight = None
                 if plan.behaviour:  # measured whenever the engine recorded them; applied unless correction is none
                     assert behaviour is not None
-                    corr = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
-                    weight = corr.weight if plan.correction != "none" else None
-                    if sub_step == 0:  # the batch's numbers (later passes see the same proximal log-probs)
-                        for name, v in correction_sums(corr, mask, sub.row_modalities()).items():
+                    # Once per micro-batch: with several optimizer steps the proximal log-probs are fixed
+                    # (a pass before the first), so later passes reuse the weights and count nothing twice.
+                    if k not in corrs:
+                        corrs[k] = correction_weights(prox.float(), behaviour, mask.float(), corr_cfg)
+                        for name, v in correction_sums(corrs[k], mask, sub.row_modalities()).items():
                             corr_sums[name] = corr_sums.get(name, 0.0) + v
                         if bool(mask.bool().any()):
-                            ratio_max = max(ratio_max, float(corr.ratio[mask.bool()].max()))
+                            ratio_max = max(ratio_max, float(corrs[k].ratio[mask.bool()].max()))
+                    weight = corrs[k].weight if plan.correction != "none" else None
                 ref_lp = ref[k].to(lp) if ref is not None else None
                 adv = torch.tensor(sub.advantages, dtype=lp.dtype, device=lp.device)
                 loss, metrics = policy_loss(lp, prox, adv, mask, loss_cfg, ref_logp=ref_lp, entropy=ent,
