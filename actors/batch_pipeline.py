@@ -70,7 +70,7 @@ class BatchPipeline:
         self.window: dict[int, list[PendingRollout]] = {}  # step -> its submitted rollout
         self.stale_dropped = 0  # prompts redrawn because their samples were older than max_staleness
         self.total: int = cfg.train.steps
-        self.stream = (GroupStream(cfg, groups, records, self.params, self.params_for, self.score, self.timer)
+        self.stream = (GroupStream(cfg, groups, records, self.params_for, self.score, self.timer)
                        if cfg.train.stream_groups else None)
 
     # ---- the window ----
@@ -110,9 +110,6 @@ class BatchPipeline:
 
     def drain(self) -> None:
         """Wait until no rollout is running (a worker may leave only then); results stay for their steps."""
-        if self.stream is not None:
-            self.stream.drain()
-            return
         refs = [p.ref for p in self.in_flight()]
         if refs:
             ray.wait(refs, num_returns=len(refs), fetch_local=False)
@@ -122,7 +119,7 @@ class BatchPipeline:
         exist and their steps are redone)."""
         self.window.clear()
         if self.stream is not None:
-            self.stream.restore({"next": self.stream.next_pos, "redo": self.stream.positions_ahead()})
+            self.stream.restore(self.stream.state())
 
     def state(self) -> dict[str, Any] | None:
         """What a checkpoint keeps of the pipeline: with streamed groups, the positions ahead of the learners

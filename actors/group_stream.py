@@ -5,9 +5,9 @@ The stream: position p is prompt p % N of the (seed, p // N) batch, with that bl
 is drawn at a position is a pure function of (seed, p) and the weights. Prompts go out in order,
 rollout.stream_chunk at a time (one block per call), to whichever active worker has fewest calls queued (at
 most rollout.stream_calls_per_worker; by default what the window holds), while fewer than
-(max_staleness + 1) * N groups are ahead of the learners. Each call's groups are scored as it ends. A step takes the first N groups to complete, in
-completion order, so one slow worker or one long completion holds only its own group, which a later step
-takes. A group drawn more than max_staleness versions back is put back in the stream and drawn again; with
+(max_staleness + 1) * N groups are ahead of the learners. Each call's groups are scored as it ends. A step
+takes the first N groups to complete, in completion order, so one slow worker or one long completion holds
+only its own group, which a later step takes. A group drawn more than max_staleness versions back is put back in the stream and drawn again; with
 train.filter_groups a group with equal rewards is dropped and the stream goes on.
 
 What was ahead at a checkpoint (in flight, completed but not taken, put back) is saved as positions
@@ -24,7 +24,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
 import torch
 
 from actors.groups import RLVRGroups
@@ -70,7 +69,7 @@ def _is_flat(rb: RewardBatch) -> bool:
 
 
 class GroupStream:
-    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], params: SamplingParams,
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any],
                  params_for: Callable[[int], SamplingParams], score: Callable[[list[PromptSamples]], RewardBatch],
                  timer: PhaseTimer) -> None:
         """params_for(block): the sampling parameters (seed) of the block's prompts; score: the reward call."""
@@ -217,11 +216,6 @@ class GroupStream:
                      skipped, _merge(scored), counters)
 
     # ---- boundaries and checkpoints ----
-    def drain(self) -> None:
-        refs = [p.ref for p in self.in_flight]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), fetch_local=False)
-
     def positions_ahead(self) -> list[int]:
         return sorted(self.redo + [u for p in self.in_flight for u, _ in p.items] + [a.group.uid for a in self.pool])
 

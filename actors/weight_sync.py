@@ -54,7 +54,6 @@ class WeightSync:
         # vLLM worker route_bytes[ENGINES].
         self.bytes = route_bytes(self.metas, self.routes)
         self.version = 0
-        self.backend = "gloo"  # of the current groups (init_group)
         rollout.on_join = self.resync
         self.init_group()
 
@@ -90,7 +89,6 @@ class WeightSync:
             raise_first_error(asks, infos)
             backend = choose_backend(lc.broadcast_backend, (info0["node_id"], info0.get("gpu_ids", [])),
                                      [(i["node_id"], i.get("gpu_ids", [])) for i in infos])
-            self.backend = backend
             dests = sorted({d for r in results for d in r})
             # Ports are chosen on learner-0's node, which binds them (within ray.port_range if set).
             ports = ray.get(learner0.free_ports.remote(len(dests), self.cfg.ray.port_range))
