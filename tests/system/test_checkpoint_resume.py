@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-import ray
 
 from launch.common import Prepared
 from launch.train_rlvr import run_rlvr
@@ -15,13 +14,6 @@ from r1omni_ray.config import config_from_dict
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def cfg_for(out: Path, ckpt: Path, steps: int, wandb: str):

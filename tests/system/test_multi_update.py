@@ -7,7 +7,6 @@ step (the rollout workers receive exactly the learners' weights)."""
 from pathlib import Path
 
 import pytest
-import ray
 
 from actors.groups import RLVRGroups
 from actors.learner_group import shard_for_learners
@@ -21,13 +20,6 @@ from r1omni_ray.tracking import RunLogger
 from tests.system.test_rlvr_system import LABELS, assert_workers_match_learners, small_cfg
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_two_passes_of_two_mini_batches_move_the_ratio_and_keep_zero3_ranks_in_step(local_ray, tiny_ckpt,

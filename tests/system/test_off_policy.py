@@ -7,7 +7,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 from actors.groups import RLVRGroups
@@ -23,13 +22,6 @@ from tests.system.test_rlvr_system import LABELS, small_cfg
 
 pytestmark = pytest.mark.slow
 CAP = 1.02  # small enough that one lr=1e-2 update truncates some tokens
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def _spec(shards, num_micro, plan=LogprobPlan()) -> StepSpec:

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import ray
 
 from actors.groups import RLVRGroups
 from launch.train_rlvr import RLVRTrainer
@@ -19,13 +18,6 @@ from tests.system.test_rlvr_system import LABELS, small_cfg
 
 pytestmark = pytest.mark.slow
 MODULES = ["tests.custom_recipes"]
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 def test_each_policy_loss_with_each_advantage_trains(local_ray, tiny_ckpt, synth_data, tmp_path):

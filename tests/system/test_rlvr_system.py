@@ -42,13 +42,6 @@ def assert_workers_match_learners(groups: RLVRGroups) -> None:
             assert torch.equal(wstate[name], t), f"{name} differs on a rollout worker"
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.parametrize("vision_trainable", [False, True], ids=["frozen-towers", "trainable-vision"])
 def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_ray, tiny_ckpt, synth_data, tmp_path,
                                                                          vision_trainable):

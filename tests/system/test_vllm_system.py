@@ -52,13 +52,6 @@ def vllm_cfg(out: Path):
     })
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=8, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def kill_when(trainer: RLVRTrainer, groups: RLVRGroups, step: int, box: dict[str, Any]) -> threading.Thread:
     """SIGKILL rollout worker 0 (its actor process; vLLM's engine processes lose their parent) as soon as
     ``step`` steps are done."""
