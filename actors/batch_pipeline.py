@@ -26,6 +26,8 @@ from actors.rollout import PromptSamples, usable_samples
 from actors.rollout_group import PendingRollout, wait_with_progress
 from r1omni_ray.advantages import compute_advantages
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.bad_records import BadRecords
+from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.sampler import batch_indices, refill_indices
 from r1omni_ray.engines.base import SamplingParams, step_seed
 from r1omni_ray.grpo import flat_groups
@@ -44,7 +46,7 @@ class StepBatch:
 
     step: int
     samples: list[PromptSamples]  # the prompts trained on
-    skipped: list[PromptSamples]  # records that failed to load (bad media)
+    skipped: list[PromptSamples]  # records found this step not to load (bad media): each counted once a run
     rewards: RewardBatch  # of the trained samples
     advantages: torch.Tensor  # [len(completions)]
     scored: RewardBatch | None = None  # every sample scored this step (refill rounds included)
@@ -60,8 +62,11 @@ class StepBatch:
 
 
 class BatchPipeline:
-    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], timer: PhaseTimer | None = None) -> None:
+    def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any], timer: PhaseTimer | None = None,
+                 bad: BadRecords | None = None) -> None:
+        """bad: the run's records known not to decode (left out of every batch; default: remembered in memory)."""
         self.cfg, self.groups, self.records = cfg, groups, records
+        self.bad = bad if bad is not None else BadRecords()
         self.timer = timer or PhaseTimer()
         rc = cfg.rollout
         self.params = SamplingParams(n=rc.group_size, temperature=rc.temperature, top_p=rc.top_p,
@@ -70,13 +75,15 @@ class BatchPipeline:
         self.window: dict[int, list[PendingRollout]] = {}  # step -> its submitted rollout
         self.stale_dropped = 0  # prompts redrawn because their samples were older than max_staleness
         self.total: int = cfg.train.steps
-        self.stream = (GroupStream(cfg, groups, records, self.params_for, self.score, self.timer)
+        self.stream = (GroupStream(cfg, groups, records, self.params_for, self.score, self.timer, self.bad)
                        if cfg.train.stream_groups else None)
 
     # ---- the window ----
     def items_for(self, step: int) -> list[tuple[int, Any]]:
+        """The step's (uid, record) pairs, less the records known not to decode (a uid is the prompt's place in
+        the step's draw, so leaving one out changes no other prompt's seed)."""
         idx = batch_indices(len(self.records), self.cfg.train.prompts_per_step, step, self.cfg.train.seed)
-        return [(uid, self.records[i]) for uid, i in enumerate(idx)]
+        return [(uid, self.records[i]) for uid, i in enumerate(idx) if self.records[i].id not in self.bad]
 
     def params_for(self, step: int, round_: int = 0) -> SamplingParams:
         seed = step_seed(self.cfg.train.seed, step) if round_ == 0 else step_seed(self.cfg.train.seed + round_, step)
@@ -159,21 +166,43 @@ class BatchPipeline:
         samples, skipped = usable_samples(samples, d.on_error)
         counters = {"async/stale_redrawn": float(len(stale)), "async/stale_redrawn_total": float(self.stale_dropped)}
         if not samples:
-            return StepBatch(step, [], skipped, RewardBatch([], {}), torch.zeros(0), None, counters)
+            return StepBatch(step, [], self.remember(step, skipped), RewardBatch([], {}), torch.zeros(0), None,
+                             counters | self.bad_counters())
         rewards = self.score(samples)
         scored = rewards
         if self.cfg.train.filter_groups:
             samples, rewards, scored, more_skipped, fc = self._filter(step, samples, rewards)
             skipped += more_skipped
             counters |= fc
-        return StepBatch(step, samples, skipped, rewards, self.advantages(rewards), scored, counters)
+        return StepBatch(step, samples, self.remember(step, skipped), rewards, self.advantages(rewards), scored,
+                         counters | self.bad_counters())
 
     def _streamed_batch(self, step: int, learner_version: int) -> StepBatch:
         assert self.stream is not None
         t = self.stream.take(step, learner_version)
+        skipped, counters = self.remember(step, t.skipped), t.counters | self.bad_counters()
         if not t.groups or t.rewards is None:
-            return StepBatch(step, [], t.skipped, RewardBatch([], {}), torch.zeros(0), None, t.counters)
-        return StepBatch(step, t.groups, t.skipped, t.rewards, self.advantages(t.rewards), t.scored, t.counters)
+            return StepBatch(step, [], skipped, RewardBatch([], {}), torch.zeros(0), None, counters)
+        return StepBatch(step, t.groups, skipped, t.rewards, self.advantages(t.rewards), t.scored, counters)
+
+    # ---- records that do not decode ----
+    def remember(self, step: int, skipped: list[PromptSamples]) -> list[PromptSamples]:
+        """Those of ``skipped`` found for the first time (the others were in flight when an earlier step found
+        them): named once, written to the run's list, left out of every later batch."""
+        new = []
+        for g in skipped:
+            reason = g.error or "the rollout returned no completions"
+            if self.bad.add(g.record_id, reason, step + 1):
+                log.warning("skipped record %r (rollout worker %d): %s; left out of the rest of the run",
+                            g.record_id, g.worker, reason)
+                new.append(g)
+        if new and len(self.bad) >= len({r.id for r in self.records}):
+            raise DataError(f"none of the {len(self.records)} training records decodes (the last: {new[-1].error}); "
+                            f"see {self.bad.path or 'the log'}")
+        return new
+
+    def bad_counters(self) -> dict[str, float]:
+        return {"data/known_bad_records": float(len(self.bad))}
 
     def advantages(self, rewards: RewardBatch) -> torch.Tensor:
         """grpo.advantage over the trained groups (group-contiguous, in prompt order)."""
@@ -211,7 +240,8 @@ class BatchPipeline:
         while len(informative()) < want and rounds < self.cfg.train.filter_max_rounds:
             rounds += 1
             idx = refill_indices(len(self.records), want - len(informative()), step, rounds, self.cfg.train.seed)
-            items = [(rounds * REFILL_UID_STRIDE + j, self.records[i]) for j, i in enumerate(idx)]
+            items = [(rounds * REFILL_UID_STRIDE + j, self.records[i]) for j, i in enumerate(idx)
+                     if self.records[i].id not in self.bad]
             params = self.params_for(step, rounds)
             with self.timer.phase("rollout"):
                 more = self.groups.rollout.collect(self.groups.rollout.submit(items, params, d.use_video, d.use_audio),

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from actors.groups import RLVRGroups
 from actors.rollout import PromptSamples, usable_samples
 from actors.rollout_group import PendingRollout
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.sampler import batch_indices
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.grpo import flat_groups
@@ -71,9 +72,11 @@ def _is_flat(rb: RewardBatch) -> bool:
 class GroupStream:
     def __init__(self, cfg: RunConfig, groups: RLVRGroups, records: list[Any],
                  params_for: Callable[[int], SamplingParams], score: Callable[[list[PromptSamples]], RewardBatch],
-                 timer: PhaseTimer) -> None:
-        """params_for(block): the sampling parameters (seed) of the block's prompts; score: the reward call."""
+                 timer: PhaseTimer, bad: Container[str] = frozenset()) -> None:
+        """params_for(block): the sampling parameters (seed) of the block's prompts; score: the reward call;
+        bad: ids of records known not to decode, whose positions pass without a call."""
         self.cfg, self.groups, self.records = cfg, groups, records
+        self.bad = bad
         self.params_for, self.score, self.timer = params_for, score, timer
         self.n = cfg.train.prompts_per_step
         self.next_pos = 0  # the first position never sent
@@ -127,6 +130,7 @@ class GroupStream:
         rollout.ensure_min()
         ids = rollout.worker_ids()
         per_worker = rc.stream_calls_per_worker or -(-limit // (len(ids) * rc.stream_chunk))
+        passed = 0  # positions passed over in a row, their records known not to decode
         while (room := limit - self.ahead()) > 0:
             load = dict.fromkeys(ids, 0)
             for p in self.in_flight:
@@ -136,9 +140,15 @@ class GroupStream:
             if load[wid] >= per_worker:
                 return
             chunk = self._next_chunk(min(rc.stream_chunk, room))
+            items = [it for it in map(self.item, chunk) if it[1].id not in self.bad]
+            if not items:  # known not to decode: nothing to send
+                passed += len(chunk)
+                if passed > 2 * len(self.records):
+                    raise DataError(f"none of the {len(self.records)} training records decodes")
+                continue
+            passed = 0
             params = self.params_for(chunk[0] // self.n)
-            self.in_flight.append(rollout.submit_to(wid, [self.item(p) for p in chunk], params, d.use_video,
-                                                    d.use_audio))
+            self.in_flight.append(rollout.submit_to(wid, items, params, d.use_video, d.use_audio))
 
     # ---- receiving ----
     def receive(self) -> None:

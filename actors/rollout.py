@@ -64,14 +64,14 @@ class PromptSamples:
 def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[PromptSamples], list[PromptSamples]]:
     """Split a step's prompts into trainable ones and records that failed to load (bad media). With
     data.on_error=raise the first bad record stops the run (a DataError naming the record and its file);
-    with skip each one is logged and the caller counts them. Learners only ever see the trainable ones."""
+    with skip the caller names, counts and remembers them (BatchPipeline.remember). Learners only ever see
+    the trainable ones."""
     bad = [g for g in samples if g.error is not None or not g.completions]
     for g in bad:
         reason = g.error or "the rollout returned no completions"
         if on_error == "raise":
             raise DataError(f"record {g.record_id!r} (rollout worker {g.worker}): {reason} "
                             "[data.on_error=raise; data.on_error=skip skips such records]")
-        log.warning("skipped record %r (rollout worker %d): %s", g.record_id, g.worker, reason)
     return [g for g in samples if g.error is None and g.completions], bad
 
 

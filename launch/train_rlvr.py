@@ -23,6 +23,8 @@ from launch.splits import load_split, load_split_counted
 from r1omni_ray.checkpointing import HF_SUBDIR, link_or_copy_tree
 from r1omni_ray.completions import split_reasoning
 from r1omni_ray.config import RunConfig, check_rlvr
+from r1omni_ray.data.bad_records import FILE_NAME as BAD_RECORDS_FILE
+from r1omni_ray.data.bad_records import BadRecords
 from r1omni_ray.learner.grpo_update import StepSpec, mini_batch_counts
 from r1omni_ray.learner.old_logprobs import old_logprob_source
 from r1omni_ray.rollout_correction import modality_tag
@@ -56,7 +58,9 @@ class RLVRTrainer:
         self.learner_restarts = 0
         self.skipped_at_load = skipped_at_load
         self.timer = PhaseTimer()
-        self.pipeline = BatchPipeline(cfg, groups, records, self.timer)
+        # Records that fail to decode, remembered for the run and across --resume (the run dir's list).
+        bad = BadRecords(Path(cfg.train.output_dir) / BAD_RECORDS_FILE, "rlvr", start_step if start_step else None)
+        self.pipeline = BatchPipeline(cfg, groups, records, self.timer, bad)
         self.pipeline.restore(pipeline_state, start_step)
         self._table: tuple[list[str], list[list[Any]]] | None = None  # this step's sample table
         self._diag_keys: set[str] = set()

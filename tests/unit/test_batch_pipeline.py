@@ -2,6 +2,7 @@
 real ones run in tests/system/test_off_policy.py): the staleness window, stale prompts redrawn, and DAPO's
 group filter with deterministic refills."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +11,8 @@ from actors.batch_pipeline import REFILL_UID_STRIDE, BatchPipeline
 from actors.rollout import PromptSamples
 from actors.rollout_group import PendingRollout
 from r1omni_ray.config import config_from_dict
+from r1omni_ray.data.bad_records import BadRecords
+from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.records import OmniRecord
 from r1omni_ray.engines.base import Completion
 from r1omni_ray.rewards import RewardSpec, score_completions
@@ -25,11 +28,16 @@ class Rollout:
     def __init__(self):
         self.version = 0
         self.submitted: list[list[int]] = []  # uids of each call
+        self.decoded: list[str] = []  # record ids sent to be decoded
 
     def submit(self, items, params, use_video=True, use_audio=True, next_items=None):
         self.submitted.append([u for u, _ in items])
+        self.decoded += [rec.id for _, rec in items]
         out = []
         for uid, rec in items:
+            if rec.label == "bad":  # its media fails to decode on the worker
+                out.append(PromptSamples(uid, rec.id, None, error=f"/data/{rec.id}.mp4: cannot open video", worker=0))
+                continue
             texts = [GOOD] * G if rec.label == "flat" else [GOOD if j % 2 else "no" for j in range(G)]
             comps = [Completion([7] * (j + 1), t, "stop", logprobs=[-0.5] * (j + 1)) for j, t in enumerate(texts)]
             inputs = SimpleNamespace(label="happy", solution="<answer>happy</answer>", prompt_ids=[1, 2])
@@ -45,11 +53,11 @@ class Rewards:
         return score_completions(texts, sols, [RewardSpec("accuracy", 1.0)])
 
 
-def make(records, **train):
+def make(records, bad=None, **train):
     cfg = config_from_dict({"rollout": {"group_size": G},
                             "train": {"steps": 10, "prompts_per_step": 4} | train})
     groups = SimpleNamespace(rollout=Rollout(), rewards=Rewards())
-    return BatchPipeline(cfg, groups, records), groups
+    return BatchPipeline(cfg, groups, records, bad=bad), groups
 
 
 def recs(labels):
@@ -103,4 +111,51 @@ def test_group_filter_short_of_signal_tops_up_with_flat_groups_and_says_so():
     assert len(batch.samples) == 4 and not batch.advantages.any()
     assert batch.counters == pytest.approx({"async/stale_redrawn": 0.0, "async/stale_redrawn_total": 0.0,
                                             "filter/rounds": 2.0, "filter/informative_groups": 0.0,
-                                            "filter/flat_groups_seen": 12.0, "filter/short_steps": 1.0})
+                                            "filter/flat_groups_seen": 12.0, "filter/short_steps": 1.0,
+                                            "data/known_bad_records": 0.0})
+
+
+def test_a_record_that_fails_to_decode_is_counted_once_and_never_decoded_again(tmp_path, caplog):
+    """Six epochs over 8 records, one of them bad, with steps submitted 2 ahead: it is named, counted and
+    listed once (a step already in flight when it was found does not count it again), then never sent."""
+    records = recs(["happy"] * 7 + ["bad"])
+    bad = BadRecords(tmp_path / "skipped_records.jsonl", "rlvr")
+    pipe, groups = make(records, bad=bad, max_staleness=2, steps=12)
+    counted, sent_after = [], []
+    with caplog.at_level("WARNING", logger="r1omni_ray"):
+        for step in range(12):
+            pipe.fill(step)
+            batch = pipe.next_batch(step, learner_version=step)
+            counted.append(len(batch.skipped))
+            assert "r7-bad" not in [g.record_id for g in batch.samples]
+            if sum(counted) and not batch.skipped:
+                sent_after.append(groups.rollout.decoded.count("r7-bad"))
+    assert sum(counted) == 1 and batch.counters["data/known_bad_records"] == 1.0
+    assert caplog.text.count("skipped record 'r7-bad'") == 1 and "left out of the rest of the run" in caplog.text
+    # sent at most once more: the steps already in flight when it was found, then never again
+    assert len(set(sent_after)) == 1 and groups.rollout.decoded.count("r7-bad") <= 3
+    lines = [json.loads(x) for x in (tmp_path / "skipped_records.jsonl").read_text().splitlines()]
+    assert lines == [{"record": "r7-bad", "phase": "rlvr", "step": lines[0]["step"],
+                      "reason": "/data/r7-bad.mp4: cannot open video"}]
+
+
+def test_the_bad_record_list_survives_resume_and_a_fresh_run_starts_its_own(tmp_path):
+    path = tmp_path / "skipped_records.jsonl"
+    sft = BadRecords(path, "sft")
+    assert sft.add("clip-1", "no audio track", None) and not sft.add("clip-1", "no audio track", None)
+    run = BadRecords(path, "rlvr")
+    run.add("clip-2", "truncated", 3)
+    run.add("clip-3", "garbage", 9)
+    resumed = BadRecords(path, "rlvr", resume_step=5)  # steps 6.. are replayed: what they found is found again
+    assert "clip-2" in resumed and "clip-3" not in resumed and "clip-1" not in resumed and len(resumed) == 1
+    assert [json.loads(x)["record"] for x in path.read_text().splitlines()] == ["clip-1", "clip-2"]
+    fresh = BadRecords(path, "rlvr")  # a new RLVR run (--overwrite) keeps the SFT stage's entries only
+    assert len(fresh) == 0 and [json.loads(x)["phase"] for x in path.read_text().splitlines()] == ["sft"]
+    path.write_text(path.read_text() + '{"record": "cut-sh')  # a crash mid-write
+    assert len(BadRecords(path, "sft", resume_step=0)) == 1
+
+
+def test_a_run_where_no_record_decodes_stops_with_a_named_error():
+    pipe, _ = make(recs(["bad"] * 4))
+    with pytest.raises(DataError, match="none of the 4 training records decodes .*cannot open video"):
+        pipe.next_batch(0, learner_version=0)

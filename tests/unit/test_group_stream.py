@@ -145,3 +145,13 @@ def test_the_group_filter_streams_on_past_flat_groups():
     b = run(pipe, 1)[0]
     assert len(b.samples) == N and b.counters["filter/short_steps"] == 1
     assert b.counters["filter/flat_groups_seen"] == 3 * N and b.counters["filter/rounds"] == 2
+
+
+def test_a_record_that_fails_to_decode_is_counted_once_and_its_positions_pass_without_a_call():
+    pipe, groups = make(recs(["happy"] * 7 + ["bad"]), steps=12)
+    batches = run(pipe, 12)  # six epochs of the 8 records
+    assert sum(len(b.skipped) for b in batches) == 1
+    assert batches[-1].counters["data/known_bad_records"] == 1.0
+    assert groups.rollout.decoded.count("r7-bad") <= 2  # found, plus a call already in flight then
+    # the step that found it trains N - 1 groups (as an unstreamed step does); the rest are full
+    assert sorted(len(b.samples) for b in batches) == [N - 1] + [N] * 11
