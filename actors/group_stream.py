@@ -197,7 +197,7 @@ class GroupStream:
             g = a.group
             if a.rewards is None:
                 skipped.append(g)
-                examined += 1
+                examined += g.record_id not in self.bad  # one already known was in flight when found: no slot
                 continue
             if learner_version - g.weight_version > k:  # never trained on: drawn again with newer weights
                 stale += 1

@@ -15,6 +15,8 @@ from launch.common import Prepared, base_parser, init_ray, parse_config, prepare
 from launch.preflight import preflight
 from launch.splits import load_split
 from r1omni_ray.config import ConfigError, RunConfig
+from r1omni_ray.data.bad_records import FILE_NAME as BAD_RECORDS_FILE
+from r1omni_ray.data.bad_records import BadRecords
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.sampler import shared_micro_batches, split_even
 from r1omni_ray.tracking import RunLogger, progress
@@ -34,6 +36,7 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
     # SFT needs only the learners: the SFT learning rate, no reference model.
     learners = LearnerGroup(cfg, prep.ckpt_dir, lr=cfg.sft.lr, with_reference=False)
     n = cfg.learner.num_learners
+    bad = BadRecords(Path(cfg.train.output_dir) / BAD_RECORDS_FILE, "sft")  # the run's list (skipped_records.jsonl)
     step = 0
     bar = progress(total=cfg.sft.epochs * math.ceil(len(records) / cfg.sft.batch_size), desc="SFT", unit="batch",
                    leave=True)
@@ -42,7 +45,8 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
             order = np.random.default_rng([cfg.train.seed, 7919, epoch]).permutation(len(records))
             losses = []
             for start in range(0, len(order), cfg.sft.batch_size):
-                batch = [records[i] for i in order[start : start + cfg.sft.batch_size]]
+                # records known not to decode are left out, never decoded again (bad.add_all below)
+                batch = [records[i] for i in order[start : start + cfg.sft.batch_size] if records[i].id not in bad]
                 bar.update(1)
                 if len(batch) < n:
                     continue
@@ -54,14 +58,19 @@ def run_sft(cfg: RunConfig, prepared: Prepared | None = None, logger: RunLogger 
                 if errors:  # data.on_error=raise: every rank stopped before training on the batch
                     raise DataError(next((e for e in errors if e), "an SFT record failed to load") +
                                     " [data.on_error=raise; data.on_error=skip skips such records]")
-                for o in outs:
-                    for reason in o["skipped_reasons"]:
-                        log.warning("SFT: skipped %s", reason)
+                new = bad.add_all(((rid, reason) for o in outs
+                                   for rid, reason in zip(o["skipped_ids"], o["skipped_reasons"], strict=True)),
+                                  step=step)
+                for o in outs:  # named once a run: a learner keeps a bad record's failure, later epochs repeat it
+                    for rid, reason in zip(o["skipped_ids"], o["skipped_reasons"], strict=True):
+                        if rid in new:
+                            log.warning("SFT: skipped %s", reason)
                 loss = sum(o["sft_loss"] for o in outs)
                 acc = statistics.fmean(o["sft_token_acc"] for o in outs)
                 losses.append(loss)
                 logger.log({"sft/loss": loss, "sft/token_acc": acc, "sft/epoch": epoch, "sft/step": step,
-                            "sft/skipped_records": sum(o["skipped_records"] for o in outs)}, step=step)
+                            "sft/skipped_records": float(len(new)), "sft/known_bad_records": float(len(bad))},
+                           step=step)
                 step += 1
                 bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             log.info("SFT epoch %d: mean loss %.4f", epoch, statistics.fmean(losses) if losses else float("nan"))

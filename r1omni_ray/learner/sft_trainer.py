@@ -51,6 +51,7 @@ class SFTTrainer:
         out: dict[str, Any] = self.step(prompts, targets, num_micro, weights)
         out["skipped_records"] = float(len(errors))
         out["skipped_reasons"] = errors
+        out["skipped_ids"] = [rec.id for rec, e in zip(records, entries, strict=True) if isinstance(e, str)]
         return out
 
     def step(self, prompts: list[Any], targets: list[list[int]], num_micro: int,

@@ -188,3 +188,14 @@ def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
         assert learner[True]["total"] == pytest.approx(sum(v for k, v in learner[True].items() if k != "total"), abs=0.05)
     big = next(r for r in out if r["model"] == "7b" and r["role"] == "learner" and r["gradient_checkpointing"])
     assert big["params_total"] > 7e9 and big["fits"]
+
+
+@pytest.mark.timeout(300)
+def test_decode_benchmark_runs():
+    recs = _run_module("bench.decode", ["--seconds", "2", "--repeats", "1"], 240)
+    assert recs[0]["bench"] == "decode"
+    clips = recs[1:]
+    assert [r["clip"] for r in clips] == ["keyframe_every_1s", "one_keyframe"]
+    assert all(r["pyav_s"] > 0 for r in clips)
+    if recs[0]["decord"]:  # where decord 0.6 installs, both decoded the same frames
+        assert all(r["frames_equal"] is True and r["pyav_over_decord"] > 0 for r in clips)

@@ -29,7 +29,7 @@ REQUIRED = [
     # rollout membership (issue #23)
     "rollout/num_workers", "rollout/pending_workers", "rollout/target_workers", "rollout/joined", "rollout/left",
     "rollout/lost",
-    "data/skipped_records", "data/skipped_at_load", "data/skipped_steps", "reward/errors",
+    "data/skipped_records", "data/skipped_at_load", "data/skipped_steps", "data/known_bad_records", "reward/errors",
 ]
 LEARNER_OUT = {"loss": 0.1, "policy_loss": 0.08, "kl_loss": 0.02, "kl": 0.5, "clip_frac": 0.1, "entropy": 2.0,
                "grad_norm": 0.7, "lr": 1e-5, "approx_kl": 0.01}
