@@ -19,12 +19,13 @@ import ray
 import torch
 
 from actors.common import device, gpu_ids, node_ip, setup_process
+from actors.load_progress import LoadProgress
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia
 from r1omni_ray.engines.base import Completion, RolloutEngine, SamplingParams
-from r1omni_ray.engines.vllm_engine import VLLMEngine  # imports vllm only when one starts
+from r1omni_ray.engines.vllm_engine import VLLMEngine, export_key  # imports vllm only when one starts
 from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_broadcast import (
@@ -90,10 +91,13 @@ class RolloutWorker:
 
         self.index = index
         mc = self.cfg.model
-        self.processor = OmniProcessor.from_pretrained(
-            ckpt_dir, towers=mc.towers(), input_style=self.cfg.data.input_style
-        )
-        model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
+        # Each phase of the start is reported as it begins (RolloutGroup names the one that holds a slow start).
+        progress = LoadProgress(f"rollout-worker-{index}")
+        with progress.phase("policy load"):
+            self.processor = OmniProcessor.from_pretrained(
+                ckpt_dir, towers=mc.towers(), input_style=self.cfg.data.input_style
+            )
+            model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
         self.model = model  # the engine's front end: its frozen towers give the features shipped to learners
         self.ship_vision, self.ship_audio = mc.shipped_tower_features()
         self.engine: RolloutEngine
@@ -102,13 +106,16 @@ class RolloutWorker:
                 model, self.processor.tokenizer, rc.export_dir, rc.tensor_parallel_size, rc.gpu_memory_utilization,
                 dtype=str(model.dtype).removeprefix("torch."), max_model_len=rc.max_model_len,
                 stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos, kv_cache_gib=rc.kv_cache_gib,
-                enforce_eager=rc.enforce_eager, threads=rc.torch_threads,
+                enforce_eager=rc.enforce_eager, threads=rc.torch_threads, on_phase=progress.callback(),
+                export_key=export_key(ckpt_dir),
             )
         else:
             from r1omni_ray.engines.hf_engine import HFEngine
 
-            self.engine = HFEngine(model, self.processor.tokenizer, shared_prefix=rc.shared_prefix,
-                                 stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
+            with progress.phase("hf engine"):
+                self.engine = HFEngine(model, self.processor.tokenizer, shared_prefix=rc.shared_prefix,
+                                     stop_on_checkpoint_eos=rc.stop_on_checkpoint_eos)
+        self.load_s = dict(progress.done)
         if torch.cuda.is_available():
             self.processor.feature_device = "cuda"  # the Whisper features' STFT beside the towers
         self.decoder = MediaDecoder(
@@ -124,7 +131,7 @@ class RolloutWorker:
         return {"index": self.index, "node_ip": node_ip(), "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "version": self.version, "engine": type(self.engine).__name__,
                 "ifname": os.environ.get("GLOO_SOCKET_IFNAME"),
-                "gpu_ids": gpu_ids()}
+                "gpu_ids": gpu_ids(), "load_s": self.load_s}
 
     def rollout(
         self, items: list[tuple[int, Any]], params: SamplingParams, use_video: bool = True, use_audio: bool = True,

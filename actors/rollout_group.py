@@ -16,6 +16,7 @@ import ray
 from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 
+from actors import load_progress
 from actors.calls import ActorCallError, Attempt, retry_replacing
 from actors.placement import (
     CapacityError,
@@ -29,12 +30,17 @@ from actors.placement import (
 )
 from actors.rollout import PromptSamples, RolloutWorker
 from actors.scale_control import ScaleRefused
-from r1omni_ray.config import RunConfig
+from r1omni_ray.config import ConfigError, RunConfig
 from r1omni_ray.data.sampler import split_even
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.tracking import progress
 
 log = logging.getLogger("r1omni_ray")
+
+
+class WorkerLoadTimeout(ConfigError):
+    """A rollout worker took longer than rollout.load_timeout_s to load (placement was not the problem): the
+    run stops at start with the phase it was in."""
 
 
 class PendingRollout(NamedTuple):
@@ -57,6 +63,8 @@ class WorkerSlot:
     placed: Any  # ObjectRef of pg.ready()
     actor: Any = None
     loaded: Any = None  # ObjectRef of actor.info()
+    started: float | None = None  # time.monotonic() when its actor was started (loading since)
+    warned: bool = False  # told the log it is past rollout.load_timeout_s
 
     @property
     def name(self) -> str:
@@ -77,8 +85,9 @@ def _kill(slot: WorkerSlot) -> None:
 
 class RolloutGroup:
     def __init__(self, cfg: RunConfig, ckpt_dir: str) -> None:
-        """Starts once rollout.min_workers workers are loaded (a PlacementError after
-        ray.placement_timeout_s); the rest of rollout.num_workers join at later step boundaries."""
+        """Starts once rollout.min_workers workers are loaded; the rest of rollout.num_workers join at later
+        step boundaries. Placement is timed by ray.placement_timeout_s (a PlacementError), each worker's load
+        by rollout.load_timeout_s (a WorkerLoadTimeout naming the phase it is in)."""
         self.cfg, self.ckpt_dir = cfg, ckpt_dir
         rc = cfg.rollout
         self.gpus_per_worker = rollout_gpus_per_worker(cfg)
@@ -143,10 +152,12 @@ class RolloutGroup:
                     continue
                 s.actor = self._make(s)
                 s.loaded = s.actor.info.remote()
+                s.started = time.monotonic()
             if not ray.wait([s.loaded], timeout=0)[0]:
+                self._check_load(s)
                 continue
             try:
-                ray.get(s.loaded)
+                info = ray.get(s.loaded)
             except Exception as e:  # noqa: BLE001 - its node went, or it failed to load
                 self.pending.remove(s)
                 _kill(s)
@@ -158,8 +169,26 @@ class RolloutGroup:
                 self._fill()
                 continue
             self._load_failures = 0
+            load_progress.forget(s.name)
+            phases = ", ".join(f"{k} {v:.0f} s" for k, v in (info.get("load_s") or {}).items())
+            log.info("%s loaded in %.0f s (%s)", s.name, time.monotonic() - (s.started or time.monotonic()), phases)
             loaded.append(s)
         return loaded
+
+    def _check_load(self, s: WorkerSlot) -> str | None:
+        """A worker loading past rollout.load_timeout_s: the message (logged once) naming the phase it is in;
+        _wait_for stops the run with it where the run cannot go on without that worker."""
+        limit = self.cfg.rollout.load_timeout_s
+        if s.started is None or time.monotonic() - s.started <= limit:
+            return None
+        where = load_progress.describe(load_progress.read(s.name))
+        msg = (f"{s.name} has been loading for {time.monotonic() - s.started:.0f} s, over rollout.load_timeout_s="
+               f"{limit:g} ({where}); a 7B start with vLLM (load, LM export, profile, compile, CUDA graphs) "
+               "takes minutes: raise rollout.load_timeout_s if this phase is expected to take that long")
+        if not s.warned:
+            s.warned = True
+            log.warning("%s", msg)
+        return msg
 
     def admit(self) -> int:
         """Loaded workers join (up to the target). Their weights are not current: the caller re-forms the
@@ -225,12 +254,17 @@ class RolloutGroup:
             if len(self.active) >= n:
                 return
             left = deadline - time.monotonic()
-            if left <= 0:
+            loading = [s for s in self.pending if s.actor is not None]
+            overdue = [m for s in loading if (m := self._check_load(s))]
+            if overdue and len(self.active) + len(loading) - len(overdue) < n:
+                raise WorkerLoadTimeout(overdue[0]) if self.on_join is None else CapacityError(overdue[0])
+            # the timeout is placement's: once enough workers are placed, their loading is timed on its own
+            if left <= 0 and len(self.active) + len(loading) < n:
                 err = unschedulable(self.cfg, f"rollout workers ({len(self.active)} of rollout.min_workers={n} up)",
                                     n - len(self.active), self.bundle, timeout_s, knob)
                 raise err if self.on_join is None else CapacityError(str(err))  # at start / mid-run
             refs = [s.loaded if s.actor is not None else s.placed for s in self.pending]
-            ray.wait(refs, num_returns=1, timeout=min(left, 1.0))
+            ray.wait(refs, num_returns=1, timeout=min(max(left, 0.0), 1.0) or 1.0)
 
     def resize(self, n: int) -> str:
         """Move the target to ``n`` workers: new ones are requested now and join at a step boundary once

@@ -145,6 +145,10 @@ class RolloutConfig:
     max_workers: int | None = knob(None, ge=1)
     # Below min_workers mid-run (nodes gone), wait this long for capacity, then stop with a checkpoint.
     capacity_timeout_s: float = knob(600.0, gt=0)
+    # A worker's start once placed (ray.placement_timeout_s times placement): policy load, LM export, and for
+    # vLLM its load, memory profile, torch.compile and CUDA-graph capture, minutes at 7B. Past it the run (at
+    # start) stops naming the phase under way; a join past it is logged once and may still complete.
+    load_timeout_s: float = knob(1800.0, gt=0)
     # Ask Ray's autoscaler for the target's resources (ray.autoscaler.sdk.request_resources), and accept a
     # resize beyond the cluster's free resources (the workers wait for the nodes it adds).
     autoscale: bool = False

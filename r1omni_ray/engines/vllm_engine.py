@@ -22,6 +22,7 @@ group's address go through collective_rpc.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -106,6 +107,76 @@ def export_lm_dir(model: HumanOmniQwen2ForCausalLM, tokenizer, out_dir: str | Pa
     save_file(lm, str(out / "model.safetensors"))
     tokenizer.save_pretrained(out)
     return out
+
+
+def export_key(ckpt_dir: str | Path) -> str:
+    """What a worker's LM export holds: the checkpoint it starts from (its path and its weight files' sizes
+    and times). Workers of a node starting from the same checkpoint share one export."""
+    root = Path(ckpt_dir).resolve()
+    files = sorted(p for p in root.glob("*") if p.suffix in {".safetensors", ".bin"} and p.is_file())
+    return json.dumps([str(root)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files])
+
+
+def export_path(base: str | Path | None, lm_config: dict[str, Any], dtype: str, tensor_parallel_size: int) -> Path:
+    """The node-local folder vLLM loads the LM from: the same path for every start of the same architecture,
+    whatever the checkpoint, because vLLM keys its torch.compile cache by the model path among other things
+    (vllm/config/model.py ModelConfig.compute_hash hashes ``model``): a replacement or added worker then
+    finds its compiled graphs instead of compiling for minutes."""
+    ident = json.dumps([lm_config, dtype, tensor_parallel_size], sort_keys=True, default=str)
+    return Path(base or tempfile.gettempdir()) / f"r1omni-vllm-lm-{hashlib.sha1(ident.encode()).hexdigest()[:12]}"
+
+
+class NodeExport:
+    """One LM export per node at a stable path (export_path), shared by the node's workers: written under an
+    exclusive file lock unless it already holds this checkpoint (a marker file says which), read under a shared
+    one while vLLM loads it, and removed by the last reader to let go (the whole LM: 15 GB at 7B)."""
+
+    MARKER = ".r1omni-export-key"
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self.lock_file = None
+
+    def acquire(self, write: Callable[[Path], Any]) -> Path:
+        """The export for this key, written now by ``write(folder)`` unless present; held shared until release."""
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.lock_file = open(self.path.with_name(self.path.name + ".lock"), "a+")  # noqa: SIM115 - held until release
+        while True:
+            fcntl.flock(self.lock_file, fcntl.LOCK_SH)  # readers share: a second worker does not wait for a first
+            if self._holds_key():
+                return self.path
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX)  # writing waits until no worker of the node reads it
+            if not self._holds_key():
+                shutil.rmtree(self.path, ignore_errors=True)
+                tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+                shutil.rmtree(tmp, ignore_errors=True)
+                write(tmp)
+                (tmp / self.MARKER).write_text(self.key)
+                tmp.rename(self.path)
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)  # then read it as any worker does (checked again)
+
+    def _holds_key(self) -> bool:
+        marker = self.path / self.MARKER
+        return marker.is_file() and marker.read_text() == self.key
+
+    def release(self) -> None:
+        """Done reading: the last reader of the node removes the export."""
+        import fcntl
+
+        if self.lock_file is None:
+            return
+        try:
+            fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(self.path, ignore_errors=True)  # nobody else holds it
+        except BlockingIOError:
+            pass  # another worker of this node is loading from it; it removes it
+        finally:
+            fcntl.flock(self.lock_file, fcntl.LOCK_UN)
+            self.lock_file.close()
+            self.lock_file = None
 
 
 def check_version(version: str, platform: str) -> None:
@@ -283,10 +354,15 @@ class VLLMEngine:
         enforce_eager: bool | None = None,
         threads: int = 1,
         llm_overrides: dict[str, Any] | None = None,
+        on_phase: Callable[[str | None], None] | None = None,
+        export_key: str | None = None,
     ) -> None:
         """export_dir: node-local folder for the LM export that vLLM loads at start (None: the system's
-        temporary folder); it is deleted once vLLM has read it. llm_overrides: further vllm.LLM arguments,
-        over the ones derived here (benchmarks: enable_prefix_caching=False)."""
+        temporary folder); it is deleted once vLLM has read it. export_key: what the export holds (export_key()
+        of the worker's checkpoint): the export then goes to the node's stable path (NodeExport). llm_overrides: further vllm.LLM arguments,
+        over the ones derived here (benchmarks: enable_prefix_caching=False). on_phase(name): told as each phase of
+        the start begins (None: done), for a start that takes minutes to say where it is."""
+        phase = on_phase or (lambda name: None)
         # vLLM's INFO lines (several per request batch) stay out of the run's log unless asked for; read when
         # vLLM is imported, here and in every process it spawns.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
@@ -304,11 +380,19 @@ class VLLMEngine:
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
         self.tp = tensor_parallel_size
-        # The export is the full LM (15 GB at 7B): on node-local storage, in a folder of its own (mkdtemp: no
-        # two workers of a node, nor a restarted one, share it), removed as soon as vLLM has loaded it.
-        lm_dir = Path(tempfile.mkdtemp(prefix="r1omni-vllm-lm-", dir=export_dir))
+        # The export is the full LM (15 GB at 7B), on node-local storage. With export_key (the rollout worker's
+        # checkpoint) it goes to the node's stable path (NodeExport: vLLM's compile cache is found again by a
+        # later start); without one, to a folder of its own. Either way it is removed once vLLM has loaded it.
+        shared = (NodeExport(export_path(export_dir, model.config.to_dict(), dtype, tensor_parallel_size), export_key)
+                  if export_key is not None else None)
+        lm_dir = None
         try:
-            export_lm_dir(model, tokenizer, lm_dir)
+            phase("LM export")
+            if shared is not None:
+                lm_dir = shared.acquire(lambda out: export_lm_dir(model, tokenizer, out))
+            else:
+                lm_dir = Path(tempfile.mkdtemp(prefix="r1omni-vllm-lm-", dir=export_dir))
+                export_lm_dir(model, tokenizer, lm_dir)
             # The front end needs the token embedding but not the decoder stack, its final norm or an untied LM
             # head (1 GB at 7B), which vLLM holds and which updates no longer send here: drop them before vLLM
             # measures free GPU memory.
@@ -318,11 +402,16 @@ class VLLMEngine:
                 model.lm_head = torch.nn.Identity()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            phase("vLLM start (load, profile, compile, CUDA graphs)")
             self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
                                               max_model_len, kv_cache_gib, enforce_eager,
                                               model.config.max_position_embeddings) | (llm_overrides or {}))
         finally:
-            shutil.rmtree(lm_dir, ignore_errors=True)
+            if shared is not None:
+                shared.release()
+            elif lm_dir is not None:
+                shutil.rmtree(lm_dir, ignore_errors=True)
+            phase(None)
         self._vllm = vllm
         self.frontend = model.eval()
         self._params = dict(self.frontend.named_parameters())

@@ -12,16 +12,19 @@ import torch
 from r1omni_ray.learner.policy import DeepSpeedPolicy
 
 
-def full_state(policy: DeepSpeedPolicy) -> dict[str, torch.Tensor]:
-    """Full (gathered) weights on CPU, for checks and HF export (collective under ZeRO-3)."""
+def full_state(policy: DeepSpeedPolicy, keep: bool = True) -> dict[str, torch.Tensor]:
+    """Full (gathered) weights on CPU, for checks and HF export (collective under ZeRO-3: every rank gathers
+    every parameter in the same order). keep=False: take part in the gathers and keep nothing (a rank that
+    does not write: at 7B a host copy is ~15 GB per rank, ~136 GB on an 8-GPU node)."""
     import deepspeed
 
     out = {}
     for n, p in policy.module.named_parameters():
         if policy.zero3:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
-                out[n] = p.data.detach().cpu().clone()
-        else:
+                if keep:
+                    out[n] = p.data.detach().cpu().clone()
+        elif keep:
             out[n] = p.data.detach().cpu().clone()
     return out
 
@@ -31,8 +34,11 @@ def save_hf(policy: DeepSpeedPolicy, src_ckpt: str, out_dir: str) -> str | None:
     Tokenizer, processors and tower folders come from the checkpoint the run started from."""
     from safetensors.torch import save_file
 
-    state = full_state(policy)  # collective under ZeRO-3
-    if policy.rank != 0:
+    writer = policy.rank == 0
+    if not writer and not policy.zero3:
+        return None  # nothing collective to take part in
+    state = full_state(policy, keep=writer)  # collective under ZeRO-3; only the writer keeps the host copy
+    if not writer:
         return None
     model = policy.module
     out = Path(out_dir)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -16,10 +17,12 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors import load_progress
 from actors.calls import ActorCallError
 from actors.groups import RLVRGroups
+from actors.load_progress import LoadProgress
 from actors.placement import CapacityError
-from actors.rollout_group import RolloutGroup
+from actors.rollout_group import RolloutGroup, WorkerLoadTimeout
 from actors.scale_control import ScaleRefused
 from launch.checkpointer import Checkpointer
 from launch.train_rlvr import RLVRTrainer
@@ -118,7 +121,7 @@ def test_worker_joins_with_a_new_node_and_leaves_with_it_zero3_overlap(tiny_ckpt
         cluster.shutdown()
 
 
-def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path):
+def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path, caplog):
     """The scale command's answers, on a live group: out of [min, max], and more than the cluster's free
     resources without rollout.autoscale; then a shrink that applies at the boundary."""
     ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
@@ -131,7 +134,22 @@ def test_resize_bounds_and_capacity_refusals_change_nothing(tiny_ckpt, tmp_path)
         bad = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, max_restarts=0))
         with pytest.raises(ActorCallError, match=r"rollout-worker-\d+\.__init__ failed"):
             RolloutGroup(bad, str(tmp_path / "no_such_checkpoint"))
-        groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+        # Loading is timed on its own (not by ray.placement_timeout_s), and a slow one is named with its phase.
+        slow = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, load_timeout_s=0.5))
+        with pytest.raises(WorkerLoadTimeout, match=r"rollout-worker-\d+ has been loading for \d+ s, over "
+                                                    r"rollout.load_timeout_s=0.5 \((in '|no progress)"):
+            RolloutGroup(slow, str(tiny_ckpt))
+        progress = LoadProgress("probe")
+        with progress.phase("policy load"):
+            assert load_progress.describe(load_progress.read("probe")).startswith("in 'policy load' for ")
+        with progress.phase("vLLM start"):
+            assert "after policy load 0 s" in load_progress.describe(load_progress.read("probe"))
+        assert list(load_progress.read("probe")["done"]) == ["policy load", "vLLM start"]
+        load_progress.forget("probe")
+        assert load_progress.read("probe") is None
+        with caplog.at_level("INFO", logger="r1omni_ray"):
+            groups = RLVRGroups.build(cfg, str(tiny_ckpt), LABELS)
+        assert re.search(r"rollout-worker-\d+ loaded in \d+ s \(policy load \d+ s, hf engine \d+ s\)", caplog.text)
         try:
             before = groups.rollout.state()
             with pytest.raises(ScaleRefused, match=r"outside \[rollout.min_workers, rollout.max_workers\] = \[1, 4\]"):

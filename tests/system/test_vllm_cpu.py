@@ -87,10 +87,17 @@ def engine(world, tmp_path_factory):
     with torch.no_grad():
         lens = [e.shape[0] for e in policy.embed_prompts(prompts)]
     assert min(lens) > CPU_BLOCK, lens  # every prompt has a full block for the prefix cache
+    from r1omni_ray.engines.vllm_engine import export_key, export_path
+
     export_dir = tmp_path_factory.mktemp("vllm_export")
-    eng = VLLMEngine(policy, proc.tokenizer, export_dir, dtype="float32", max_model_len=512)
-    # The LM export (15 GB at 7B) is gone once vLLM has loaded it; the engine still samples (the tests below).
-    assert list(export_dir.iterdir()) == []
+    phases = []
+    eng = VLLMEngine(policy, proc.tokenizer, export_dir, dtype="float32", max_model_len=512,
+                     on_phase=phases.append, export_key=export_key(ckpt))
+    # The LM export (15 GB at 7B) went to the node's stable path (what vLLM's compile cache is keyed by) and is
+    # gone once vLLM has loaded it; only its lock file stays. The engine still samples (the tests below).
+    stable = export_path(export_dir, policy.config.to_dict(), "float32", 1)
+    assert [p.name for p in export_dir.iterdir()] == [stable.name + ".lock"]
+    assert phases == ["LM export", "vLLM start (load, profile, compile, CUDA graphs)", None]
     # The actor keeps the front end only: what vLLM holds (layers, final norm) is not a second copy here.
     assert not any(n.startswith(("model.layers.", "model.norm.")) for n in eng.named_tensors())
     yield eng

@@ -155,3 +155,38 @@ def test_engine_args_per_platform():
         check_version("0.33.0", "cpu")
     env = cpu_process_env(3)
     assert env["OMP_NUM_THREADS"] in ("3", __import__("os").environ.get("OMP_NUM_THREADS"))
+
+
+def test_the_export_path_is_stable_per_architecture_and_shared_by_a_nodes_workers(tmp_path):
+    """vLLM keys its compile cache by the model path: every start of the same architecture (any checkpoint)
+    exports to one path. Workers of a node share it: written once per checkpoint, rewritten for another,
+    kept while any of them still loads from it, removed by the last."""
+    from r1omni_ray.engines.vllm_engine import NodeExport, export_key, export_path
+
+    cfg = {"hidden_size": 64, "num_hidden_layers": 2}
+    path = export_path(tmp_path, cfg, "bfloat16", 1)
+    assert path == export_path(tmp_path, dict(cfg), "bfloat16", 1) != export_path(tmp_path, cfg, "bfloat16", 2)
+    assert path != export_path(tmp_path, cfg | {"num_hidden_layers": 3}, "bfloat16", 1)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"v0")
+    key = export_key(ckpt)
+    writes = []
+
+    def write(out):
+        writes.append(out.name)
+        out.mkdir()
+        (out / "model.safetensors").write_text("weights")
+
+    a, b = NodeExport(path, key), NodeExport(path, key)
+    assert a.acquire(write) == path and b.acquire(write) == path
+    assert len(writes) == 1  # the second worker of the node found it
+    a.release()
+    assert path.is_dir()  # b still loads from it
+    b.release()
+    assert not path.exists()  # the last one removed it (15 GB at 7B)
+    (ckpt / "model.safetensors").write_bytes(b"v1-longer")  # another checkpoint version: same path, new content
+    c = NodeExport(path, export_key(ckpt))
+    assert c.acquire(write) == path and len(writes) == 2
+    assert (path / NodeExport.MARKER).read_text() == export_key(ckpt) != key
+    c.release()
