@@ -99,8 +99,9 @@ class WeightSync:
                 for i, r in enumerate(results):
                     if r.get(dest, 0):
                         joins[i][dest] = (backend, host, port, first[i], world)
-            calls = [("learner-0", "init_sync_group", learner0.init_sync_group.remote(groups, lc.dist_timeout_s))]
-            calls += [(n, "init_sync_group", w.init_sync_group.remote(joins[i], lc.dist_timeout_s))
+            timeout = lc.broadcast_timeout()
+            calls = [("learner-0", "init_sync_group", learner0.init_sync_group.remote(groups, timeout))]
+            calls += [(n, "init_sync_group", w.init_sync_group.remote(joins[i], timeout))
                       for i, (n, w) in enumerate(zip(workers.names(), workers.workers, strict=True))]
             results = settle(calls)
             if dead := self._dead_ids(results, 1):
@@ -123,7 +124,7 @@ class WeightSync:
         def attempt() -> Attempt:
             if not workers.active:  # all gone: the replacements get these weights when they join
                 return Attempt(True, [], {})
-            # A worker that died while idle would leave the collective waiting for learner.dist_timeout_s:
+            # A worker that died while idle would leave the collective waiting for learner.broadcast_timeout_s:
             # ask every member first (a dead actor answers at once) and drop the dead before starting.
             if dead := self._dead_ids(settle([(n, "info", w.info.remote())
                                           for n, w in zip(workers.names(), workers.workers, strict=True)])):

@@ -283,6 +283,10 @@ class LearnerConfig:
     # refuses two ranks on one device). auto decides from where Ray placed them; nccl | gloo force it.
     broadcast_backend: str = knob("auto", choices={"auto", "nccl", "gloo"})
     dist_timeout_s: float = knob(300.0, gt=0)
+    # The weight broadcast's own timeout (join and every collective): short, so a receiver that died or failed
+    # mid-broadcast frees learner-0 in seconds, its NCCL communicator aborted (not left to PyTorch's watchdog,
+    # which may kill the process) and the replace-and-retry path taken. None: min(dist_timeout_s, 120).
+    broadcast_timeout_s: float | None = knob(None, gt=0)
     broadcast_bucket_mb: float = knob(64.0, ge=0)
     # A learner lost mid-run (its node gone, its process killed): the group is rebuilt in the job, loaded from
     # the latest checkpoint (the start, before the first), re-synced, and the steps since replayed; at most
@@ -297,6 +301,10 @@ class LearnerConfig:
             self.correction()  # its rules are CorrectionConfig's
         except ValueError as e:
             raise ConfigError(f"learner.{e}") from None
+
+    def broadcast_timeout(self) -> float:
+        """The weight broadcast's timeout in seconds (broadcast_timeout_s with its default)."""
+        return self.broadcast_timeout_s if self.broadcast_timeout_s is not None else min(self.dist_timeout_s, 120.0)
 
     def correction(self) -> CorrectionConfig:
         """The correction maths' view of this section."""

@@ -10,6 +10,7 @@ the vLLM worker processes and the front end's to the rollout actors, so nothing 
 from __future__ import annotations
 
 import datetime
+import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -131,6 +132,10 @@ class BroadcastGroup:
             if backend == "gloo":
                 self.pg = dist.ProcessGroupGloo(store, rank, world_size, self.timeout)
             elif backend == "nccl":
+                # A timed-out collective aborts the communicator and raises in wait() (CleanUpOnly), instead
+                # of the watchdog's default of tearing the whole process down: the caller then replaces the
+                # failed member and retries, as on gloo. Read when the group is made; this group's only.
+                os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "2"
                 opts = dist.ProcessGroupNCCL.Options()
                 opts._timeout = self.timeout
                 self.pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
@@ -155,6 +160,9 @@ class BroadcastGroup:
         self.wait(self.broadcast_async(tensor, src))
 
     def broadcast_async(self, tensor: torch.Tensor, src: int = 0) -> dist.Work:
+        if self.pg is None:
+            raise CollectiveError(f"{self.name}: the weight-broadcast group was aborted after a failed collective "
+                                  "(or closed); it is re-formed before it is used again")
         try:
             return self.pg.broadcast(tensor, src)
         except Exception as e:
@@ -167,6 +175,9 @@ class BroadcastGroup:
             raise self._error(e) from e
 
     def _error(self, e: Exception) -> CollectiveError:
+        """A failed or timed-out collective: the communicator is aborted now (a NCCL one would otherwise keep
+        its peers' kernels waiting), and the failure named; the group is re-formed before the next use."""
+        self.close()
         return CollectiveError(
             f"{self.name}: weight broadcast (rank {self.rank}/{self.world_size}) failed or timed out "
             f"after {self.timeout.total_seconds():.0f}s: {e}"

@@ -478,7 +478,7 @@ def test_hung_collectives_time_out_naming_the_actor(groups, records):
     n = groups.cfg.train.prompts_per_step * G
     batches, spec = _prepared_batches(groups, records, [1.0, -1.0] * (n // 2))
 
-    # A weight broadcast that the learner never sends: the waiting worker gives up after dist_timeout_s.
+    # A weight broadcast that the learner never sends: the waiting worker gives up after broadcast_timeout_s.
     t0 = time.monotonic()
     w = groups.rollout.workers[1]
     with pytest.raises(ActorCallError, match="rollout-worker-1.receive_weights") as ei:
