@@ -6,16 +6,23 @@ the LM for Qwen2.5-7B's published dimensions (hidden 3584, 28 layers, 28 heads /
 vocab 152064, untied head) with the same towers and projector kind. Parameter counts are exact (counted on
 the built model); the rest is arithmetic, each term printed:
 - learner: bf16 weights, bf16 gradients and fp32 Adam state (master, m, v) of the trainable part, each
-  divided by the ZeRO stage's sharding; the reference (sharded under ZeRO-3, else whole while its pass
-  runs); activations of one micro-batch (one prompt group through the shared prefix: the prompt once, G
+  divided by the ZeRO stage's sharding; DeepSpeed's fp32 gradient partition (the optimizer steps in fp32);
+  torch AdamW's foreach temporaries (one fp32 copy of the partition: sqrt of v); ZeRO's communication buckets
+  at DeepSpeed's defaults (ZeRO-1/2: reduce + all-gather buckets of 5e8 elements, x4.5 with overlap_comm as
+  DeepSpeed documents; ZeRO-3: up to stage3_max_live_parameters 1e9 gathered plus the 5e7 prefetch bucket and
+  the reduce bucket); learner-0's weight-broadcast staging (two slots of learner.broadcast_bucket_mb, plus one
+  gathered bucket under ZeRO-3); the reference (sharded under ZeRO-3, else whole while its pass runs);
+  activations of one micro-batch (one prompt group through the shared prefix: the prompt once, G
   completions), kept per layer without gradient checkpointing, one layer's worth plus layer inputs with it;
-  the completion logits (bf16, kept for backward) and one sequence's float32 row.
-- rollout (vLLM): the LM's bf16 weights per tensor-parallel rank, plus on the actor's GPU the front end
-  (towers, projectors, token embedding); the KV cache takes what gpu_memory_utilization leaves.
-Not counted: CUDA context (~0.5-1 GB), NCCL buffers, allocator fragmentation (often 10-20%), DeepSpeed's
-prefetch/bucket buffers (bounded by its config), learner-0's two weight-broadcast staging buffers
-(2 x learner.broadcast_bucket_mb). A measured peak belongs beside these numbers
-(tests/system/test_gpu_memory.py measures one on a GPU when one is lent).
+  the completion logits (bf16, kept for backward) and one sequence's float32 row. At start-up the whole bf16
+  model sits on every GPU before deepspeed.initialize partitions it (the policy is loaded, then moved):
+  "plan_peak" is the larger of that and the steady total, what a user should plan for.
+- rollout (vLLM): the LM's bf16 weights per tensor-parallel rank inside vLLM's share (gpu_memory_utilization
+  of the GPU), plus outside it: on the actor's GPU the front end (towers, projectors, token embedding) and its
+  receive staging bucket; on every vLLM GPU the engine's receive staging bucket and the copy vLLM's weight
+  loader makes of a bucket's tensors while it loads them (reload). The KV cache takes what the share leaves.
+Not counted: CUDA context (~0.5-1 GB), NCCL's own buffers, allocator fragmentation (often 10-20%). A measured
+peak belongs beside these numbers (tests/system/test_gpu_memory.py measures one on a GPU when one is lent).
 
 Run: python -m bench.memory_model [--gpu-gib 80]
 """
@@ -127,20 +134,47 @@ def micro_batch_bytes(c: Counts, prompts: int, prompt_tokens: int, completions: 
     return {"activations": act, "logits": 2 * completions * new_tokens * c.vocab + 4 * new_tokens * c.vocab}
 
 
-def learner_gib(c: Counts, cfg: RunConfig, prompt_tokens: int = PROMPT_TOKENS) -> dict[str, float]:
+# DeepSpeed's ZeRO defaults (elements), which deepspeed_config() leaves as they are
+REDUCE_BUCKET = 5e8
+ALLGATHER_BUCKET = 5e8
+STAGE3_MAX_LIVE = 1e9
+STAGE3_PREFETCH = 5e7
+
+
+def zero_bucket_bytes(z: int, overlap: bool) -> float:
+    """bf16 bytes of ZeRO's communication buffers at DeepSpeed's default bucket sizes."""
+    if z == 3:
+        return 2 * (STAGE3_MAX_LIVE + STAGE3_PREFETCH + REDUCE_BUCKET)
+    if z in (1, 2):
+        return 2 * (REDUCE_BUCKET + ALLGATHER_BUCKET) * (4.5 if overlap else 1.0)
+    return 0.0
+
+
+def learner_gib(c: Counts, cfg: RunConfig, prompt_tokens: int = PROMPT_TOKENS, rank0: bool = True) -> dict[str, float]:
+    """One learner GPU; rank0: learner-0, which also stages the weight broadcast."""
     lc, rc = cfg.learner, cfg.rollout
     n, z = lc.num_learners, lc.zero_stage
     weights = 2 * c.total / (n if z == 3 else 1)
     grads = 2 * c.trainable / (n if z >= 2 else 1)
     optim = 12 * c.trainable / (n if z >= 1 else 1)
+    fp32_grads = 4 * c.trainable / (n if z >= 1 else 1)
+    adam_temps = 4 * c.trainable / (n if z >= 1 else 1)
+    overlap = True if lc.overlap_comm is None else lc.overlap_comm  # None: on, on GPUs
+    bucket = lc.broadcast_bucket_mb * 2**20
+    staging = (2 + (1 if z == 3 else 0)) * bucket if rank0 else 0.0
     ref = 0.0
     if lc.use_reference and cfg.grpo.beta > 0:
         ref = 2 * c.reference / n if z == 3 else 2 * c.reference  # offloaded below ZeRO-3: on the GPU for its pass
     prompts = max(1, lc.micro_batch_size // rc.group_size) if lc.shared_prefix else lc.micro_batch_size
-    parts = {"weights": weights, "grads": grads, "optimizer": optim, "reference": ref}
+    parts = {"weights": weights, "grads": grads, "optimizer": optim, "fp32_grads": fp32_grads,
+             "adamw_temporaries": adam_temps, "zero_buckets": zero_bucket_bytes(z, overlap),
+             "broadcast_staging": staging, "reference": ref}
     parts |= micro_batch_bytes(c, prompts, prompt_tokens, lc.micro_batch_size, rc.max_new_tokens,
                                lc.gradient_checkpointing)
-    return {k: v / GIB for k, v in parts.items()} | {"total": sum(parts.values()) / GIB}
+    total = sum(parts.values())
+    startup = 2 * c.total  # the loaded model, moved to the GPU whole before ZeRO partitions it
+    return {k: v / GIB for k, v in parts.items()} | {"total": total / GIB, "startup": startup / GIB,
+                                                     "plan_peak": max(total, startup) / GIB}
 
 
 def rollout_gib(c: Counts, cfg: RunConfig, gpu_gib: float) -> dict[str, float]:
@@ -148,8 +182,14 @@ def rollout_gib(c: Counts, cfg: RunConfig, gpu_gib: float) -> dict[str, float]:
     lm = 2 * c.lm / rc.tensor_parallel_size / GIB
     front = 2 * c.front_end / GIB
     budget = rc.gpu_memory_utilization * gpu_gib  # vLLM's share of the GPU: weights + activations + KV cache
+    bucket = cfg.learner.broadcast_bucket_mb / 1024
+    # Outside vLLM's share: the actor's front end and its receive staging (GPU 0), and on every vLLM GPU the
+    # engine's receive staging plus the loader's copy of a bucket (reload).
+    engine_extra = 2 * bucket
     return {"vllm_weights_per_gpu": lm, "front_end_on_gpu0": front, "vllm_budget": budget,
-            "kv_cache_left": budget - lm, "total_gpu0": budget + front}
+            "actor_staging": bucket, "engine_staging": bucket, "reload_copy": bucket,
+            "kv_cache_left": budget - lm, "total_gpu0": budget + front + bucket + engine_extra,
+            "total_other_gpus": budget + engine_extra}
 
 
 def rows(gpu_gib: float) -> list[dict[str, Any]]:
@@ -165,7 +205,7 @@ def rows(gpu_gib: float) -> list[dict[str, Any]]:
             out.append(base | {"role": "learner", "zero_stage": cfg.learner.zero_stage,
                                "num_learners": cfg.learner.num_learners, "gradient_checkpointing": ckpt,
                                "gib": {k: round(v, 2) for k, v in est.items()},
-                               "fits": est["total"] < gpu_gib})
+                               "fits": est["plan_peak"] < gpu_gib})
         est = rollout_gib(c, cfg, gpu_gib)
         out.append(base | {"role": "rollout", "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
                            "gib": {k: round(v, 2) for k, v in est.items()},

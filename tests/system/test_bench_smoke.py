@@ -185,7 +185,11 @@ def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
     for m in ("0.5b", "7b"):
         learner = {r["gradient_checkpointing"]: r["gib"] for r in out if r["model"] == m and r["role"] == "learner"}
         assert learner[True]["activations"] < learner[False]["activations"]
-        assert learner[True]["total"] == pytest.approx(sum(v for k, v in learner[True].items() if k != "total"), abs=0.05)
+        parts = {k: v for k, v in learner[True].items() if k not in ("total", "startup", "plan_peak")}
+        assert learner[True]["total"] == pytest.approx(sum(parts.values()), abs=0.05)
+        assert learner[True]["plan_peak"] == max(learner[True]["total"], learner[True]["startup"])
+        # what issue 34 found missing is counted
+        assert {"fp32_grads", "adamw_temporaries", "zero_buckets", "broadcast_staging"} <= set(parts)
     big = next(r for r in out if r["model"] == "7b" and r["role"] == "learner" and r["gradient_checkpointing"])
     assert big["params_total"] > 7e9 and big["fits"]
 
