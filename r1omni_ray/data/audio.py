@@ -70,8 +70,8 @@ def _load_with_librosa(path: str, sample_rate: int, why: str) -> np.ndarray:
 
 
 def declared_seconds(path: str) -> float | None:
-    """The audio stream's duration as the file's headers declare it (None where they don't): what a complete
-    file decodes to, give or take the codec's priming and padding."""
+    """The audio stream's duration as the file's headers declare it (None where they don't, e.g. many webm/mkv):
+    what a complete file decodes to, give or take the codec's priming and padding."""
     import av
 
     try:
@@ -79,9 +79,9 @@ def declared_seconds(path: str) -> float | None:
             if not container.streams.audio:
                 return None
             stream = container.streams.audio[0]
-            if stream.duration and stream.time_base:
-                return float(stream.duration * stream.time_base)
-            return container.duration / 1e6 if container.duration else None
+            # the audio stream's own duration only: a container's (its longest stream's) may rightly exceed a
+            # shorter audio track
+            return float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
     except (av.error.FFmpegError, OSError, ValueError):
         return None
 
