@@ -324,6 +324,17 @@ def test_bad_media_is_skipped_counted_and_never_reaches_the_learners(groups, bad
     assert m["samples"] == 2 * G  # only the two good records were trained on
     assert "bad-truncated-video" in caplog.text
 
+    # Remembered for the run: listed with their reasons in the run dir, never sent (or counted) again, and
+    # read back by a resumed trainer.
+    listed = [json.loads(x) for x in (Path(cfg.train.output_dir) / "skipped_records.jsonl").read_text().splitlines()]
+    assert {e["record"]: e["reason"] for e in listed} == errors and {e["step"] for e in listed} == {1}
+    again = tr.pipeline.next_batch(1, groups.sync.version)
+    assert again.skipped == [] and len(again.samples) == 2 and again.counters["data/known_bad_records"] == 4.0
+    assert tr.train_on(again)["data/skipped_records"] == 0.0
+    resumed = RLVRTrainer(cfg, groups, recs, None, LABELS, RunLogger(Path(cfg.train.output_dir), cfg.wandb, {}),
+                          start_step=2)
+    assert len(resumed.pipeline.bad) == 4 and not resumed.pipeline.next_batch(2, groups.sync.version).skipped
+
     # data.on_error=raise: the run stops with a DataError naming the record and the file, in the driver.
     rcfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, on_error="raise"))
     with pytest.raises(DataError) as ei:

@@ -2,7 +2,6 @@
 with the gpu extra: `pytest -m gpu tests/system/test_vllm_gpu.py`."""
 
 import importlib.util
-import os
 
 import pytest
 import torch
