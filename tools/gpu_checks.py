@@ -138,14 +138,21 @@ def check_vllm_actor() -> bool:
         ray.shutdown()
 
 
+# The train check's run: tiny_cpu.yaml's model and data, one ZeRO-3 bf16 learner on the GPU (checked on CPU by
+# tests/unit/test_gpu_check_config.py: every key exists and the combination passes the config's rules).
+TRAIN_OVERRIDES = [
+    "train.steps=3", "train.prompts_per_step=4", "learner.num_learners=1", "learner.zero_stage=3",
+    "learner.gradient_checkpointing=true", "learner.num_gpus_per_learner=1", "learner.micro_batch_size=8",
+    "model.dtype=bfloat16", "rollout.engine=hf", "rollout.num_workers=1", "rollout.group_size=4",
+    "rollout.max_new_tokens=16", "data.synthetic.num_train=16", "data.synthetic.num_eval=8",
+    "data.synthetic.num_sft=8", "wandb.mode=offline",
+]
+
+
 def check_train() -> bool:
     out = Path(tempfile.mkdtemp()) / "rlvr"
     cmd = [sys.executable, "-m", "launch.train_rlvr", "--config", str(ROOT / "configs" / "tiny_cpu.yaml"),
-           "--overwrite", f"train.output_dir={out}", "train.steps=3", "train.prompts_per_step=4",
-           "learner.num_learners=1", "learner.zero_stage=3", "learner.gradient_checkpointing=true",
-           "learner.num_gpus_per_learner=1", "learner.micro_batch_size=8", "model.dtype=bfloat16",
-           "rollout.engine=hf", "rollout.num_workers=1", "rollout.group_size=4", "rollout.max_new_tokens=16",
-           "data.synthetic.num_train=16", "data.synthetic.num_eval=8", "data.synthetic.num_sft=8", "wandb.mode=offline"]
+           "--overwrite", f"train.output_dir={out}", *TRAIN_OVERRIDES]
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()] if (out / "metrics.jsonl").exists() else []
