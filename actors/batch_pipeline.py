@@ -187,11 +187,17 @@ class BatchPipeline:
 
     # ---- records that do not decode ----
     def remember(self, step: int, skipped: list[PromptSamples]) -> list[PromptSamples]:
-        """Those of ``skipped`` found for the first time (the others were in flight when an earlier step found
-        them): named once, written to the run's list, left out of every later batch."""
+        """Those of ``skipped`` to count this step: a record whose media failed, the first time (the others were
+        in flight when an earlier step found them), named once, written to the run's list and left out of every
+        later batch; and any group that came back without completions (not the record's fault: not remembered)."""
         new = []
         for g in skipped:
-            reason = g.error or "the rollout returned no completions"
+            if g.error is None:  # no completions came back: not the record's media, so not remembered
+                log.warning("skipped record %r (rollout worker %d): the rollout returned no completions",
+                            g.record_id, g.worker)
+                new.append(g)
+                continue
+            reason = g.error
             if self.bad.add(g.record_id, reason, step + 1):
                 log.warning("skipped record %r (rollout worker %d): %s; left out of the rest of the run",
                             g.record_id, g.worker, reason)

@@ -159,3 +159,22 @@ def test_a_run_where_no_record_decodes_stops_with_a_named_error():
     pipe, _ = make(recs(["bad"] * 4))
     with pytest.raises(DataError, match="none of the 4 training records decodes .*cannot open video"):
         pipe.next_batch(0, learner_version=0)
+
+
+def test_a_group_without_completions_is_counted_but_not_remembered():
+    """Only a record whose media failed is left out for the rest of the run: an empty group is not its fault."""
+    pipe, groups = make(recs(["happy"] * 4))
+    real_submit = groups.rollout.submit
+
+    def empty_first(items, params, *a, **k):
+        pending = real_submit(items, params, *a, **k)
+        for p in pending:
+            for s in p.ref:
+                if s.record_id == "r0-happy":
+                    s.completions = []
+        return pending
+
+    groups.rollout.submit = empty_first
+    batch = pipe.next_batch(0, learner_version=0)
+    assert [g.record_id for g in batch.skipped] == ["r0-happy"] and len(pipe.bad) == 0
+    assert "r0-happy" in [rec.id for _, rec in pipe.items_for(1)]  # every step draws all 4: still drawn
