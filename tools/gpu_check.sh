@@ -21,7 +21,7 @@ run() {  # name, timeout (s), command...
   echo "{\"check\": \"$name\", \"seconds\": $((SECONDS - t0)), \"line\": $(printf '%s' "${line:-}" | "$PY" -c 'import json,sys; print(json.dumps(sys.stdin.read()))')}" >> "$out"
 }
 "$PY" -c 'import torch; assert torch.cuda.is_available(), "no CUDA GPU"; print(torch.cuda.get_device_name(0))' || exit 1
-run gpu_tests 240 bash -c "'$PY' -m pytest -q -m gpu tests -p no:cacheprovider | tail -n 1"
+run gpu_tests 240 bash -c "set -o pipefail; '$PY' -m pytest -q -m gpu tests -p no:cacheprovider | tail -n 1"
 run nccl 60 "$PY" -m tools.gpu_checks nccl
 run vllm_actor 180 "$PY" -m tools.gpu_checks vllm_actor
 run train 180 "$PY" -m tools.gpu_checks train
