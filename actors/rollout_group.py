@@ -72,6 +72,7 @@ class WorkerSlot:
 
 
 def _kill(slot: WorkerSlot) -> None:
+    load_progress.forget(slot.name)  # its load report, if it was still loading
     if slot.actor is not None:
         try:
             ray.kill(slot.actor, no_restart=True)
