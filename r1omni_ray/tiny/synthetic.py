@@ -175,18 +175,24 @@ def write_mp4(
     fps: int = 8,
     sample_rate: int = SAMPLE_RATE,
     faststart: bool = False,
+    codec: str = "libx264",
+    pix_fmt: str = "yuv420p",
+    container_format: str = "mp4",
+    options: dict[str, str] | None = None,
 ) -> Path:
     """Write an H.264 (yuv420p) .mp4 from ``[T, H, W, 3]`` uint8 frames, with an AAC mono track
     from ``wave`` when given.  ``frames=None`` writes an audio-only container. ``faststart``: the index
-    (moov) before the media, as streamed files have it."""
+    (moov) before the media, as streamed files have it. ``codec``, ``pix_fmt``, ``container_format`` and the
+    encoder's ``options`` (None: x264 ultrafast, crf 18, one thread) make other kinds of clip
+    (tests/reference/decoder/make_reference.py)."""
     import av
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if frames is None and wave is None:
         raise ValueError("need frames and/or wave")
-    options = {"movflags": "faststart"} if faststart else {}
-    with av.open(str(path), mode="w", format="mp4", options=options) as container:
+    mux_options = {"movflags": "faststart"} if faststart else {}
+    with av.open(str(path), mode="w", format=container_format, options=mux_options) as container:
         vstream = astream = None
         if frames is not None:
             frames = np.asarray(frames, dtype=np.uint8)
@@ -194,10 +200,10 @@ def write_mp4(
                 raise ValueError(f"frames must be [T, H, W, 3], got {frames.shape}")
             h, w = frames.shape[1:3]
             if h % 2 or w % 2:
-                raise ValueError(f"yuv420p needs even frame sizes, got {h}x{w}")
-            vstream = container.add_stream("libx264", rate=Fraction(fps))
-            vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
-            vstream.options = {"preset": "ultrafast", "crf": "18", "threads": "1"}
+                raise ValueError(f"chroma-subsampled video needs even frame sizes, got {h}x{w}")
+            vstream = container.add_stream(codec, rate=Fraction(fps))
+            vstream.width, vstream.height, vstream.pix_fmt = w, h, pix_fmt
+            vstream.options = {"preset": "ultrafast", "crf": "18", "threads": "1"} if options is None else options
         if wave is not None:
             astream = container.add_stream("aac", rate=sample_rate)
             astream.layout = "mono"

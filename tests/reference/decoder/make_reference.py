@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import json
 import struct
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+
+from r1omni_ray.tiny.synthetic import write_mp4
 
 HERE = Path(__file__).resolve().parent
 NUM_FRAMES = 8  # HumanOmni's frame count
@@ -39,45 +40,9 @@ def _tone(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
 
 
 def _video(path: Path, frames: np.ndarray, codec: str = "libx264", pix_fmt: str = "yuv420p", fmt: str = "mp4",
-           options: dict | None = None, audio: np.ndarray | None = None, audio_rate: int = SAMPLE_RATE) -> None:
-    import av
-
-    with av.open(str(path), "w", format=fmt) as c:
-        v = c.add_stream(codec, rate=Fraction(10))
-        v.width, v.height, v.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
-        v.options = ({"threads": "1"} if codec == "libx264" else {}) | (options or {})
-        a = None
-        if audio is not None:
-            a = c.add_stream("aac", rate=audio_rate)
-            a.layout = "mono"
-        for i, img in enumerate(frames):
-            f = av.VideoFrame.from_ndarray(img, format="rgb24").reformat(format=pix_fmt)
-            f.pts = i
-            for p in v.encode(f):
-                c.mux(p)
-        for p in v.encode():
-            c.mux(p)
-        if a is not None:
-            af = av.AudioFrame.from_ndarray(np.ascontiguousarray(audio.reshape(1, -1)), format="fltp", layout="mono")
-            af.sample_rate, af.pts = audio_rate, 0
-            for p in a.encode(af):
-                c.mux(p)
-            for p in a.encode(None):
-                c.mux(p)
-
-
-def _audio_only(path: Path, wave: np.ndarray, rate: int) -> None:
-    import av
-
-    with av.open(str(path), "w", format="mp4") as c:
-        a = c.add_stream("aac", rate=rate)
-        a.layout = "mono"
-        af = av.AudioFrame.from_ndarray(np.ascontiguousarray(wave.reshape(1, -1)), format="fltp", layout="mono")
-        af.sample_rate, af.pts = rate, 0
-        for p in a.encode(af):
-            c.mux(p)
-        for p in a.encode(None):
-            c.mux(p)
+           options: dict | None = None, audio: np.ndarray | None = None) -> None:
+    write_mp4(path, frames, audio, fps=10, codec=codec, pix_fmt=pix_fmt, container_format=fmt,
+              options=({"threads": "1"} if codec == "libx264" else {}) | (options or {}))
 
 
 def rotate_mp4(src: Path, dst: Path, degrees: int) -> None:
@@ -114,7 +79,7 @@ def main() -> None:
     rotate_mp4(HERE / "short5.mp4", HERE / "rot270.mp4", 270)
     sf.write(HERE / "stereo_44k.wav", _tone(0.3, 44100, 2, 7), 44100)
     sf.write(HERE / "stereo_48k_pcm16.wav", _tone(0.3, 48000, 2, 8), 48000, subtype="PCM_16")
-    _audio_only(HERE / "aac_44k.m4a", _tone(0.5, 44100, 1, 9)[:, 0], 44100)
+    write_mp4(HERE / "aac_44k.m4a", None, _tone(0.5, 44100, 1, 9)[:, 0], sample_rate=44100)
 
     import decord  # after the encoding: its bundled ffmpeg 4.1 libraries break PyAV's VP9 encoder when loaded first
 
