@@ -102,6 +102,10 @@ class OmniInputs:
     prompt: str = ""  # the rendered prompt text (with the <video>/<audio> placeholders)
     vision_feats: torch.Tensor | None = None  # a frozen vision tower's output, in place of pixel_values
     audio_feats: torch.Tensor | None = None  # a frozen audio tower's pooled output, in place of audio_features
+    # Families with multi-axis rotary positions (Qwen2.5-Omni's TMRoPE): [axes, len(prompt_ids)] long; None for
+    # plain 1-D positions. And the video's (t, h, w) patch grid, which that family's vision tower needs.
+    positions: torch.Tensor | None = None
+    video_grid_thw: tuple[int, int, int] | None = None
 
     def split_media(self) -> tuple[OmniInputs, PromptMedia]:
         """(these inputs without their tensors, the tensors)."""

@@ -14,6 +14,7 @@ this path has no such case. tests/unit/test_decoder_reference.py holds the clips
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,13 @@ def decode_frames(path: str | os.PathLike, num_frames: int, threads: int = 0) ->
     """``[num_frames, H, W, 3]`` uint8 RGB frames at ``sample_frame_indices(total, num_frames)``: equal to
     decord 0.6's ``VideoReader(path, ctx=cpu(0)).get_batch(indices).asnumpy()``. ``threads``: ffmpeg's decode
     threads (0: its own choice). Raises :class:`MediaError` naming the file for anything undecodable."""
+    return read_frames(path, lambda total, fps: sample_frame_indices(total, num_frames), threads)[0]
+
+
+def read_frames(path: str | os.PathLike, choose: Callable[[int, float], Sequence[int]], threads: int = 0
+                ) -> tuple[np.ndarray, float]:
+    """The frames at ``choose(total frames, average fps)`` (decord's frame numbering, as ``decode_frames``), and
+    that fps. Raises :class:`MediaError` naming the file for anything undecodable."""
     import av
 
     path = os.fspath(path)
@@ -96,7 +104,11 @@ def decode_frames(path: str | os.PathLike, num_frames: int, threads: int = 0) ->
             index = _frame_index(container, stream)
             if not index.pts:
                 raise MediaError("video has no frames", file=path)
-            indices = sample_frame_indices(len(index.pts), num_frames)
+            rate = stream.average_rate or stream.guessed_rate
+            fps = float(rate) if rate else 0.0
+            if fps <= 0:
+                raise MediaError("video stream declares no frame rate", file=path)
+            indices = list(choose(len(index.pts), fps))
             frames = _decode_at(container, stream, index, sorted(set(indices)), threads)
         except av.error.FFmpegError as e:
             raise MediaError(f"cannot decode video: {media_cause(e, path)}", file=path) from None
@@ -104,7 +116,7 @@ def decode_frames(path: str | os.PathLike, num_frames: int, threads: int = 0) ->
     if missing:
         raise MediaError(f"video ends before frame {missing[0]} of the {len(index.pts)} its packets index "
                          "(truncated or corrupt)", file=path)
-    return np.stack([frames[i] for i in indices])
+    return np.stack([frames[i] for i in indices]), fps
 
 
 @dataclass(frozen=True)

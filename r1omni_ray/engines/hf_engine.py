@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -10,7 +11,8 @@ from transformers.cache_utils import Cache
 
 from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, stop_token_ids, trim_at_eos
 from r1omni_ray.engines.shared_prefix import ATTN_NAME, shared_prefix_cache
-from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
+from r1omni_ray.model.decode_positions import DecodePositions
+from r1omni_ray.model.modeling import MMPrompt
 
 
 class PerSampleSampler:
@@ -76,8 +78,21 @@ class MinNewTokens:
         return scores
 
 
+def left_padded_positions(rows: Sequence[torch.Tensor] | None, width: int, n: int) -> DecodePositions | None:
+    """The prompts' multi-axis positions ([axes, L_i] each) left-padded to ``width`` and repeated for the n
+    samples of each prompt (prompt-major rows), with each row's next position; None for 1-D families, whose
+    positions generate() derives itself."""
+    if rows is None:
+        return None
+    table = torch.zeros(rows[0].shape[0], len(rows), width, dtype=torch.long, device=rows[0].device)
+    for i, r in enumerate(rows):
+        table[:, i, width - r.shape[1] :] = r
+    nxt = torch.tensor([int(r.max()) + 1 for r in rows], device=table.device)
+    return DecodePositions(table.repeat_interleave(n, dim=1), nxt.repeat_interleave(n))
+
+
 class HFEngine:
-    def __init__(self, model: HumanOmniQwen2ForCausalLM, tokenizer, max_batch_prompts: int = 16,
+    def __init__(self, model: Any, tokenizer, max_batch_prompts: int = 16,
                  shared_prefix: bool = True, stop_on_checkpoint_eos: bool = True) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -112,6 +127,7 @@ class HFEngine:
             x[i, width - e.shape[0] :] = e
             att[i, width - e.shape[0] :] = 1
         n = 1 if params.greedy else params.n
+        decode = left_padded_positions(self.model.prompt_positions(prompts), width, n)
         temp = 1.0 if params.greedy else params.temperature
         processors: list = []
         if params.min_new_tokens > 0:
@@ -124,15 +140,20 @@ class HFEngine:
             # Rows are prompt-major: row i * n + j is sample j of prompt i.
             seeds = [sample_seed(base, uid, j) for uid in uids for j in range(n)]
             processors.append(PerSampleSampler(seeds, params.temperature, params.top_p, x.device))
-        cache = self._prefill(x[:, :-1], att[:, :-1], n) if self.shared_prefix and n > 1 and width > 1 else None
-        # The shared-prefix attention only while this cache is in use (it falls back to SDPA otherwise).
-        attn = self.model.config._attn_implementation
+        prefill = self.shared_prefix and n > 1 and width > 1
+        cache = self._prefill(x[:, :-1], att[:, :-1], n, decode) if prefill else None
+        # The shared-prefix attention only while this cache is in use (it falls back to SDPA otherwise). The
+        # decoder layers read the attention choice off the LM's config (a composite model's text config).
+        lm_config = self.model.model.config
+        attn = lm_config._attn_implementation
         if cache is not None:
-            self.model.config._attn_implementation = ATTN_NAME
+            lm_config._attn_implementation = ATTN_NAME
+        self.model.decode_positions = decode
         try:
             seqs = self._generate(x, att, n, cache, params, processors)
         finally:
-            self.model.config._attn_implementation = attn
+            lm_config._attn_implementation = attn
+            self.model.decode_positions = None
         lp = recorder.finish(seqs) if recorder is not None else None
         groups: list[list[Completion]] = []
         for i in range(len(prompts)):
@@ -163,12 +184,15 @@ class HFEngine:
             logits_processor=processors or None,
         )  # only new tokens when generating from inputs_embeds
 
-    def _prefill(self, x: torch.Tensor, att: torch.Tensor, n: int) -> Cache:
+    def _prefill(self, x: torch.Tensor, att: torch.Tensor, n: int, decode: DecodePositions | None) -> Cache:
         """KV cache of the left-padded prompts, each computed once and shared by its n samples (the ~1k-token
         omni prompt is prefilled once, not n times, and decoding reads one copy of it: see shared_prefix).
-        Positions as generate() derives them from the attention mask, so the continuation sees exactly the
-        cache it would have built itself."""
-        pos = (att.cumsum(-1) - 1).masked_fill(att == 0, 0)
+        Positions as generate() derives them from the attention mask (or, for multi-axis positions, the
+        prompts' own), so the continuation sees exactly the cache it would have built itself."""
+        if decode is None:
+            pos = (att.cumsum(-1) - 1).masked_fill(att == 0, 0)
+        else:  # one row per prompt: the table's rows are prompt-major, n per prompt
+            pos = decode.table[:, ::n, : x.shape[1]]
         prompt = self.model.model(inputs_embeds=x, attention_mask=att, position_ids=pos, use_cache=True)
         return shared_prefix_cache(prompt.past_key_values, n)
 

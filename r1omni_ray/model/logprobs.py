@@ -131,7 +131,8 @@ def right_pad_ids(seqs: Sequence[Sequence[int]], width: int, device: torch.devic
 
 
 class CompletionLogprobs:
-    """Mixed into HumanOmniQwen2ForCausalLM (which provides embed_prompts, the LM and its head)."""
+    """Mixed into each policy family's model (which provides embed_prompts, the LM ``model`` and ``lm_head``;
+    a family with multi-axis positions also prompt_positions)."""
 
     device: torch.device
     config: Any
@@ -175,9 +176,9 @@ class CompletionLogprobs:
         """
         pe = self.embed_prompts(prompts)
         if shared_prefix:
-            h = self._shared_prefix_hidden(pe, prompt_index, completions)
+            h = self._shared_prefix_hidden(prompts, pe, prompt_index, completions)
         else:
-            h = self._packed_hidden(pe, prompt_index, completions)
+            h = self._packed_hidden(prompts, pe, prompt_index, completions)
         cmax = max(max((len(c) for c in completions), default=1), 1)
         targets, mask = right_pad_ids(completions, cmax, self.device)
         mask = mask.float()
@@ -189,32 +190,62 @@ class CompletionLogprobs:
                 ent = entropy_from_logits(logits, temperature) * mask
         return logp, mask, ent
 
-    def _packed_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
+    def prompt_positions(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor] | None:
+        """Each prompt's [axes, L] rotary positions, for families with several axes (Qwen2.5-Omni's TMRoPE);
+        None: plain 0..L-1, the LM's own default."""
+        return None
+
+    def _positions(self, prompts: Sequence[MMPrompt], pe: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[int]]:
+        """([axes, L_i] positions, the position after each prompt): a completion continues from the prompt's
+        largest position + 1 on every axis (for 1-D positions: at the prompt's length)."""
+        rows = self.prompt_positions(prompts)
+        if rows is None:
+            rows = [torch.arange(e.shape[0], device=self.device)[None] for e in pe]
+        return rows, [int(r.max()) + 1 if r.numel() else 0 for r in rows]
+
+    @staticmethod
+    def _lm_positions(pos: torch.Tensor) -> torch.Tensor:
+        """[axes, N, L] -> what the LM takes: [N, L] for one axis, else [axes, N, L]."""
+        return pos[0] if pos.shape[0] == 1 else pos
+
+    def _packed_hidden(self, prompts: Sequence[MMPrompt], pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
                        completions: Sequence[Sequence[int]]) -> torch.Tensor:
         """Per-completion forward: the hidden states that predict each completion token, [N, C, H]."""
         batch = self.pack(pe, prompt_index, completions)
-        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask).last_hidden_state
+        rows, nxt = self._positions(prompts, pe)
+        width = batch.inputs_embeds.shape[1]
+        pos = torch.zeros(rows[0].shape[0], len(completions), width, dtype=torch.long, device=self.device)
+        for i, (pi, cl) in enumerate(zip(prompt_index, batch.completion_lens, strict=True)):
+            pl = batch.prompt_lens[i]
+            pos[:, i, :pl] = rows[pi]
+            pos[:, i, pl : pl + cl] = nxt[pi] + torch.arange(cl, device=self.device)
+        hidden = self.model(inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask,
+                            position_ids=self._lm_positions(pos)).last_hidden_state
         cmax = max(max(batch.completion_lens), 1)
         idx = torch.zeros(len(completions), cmax, dtype=torch.long, device=self.device)
         for i, (pl, cl) in enumerate(zip(batch.prompt_lens, batch.completion_lens, strict=True)):
             idx[i, :cl] = torch.arange(pl - 1, pl - 1 + cl, device=self.device)  # state t predicts token t+1
         return torch.gather(hidden, 1, idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
-    def _shared_prefix_hidden(self, pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
+    def _shared_prefix_hidden(self, prompts: Sequence[MMPrompt], pe: Sequence[torch.Tensor], prompt_index: Sequence[int],
                               completions: Sequence[Sequence[int]]) -> torch.Tensor:
         """Shared-prefix forward, same result as ``_packed_hidden``: the prompts (right-padded) run once with
         a KV cache; the cache rows are gathered per completion (a differentiable index, so gradients flow back
-        into the shared prompt); the completions then attend to it, positions continuing at each prompt's own
-        length past the padding gap, which the attention mask hides. Both caches survive gradient
+        into the shared prompt); the completions then attend to it, positions continuing after each prompt's
+        own (past the padding gap, which the attention mask hides). Both caches survive gradient
         checkpointing's replay (model/prefix_cache.py)."""
         dev = self.device
         plens = [e.shape[0] for e in pe]
         x, pmask = right_pad(pe)
-        ppos = torch.arange(max(plens), device=dev).expand(len(pe), -1)
-        cache = prompt_cache(self.config.num_hidden_layers)
+        rows, nxt = self._positions(prompts, pe)
+        ppos = torch.zeros(rows[0].shape[0], len(pe), max(plens), dtype=torch.long, device=dev)
+        for i, r in enumerate(rows):
+            ppos[:, i, : r.shape[1]] = r
+        cache = prompt_cache(len(self.model.layers))
         # use_cache=False: the layers fill the cache given to them all the same; True would only make a
         # checkpointed layer warn that it turned caching off.
-        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=ppos, past_key_values=cache, use_cache=False)
+        out = self.model(inputs_embeds=x, attention_mask=pmask, position_ids=self._lm_positions(ppos),
+                         past_key_values=cache, use_cache=False)
         index = torch.tensor(list(prompt_index), dtype=torch.long, device=dev)
         last = torch.tensor([plens[p] - 1 for p in prompt_index], device=dev)
         first = out.last_hidden_state[index, last][:, None]  # the prompt's last state predicts token 0
@@ -225,9 +256,10 @@ class CompletionLogprobs:
         steps = max(real_steps, 1)
         embed = self.get_input_embeddings()
         ids, cmask = right_pad_ids([c[:-1] for c in completions], steps, dev)  # an empty completion: no input
-        cpos = torch.tensor([plens[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
+        cpos = torch.tensor([nxt[p] for p in prompt_index], device=dev)[:, None] + torch.arange(steps, device=dev)
+        cpos = cpos[None].expand(ppos.shape[0], -1, -1)
         hidden = self.model(inputs_embeds=embed(ids).to(x.dtype), attention_mask=torch.cat([pmask[index], cmask], 1),
-                            position_ids=cpos, past_key_values=completion_cache(cache, index),
+                            position_ids=self._lm_positions(cpos), past_key_values=completion_cache(cache, index),
                             use_cache=False).last_hidden_state
         if real_steps <= 0:
             return first + hidden.sum() * 0.0  # the pass's modules on the graph, its value unused

@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from r1omni_ray.data.prompts import VIDEO_PAD, VISION_END, VISION_START
@@ -80,20 +80,23 @@ def _pre_tokenizer():
     )
 
 
-def _strip_markers(text: str) -> str:
-    for tok in (*SPECIAL_TOKENS, *MM_TOKENS, *FORMAT_TOKENS):
+def _strip_markers(text: str, extra: Sequence[str] = ()) -> str:
+    for tok in (*SPECIAL_TOKENS, *MM_TOKENS, *FORMAT_TOKENS, *extra):
         text = text.replace(tok, " ")
     return text
 
 
-def build_tiny_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] = ()):
+def build_tiny_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] = (), extra_special: Sequence[str] = (),
+                         chat_template: str = CHAT_TEMPLATE, named_tokens: dict[str, str] | None = None):
     """Build, save (``save_pretrained(out_dir)``) and return a word-level chat tokenizer.
 
     Vocabulary: special tokens, multimodal markers, format tags, every word (whitespace +
     punctuation pre-tokenisation, case-sensitive) of the label sets, EMOTION_QUESTION,
     THINK_ANSWER_SUFFIX, SYSTEM_PROMPT, the synthetic reasoning texts and ``corpus``, plus digits
     and ASCII punctuation.  Unknown words map to ``<unk>``.  pad = ``<|endoftext|>``, eos =
-    ``<|im_end|>``.  Decoding joins tokens with single spaces.
+    ``<|im_end|>``.  Decoding joins tokens with single spaces. ``extra_special``: more special tokens (a
+    model family's own placeholders), after the reserved ones; ``named_tokens``: attribute names for some of
+    them (transformers' ``extra_special_tokens``, e.g. ``{"video_token": "<|VIDEO|>"}``).
     """
     from tokenizers import AddedToken, Tokenizer, models
     from transformers import PreTrainedTokenizerFast
@@ -101,9 +104,9 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] = ())
     pre = _pre_tokenizer()
     words: set[str] = set(string.digits) | set(string.punctuation)
     for text in _base_texts(corpus):
-        for piece, _ in pre.pre_tokenize_str(_strip_markers(text)):
+        for piece, _ in pre.pre_tokenize_str(_strip_markers(text, extra_special)):
             words.add(piece)
-    reserved = [*SPECIAL_TOKENS, *MM_TOKENS, *FORMAT_TOKENS]
+    reserved = [*SPECIAL_TOKENS, *MM_TOKENS, *FORMAT_TOKENS, *extra_special]
     vocab = {tok: i for i, tok in enumerate(reserved)}
     for w in sorted(words - set(reserved)):
         vocab[w] = len(vocab)
@@ -111,7 +114,8 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] = ())
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK_TOKEN))
     tok.pre_tokenizer = pre
     # no decoder: tokenizers joins decoded tokens with single spaces
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, *MM_TOKENS)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in (*SPECIAL_TOKENS, *MM_TOKENS, *extra_special)])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in FORMAT_TOKENS])
 
     hf = PreTrainedTokenizerFast(
@@ -119,11 +123,12 @@ def build_tiny_tokenizer(out_dir: str | os.PathLike, corpus: Iterable[str] = ())
         pad_token=PAD_TOKEN,
         eos_token=IM_END,
         unk_token=UNK_TOKEN,
-        additional_special_tokens=[IM_START, *MM_TOKENS],
+        additional_special_tokens=[IM_START, *MM_TOKENS, *extra_special],
         model_max_length=4096,
         clean_up_tokenization_spaces=False,
+        **({"extra_special_tokens": dict(named_tokens)} if named_tokens else {}),
     )
-    hf.chat_template = CHAT_TEMPLATE
+    hf.chat_template = chat_template
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out))
