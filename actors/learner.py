@@ -23,7 +23,7 @@ from r1omni_ray.learner.grpo_update import GRPOUpdate, StepSpec, TrainBatch
 from r1omni_ray.learner.policy import DeepSpeedPolicy, forward_modalities
 from r1omni_ray.learner.reference import ParkedWeights, frozen_reference, sharded_reference
 from r1omni_ray.learner.sft_trainer import SFTTrainer
-from r1omni_ray.model.loading import freeze_modules, learner_attention, load_policy, set_lm_attention
+from r1omni_ray.model.loading import learner_attention, set_lm_attention
 from r1omni_ray.weight_broadcast import BroadcastGroup, BucketSender, ParamMeta, Route, param_metas
 
 
@@ -74,10 +74,11 @@ class LearnerActor:
             )
         self.device = device()
         mc = self.cfg.model
-        model = load_policy(ckpt_dir, mc.dtype, mc.towers())
+        fam = mc.policy_family(ckpt_dir)
+        model = fam.load_policy(ckpt_dir, mc)
         set_lm_attention(model, learner_attention(lc.attn_implementation, self.device, model.dtype,
                                                   importlib.util.find_spec("flash_attn") is not None))
-        freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
+        fam.freeze(model, mc)
         reference, parked = None, None
         if with_reference:
             # Under ZeRO-3 DeepSpeed places it (partitioned); else on the GPU, or parked in host memory.
@@ -123,10 +124,8 @@ class LearnerActor:
     def sft_batch(self, records: list[Any], num_micro: int, use_video: bool = True,
                   use_audio: bool = True) -> dict[str, Any]:
         if self._sft is None:
-            from r1omni_ray.data.processor import OmniProcessor
-
-            proc = OmniProcessor.from_pretrained(self.ckpt_dir, towers=self.cfg.model.towers(),
-                                                 input_style=self.cfg.data.input_style)
+            mc = self.cfg.model
+            proc = mc.policy_family(self.ckpt_dir).load_processor(self.ckpt_dir, mc, self.cfg.data.input_style)
             self._sft = SFTTrainer(self.policy, proc, self.cfg)
         return self._sft.train_records(records, num_micro, use_video, use_audio)
 

@@ -23,11 +23,9 @@ from actors.load_progress import LoadProgress
 from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
-from r1omni_ray.data.processor import PromptMedia
+from r1omni_ray.data.processor import PromptMedia, prompt_modalities
 from r1omni_ray.engines.base import Completion, RolloutEngine, SamplingParams
 from r1omni_ray.engines.vllm_engine import VLLMEngine, export_key  # imports vllm only when one starts
-from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
-from r1omni_ray.model.loading import load_policy
 from r1omni_ray.weight_broadcast import (
     ACTORS,
     ENGINES,
@@ -57,9 +55,8 @@ class PromptSamples:
     media_ref: Any = None  # ObjectRef of its PromptMedia, attached by the caller
 
     def modalities(self) -> tuple[bool, bool]:
-        """(video, audio): which media the prompt carries (its placeholders)."""
-        ids = set(self.inputs.prompt_ids) if self.inputs is not None else set()
-        return VIDEO_TOKEN_INDEX in ids, AUDIO_TOKEN_INDEX in ids
+        """(video, audio): which media the prompt carries."""
+        return prompt_modalities(self.inputs) if self.inputs is not None else (False, False)
 
 
 def usable_samples(samples: list[PromptSamples], on_error: str) -> tuple[list[PromptSamples], list[PromptSamples]]:
@@ -87,17 +84,14 @@ class RolloutWorker:
         self.cfg: RunConfig = config_from_dict(cfg)
         rc = self.cfg.rollout
         setup_process(rc.torch_threads)
-        from r1omni_ray.data.processor import OmniProcessor
-
         self.index = index
         mc = self.cfg.model
         # Each phase of the start is reported as it begins (RolloutGroup names the one that holds a slow start).
         progress = LoadProgress(f"rollout-worker-{index}")
         with progress.phase("policy load"):
-            self.processor = OmniProcessor.from_pretrained(
-                ckpt_dir, towers=mc.towers(), input_style=self.cfg.data.input_style
-            )
-            model = load_policy(ckpt_dir, mc.dtype, mc.towers()).to(device())
+            fam = mc.policy_family(ckpt_dir)
+            self.processor = fam.load_processor(ckpt_dir, mc, self.cfg.data.input_style)
+            model = fam.load_policy(ckpt_dir, mc).to(device())
         self.model = model  # the engine's front end: its frozen towers give the features shipped to learners
         self.ship_vision, self.ship_audio = mc.shipped_tower_features()
         self.engine: RolloutEngine

@@ -108,16 +108,14 @@ def prepare(cfg: RunConfig, init_ckpt: str | None = None) -> Prepared:
         train, ev, sft = str(d / "train.json"), str(d / "eval.json"), str(d / "sft.json")
     ckpt = init_ckpt or cfg.model.path
     if ckpt is None:
-        from r1omni_ray.tiny.model import make_tiny_checkpoint
         from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 
+        fam = cfg.model.policy_family(None)
         ckpt_path = out / "init_model"
         if not (ckpt_path / "model.safetensors").exists():
-            log.info("building a tiny random-init HumanOmni checkpoint in %s", ckpt_path)
-            make_tiny_checkpoint(
-                ckpt_path, corpus=tuple(SYNTHETIC_VOCAB_TEXTS), seed=cfg.train.seed,
-                hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_layers,
-            )
+            log.info("building a tiny random-init %s checkpoint in %s", fam.name, ckpt_path)
+            fam.make_tiny(ckpt_path, tuple(SYNTHETIC_VOCAB_TEXTS), cfg.train.seed, cfg.model.tiny_hidden_size,
+                          cfg.model.tiny_layers)
         ckpt = str(ckpt_path)
     return Prepared(str(Path(ckpt).resolve()), str(Path(train).resolve()),
                     str(Path(ev).resolve()) if ev else None, str(Path(sft).resolve()) if sft else None, labels)

@@ -55,20 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     from actors.common import device, setup_process
     from r1omni_ray.checkpointing import resolve_model_dir
     from r1omni_ray.completions import split_reasoning
+    from r1omni_ray.config import ModelConfig
     from r1omni_ray.data.errors import DataError
-    from r1omni_ray.data.processor import OmniProcessor
     from r1omni_ray.data.records import OmniRecord
     from r1omni_ray.engines.base import SamplingParams
     from r1omni_ray.engines.hf_engine import HFEngine
-    from r1omni_ray.model.loading import load_policy
-    from r1omni_ray.model.towers import TowerPaths
+    from r1omni_ray.model.family import detect
 
     setup_process(torch.get_num_threads())
-    towers = TowerPaths(args.vision_tower, args.audio_tower, args.bert)
+    mc = ModelConfig(dtype=args.dtype, vision_tower_path=args.vision_tower, audio_tower_path=args.audio_tower,
+                     bert_path=args.bert)
     try:
         model_dir = resolve_model_dir(args.ckpt)
-        processor = OmniProcessor.from_pretrained(model_dir, towers=towers, input_style=args.input_style)
-        model = load_policy(model_dir, args.dtype, towers).to(device())
+        fam = detect(model_dir)
+        processor = fam.load_processor(model_dir, mc, args.input_style)
+        model = fam.load_policy(model_dir, mc).to(device())
     except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -48,6 +48,11 @@ def check_inputs(cfg: RunConfig, init_ckpt: str | None = None) -> None:
         if value is not None and not (Path(value) / "config.json").is_file():
             what = "does not exist" if not Path(value).exists() else "has no config.json"
             raise ConfigError(f"{name}={value!r}: {what} (a local HF-format checkpoint directory is expected)")
+        if value is not None:
+            try:
+                cfg.model.policy_family(value).check(value)
+            except ValueError as e:  # a family/checkpoint mismatch, a Qwen2.5-Omni checkpoint without a thinker
+                raise ConfigError(f"{name}={value!r}: {e}") from None
     for name in ("data.train_path", "data.eval_path", "data.sft_path"):
         value = run_paths(cfg).get(name)
         if value is not None and not Path(value).is_file():

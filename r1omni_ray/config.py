@@ -9,15 +9,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from r1omni_ray.advantages import AdvantageArgs
 from r1omni_ray.data.prompts import INPUT_STYLES
 from r1omni_ray.grpo import ADVANTAGE_SCALES, LossConfig
+from r1omni_ray.model.family import AUTO as AUTO_FAMILY
+from r1omni_ray.model.family import FAMILY_MODULES
 from r1omni_ray.model.towers import TowerPaths
 from r1omni_ray.rollout_correction import CorrectionConfig
+
+if TYPE_CHECKING:
+    from r1omni_ray.model.family import PolicyFamily
 
 
 class ConfigError(ValueError):
@@ -38,6 +43,9 @@ def knob(default: Any, *, ge: float | None = None, gt: float | None = None, choi
 @dataclass
 class ModelConfig:
     path: str | None = None  # local HF-format checkpoint dir; None -> build a tiny random model
+    # Policy family (model/family.py): auto reads it off the checkpoint's config.json; a named one must match it.
+    # Without a checkpoint it picks the tiny model (auto: HumanOmni).
+    family: str = knob(AUTO_FAMILY, choices={AUTO_FAMILY, *FAMILY_MODULES})
     tiny_hidden_size: int = knob(64, ge=1)
     tiny_layers: int = knob(2, ge=1)
     freeze_vision_tower: bool = True
@@ -54,9 +62,21 @@ class ModelConfig:
     # instead of the raw media; the learners and the reference then run only projectors, gate and LM. A
     # trainable tower always gets the raw media and runs on the learners.
     ship_frozen_tower_features: bool = True
+    # Qwen2.5-Omni only: the video's own audio track interleaved with its frames in time (TMRoPE), as the model
+    # was trained; the system prompt (None: Qwen's documented one); a clip whose prompt is longer than
+    # max_prompt_tokens is skipped as bad media (None: no limit).
+    use_audio_in_video: bool = True
+    system_prompt: str | None = None
+    max_prompt_tokens: int | None = knob(None, ge=1)
 
     def towers(self) -> TowerPaths:
         return TowerPaths(self.vision_tower_path, self.audio_tower_path, self.bert_path)
+
+    def policy_family(self, ckpt_dir: str | None) -> PolicyFamily:
+        """The family of the checkpoint the run loads (model/family.py resolve: auto, or checked against it)."""
+        from r1omni_ray.model.family import resolve
+
+        return resolve(self.family, ckpt_dir)
 
     def shipped_tower_features(self) -> tuple[bool, bool]:
         """(vision, audio): which towers' outputs the rollout workers ship instead of the raw media."""

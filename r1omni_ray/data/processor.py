@@ -69,6 +69,16 @@ def tokenize_with_placeholders(text: str, tokenizer) -> list[int]:
     return ids
 
 
+def prompt_modalities(inputs: Any) -> tuple[bool, bool]:
+    """(video, audio): which media a processed prompt carries (after split_media too): its ``media_kinds``, or
+    for HumanOmni prompts its placeholder ids."""
+    kinds = getattr(inputs, "media_kinds", None)
+    if kinds is not None:
+        return kinds
+    ids = set(inputs.prompt_ids)
+    return VIDEO_TOKEN_INDEX in ids, AUDIO_TOKEN_INDEX in ids
+
+
 @dataclass
 class PromptMedia:
     """The heavy part of a processed prompt: what travels by object reference, never through the driver.
@@ -106,6 +116,8 @@ class OmniInputs:
     # plain 1-D positions. And the video's (t, h, w) patch grid, which that family's vision tower needs.
     positions: torch.Tensor | None = None
     video_grid_thw: tuple[int, int, int] | None = None
+    # (video, audio) the prompt carries, for families whose placeholders are not HumanOmni's negative ids
+    media_kinds: tuple[bool, bool] | None = None
 
     def split_media(self) -> tuple[OmniInputs, PromptMedia]:
         """(these inputs without their tensors, the tensors)."""

@@ -265,7 +265,7 @@ class QwenOmniProcessor:
         return OmniInputs(
             record_id=record.id, prompt_ids=ids, pixel_values=pixels, audio_features=feats, bert_input_ids=[],
             label=record.label, solution=record.solution, response=record.response, prompt=text,
-            positions=positions, video_grid_thw=grid,
+            positions=positions, video_grid_thw=grid, media_kinds=(use_video, use_audio),
         )
 
     def response_ids(self, text: str) -> list[int]:

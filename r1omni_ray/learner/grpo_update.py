@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from r1omni_ray.config import RunConfig
+from r1omni_ray.data.processor import prompt_modalities
 from r1omni_ray.data.sampler import split_even
 from r1omni_ray.grpo import policy_loss
-from r1omni_ray.labels import AUDIO_TOKEN_INDEX, VIDEO_TOKEN_INDEX
 from r1omni_ray.learner.old_logprobs import BEHAVIOUR, FORWARD, RECOMPUTE, LogprobPlan
 from r1omni_ray.learner.policy import DeepSpeedPolicy, micro_slices
 from r1omni_ray.learner.reference import ParkedWeights
@@ -71,10 +71,7 @@ class TrainBatch:
 
     def row_modalities(self) -> list[str]:
         """Each completion's prompt modality (metrics split: which modality drifts)."""
-        tags = []
-        for p in self.prompts:
-            ids = set(p.prompt_ids)
-            tags.append(modality_tag(VIDEO_TOKEN_INDEX in ids, AUDIO_TOKEN_INDEX in ids))
+        tags = [modality_tag(*prompt_modalities(p)) for p in self.prompts]
         return [tags[i] for i in self.prompt_index]
 
 

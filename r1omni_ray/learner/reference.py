@@ -34,12 +34,12 @@ class AbsentTower(nn.Module):
 
 def frozen_reference(model: nn.Module, drop_vision: bool, drop_audio: bool, home: torch.device) -> nn.Module:
     """An eval-mode, gradient-free copy of ``model`` on ``home``, with the dropped towers left out."""
-    inner = model.model
+    towers = model.towers()
     memo: dict[int, object] = {}
     if drop_vision:
-        memo[id(inner.vision_tower)] = AbsentTower("vision")
+        memo[id(towers["vision"])] = AbsentTower("vision")
     if drop_audio:
-        memo[id(inner.audio_tower)] = AbsentTower("audio")
+        memo[id(towers["audio"])] = AbsentTower("audio")
     return copy.deepcopy(model, memo).eval().requires_grad_(False).to(home)
 
 

@@ -168,20 +168,17 @@ def load_policy(
     return model
 
 
-def freeze_modules(model: HumanOmniQwen2ForCausalLM, vision: bool, audio: bool, bert: bool) -> None:
-    m = model.model
-    m.vision_tower.requires_grad_(not vision)
-    m.audio_tower.requires_grad_(not audio)
-    if hasattr(m, "bert_model"):
-        m.bert_model.requires_grad_(not bert)
+def freeze_modules(model: torch.nn.Module, vision: bool, audio: bool, bert: bool) -> None:
+    """Frozen towers get no gradients (any family: the model names its towers, ``model.towers()``)."""
+    wanted = {"vision": vision, "audio": audio, "bert": bert}
+    for name, module in model.towers().items():
+        module.requires_grad_(not wanted[name])
 
 
-def set_train_mode(model: HumanOmniQwen2ForCausalLM) -> None:
+def set_train_mode(model: torch.nn.Module) -> None:
     """model.train(), but frozen towers stay in eval mode: a frozen BERT/SigLIP/Whisper must not run
     dropout (it would make the policy stochastic for no gain and break bit-exact resume)."""
     model.train()
-    m = model.model
-    for name in ("vision_tower", "audio_tower", "bert_model"):
-        sub = getattr(m, name, None)
-        if sub is not None and not any(p.requires_grad for p in sub.parameters()):
-            sub.eval()
+    for module in model.towers().values():
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()

@@ -210,6 +210,14 @@ class HumanOmniQwen2ForCausalLM(CompletionLogprobs, Qwen2ForCausalLM):
         self.model = HumanOmniQwen2Model(config)
         self.post_init()
 
+    def towers(self) -> dict[str, nn.Module]:
+        """The frozen-able encoders by kind (vision, audio, bert): what model.freeze_* and the reference act on."""
+        m = self.model
+        out = {"vision": m.vision_tower, "audio": m.audio_tower}
+        if hasattr(m, "bert_model"):
+            out["bert"] = m.bert_model
+        return out
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute each layer's activations in backward instead of keeping them (learner.gradient_checkpointing).
         Non-reentrant, so the shared prompt's keys/values, which leave the checkpointed layers through the

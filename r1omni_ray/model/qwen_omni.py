@@ -21,17 +21,22 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import GenerationMixin
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
 from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
 from r1omni_ray.model.decode_positions import DecodePositions
+from r1omni_ray.model.family import PolicyFamily
 from r1omni_ray.model.loading import CheckpointError, _short_list, resolve_dtype
 from r1omni_ray.model.logprobs import CompletionLogprobs
 from r1omni_ray.model.modeling import MMPrompt
+
+if TYPE_CHECKING:
+    from r1omni_ray.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +85,9 @@ class QwenOmniThinkerPolicy(CompletionLogprobs, Qwen2_5OmniThinkerForConditional
     every_forward_runs: dict[str, str] = {}
     decode_positions: DecodePositions | None = None
 
-    @property
-    def lm_config(self) -> Any:
-        return self.model.config
+    def towers(self) -> dict[str, torch.nn.Module]:
+        """The encoders, each with its own projection (the vision merger, the audio proj)."""
+        return {"vision": self.visual, "audio": self.audio_tower}
 
     def enable_gradient_checkpointing(self) -> None:
         self.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -177,6 +182,13 @@ class QwenOmniThinkerPolicy(CompletionLogprobs, Qwen2_5OmniThinkerForConditional
         return rows
 
     # ---- generate() ----
+    def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        # The thinker's own version reads (and keeps) rope deltas from earlier calls; under decode_positions the
+        # forward below ignores generate()'s positions, so the plain ones are enough.
+        if self.decode_positions is not None:
+            return GenerationMixin._prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs)
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
     @functools.wraps(Qwen2_5OmniThinkerForConditionalGeneration.forward)  # generate() reads its signature
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """transformers' forward, except inside the rollout engine's generate(), where the input is always
@@ -223,3 +235,29 @@ def load_qwen_omni(ckpt_dir: str | Path, dtype: str = "auto") -> QwenOmniThinker
     if skipped:
         log.info("%s: skipped %d talker/token2wav tensor(s) (speech output, not trained)", path, len(skipped))
     return model
+
+
+class QwenOmniFamily(PolicyFamily):
+    name = "qwen2_5_omni"
+    model_types = (FULL_MODEL_TYPE, THINKER_MODEL_TYPE)
+
+    def check(self, ckpt_dir: str | Path) -> None:
+        thinker_config_dict(ckpt_dir)  # a full checkpoint without a thinker is refused here
+
+    def load_policy(self, ckpt_dir: str | Path, mc: ModelConfig) -> QwenOmniThinkerPolicy:
+        return load_qwen_omni(ckpt_dir, mc.dtype)
+
+    def load_processor(self, ckpt_dir: str | Path, mc: ModelConfig, input_style: str) -> Any:
+        from r1omni_ray.data.qwen_omni_processor import QwenOmniProcessor
+
+        return QwenOmniProcessor.from_pretrained(ckpt_dir, use_audio_in_video=mc.use_audio_in_video,
+                                                 system_prompt=mc.system_prompt, max_prompt_tokens=mc.max_prompt_tokens)
+
+    def make_tiny(self, out_dir: Path, corpus: tuple[str, ...], seed: int, hidden_size: int, num_layers: int) -> Path:
+        from r1omni_ray.tiny.qwen_omni import TinyOmniSizes, make_tiny_qwen_omni_checkpoint
+
+        sizes = TinyOmniSizes(hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=num_layers)
+        return make_tiny_qwen_omni_checkpoint(out_dir, corpus, sizes, seed=seed)
+
+
+FAMILY = QwenOmniFamily()
