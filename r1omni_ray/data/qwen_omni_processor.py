@@ -1,19 +1,21 @@
 """Qwen2.5-Omni inputs as the thinker reads them: the prompt with its placeholders expanded, video patches,
 audio features and the TMRoPE 3-D positions of every prompt token.
 
-What transformers' ``Qwen2_5OmniProcessor`` (+ the model's ``get_rope_index``) produces for the same clip,
-checked by tests/unit/test_qwen_omni_processor.py against that processor's stored output
-(tests/reference/qwen_omni/) and, where torchvision is installed, against the processor itself:
-- frames at ``fps`` (2, the processor's assumed default) by qwen-omni-utils' rule (``video_frame_count``);
-- each frame resized within the min/max pixel budget to a multiple of patch x merge (transformers'
-  ``smart_resize``), bicubic with antialiasing on the uint8 frames, then normalised and cut into
-  ``temporal_patch_size`` x patch x patch cubes in the order the vision tower reads them (``video_patches``).
-  transformers' video processor does this with torchvision, which has no build for this project's CPU torch;
-  the few tensor operations it calls are called here directly;
-- audio at 16 kHz through the checkpoint's WhisperFeatureExtractor (30 s window, valid frames only);
-- with ``use_audio_in_video`` the video's own audio track interleaved with its frames in 2 s chunks, and
-  positions from transformers' own ``get_rope_index`` and placeholder expansion, called on a small stand-in
-  object (``_OmniIndex``) so no model is needed.
+Equal to the pipeline of Qwen2.5-Omni's model card on the same clip (tests/unit/test_qwen_omni_processor.py,
+against stored output in tests/reference/qwen_omni/ and, where torchvision is installed, live):
+qwen-omni-utils' ``process_mm_info`` chooses and resizes the frames, transformers' ``Qwen2_5OmniProcessor``
+normalises and patches them, extracts the audio features and expands the placeholders, and the thinker's
+``get_rope_index`` gives the positions. Here:
+- frames at ``fps`` (2) by qwen-omni-utils' rule (``video_frame_count``), read by data/video.py;
+- each frame resized within its pixel budget to a multiple of patch x merge (transformers' ``smart_resize``),
+  with the float bicubic resize that qwen-omni-utils' torchvision call runs, then normalised and cut into
+  ``temporal_patch_size`` x patch x patch cubes in the vision tower's order (``video_patches``). torchvision has
+  no build for this project's CPU torch, so the few tensor operations those calls make are made here;
+- audio at 16 kHz (data/audio.py, decord as R1-Omni reads it; qwen-omni-utils would use librosa over the
+  ffmpeg program) through the checkpoint's WhisperFeatureExtractor, 30 s window, valid frames only;
+- with ``use_audio_in_video`` the video's own audio track interleaved with its frames in 2 s chunks;
+  placeholder expansion and positions are transformers' own functions, called on a small stand-in object
+  (``_OmniIndex``) so no model is needed.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class VideoSpec:
     patch_size: int = 14
     temporal_patch_size: int = 2
     merge_size: int = 2
-    min_pixels: int = 128 * 28 * 28  # Qwen2_5OmniProcessor's default size: shortest_edge
-    max_pixels: int = 768 * 28 * 28  # longest_edge
+    min_pixels: int = 128 * 28 * 28  # per frame; qwen-omni-utils' VIDEO_MIN_TOKEN_NUM * 28 * 28, the processor's too
+    max_pixels: int = 768 * 28 * 28  # per frame, before the share of total_pixels
+    total_pixels: float = 128000 * 28 * 28 * 0.9  # the whole clip's budget (qwen-omni-utils: MODEL_SEQ_LEN's 90%)
     fps: float = 2.0
     min_frames: int = 4
     max_frames: int = 768
@@ -91,15 +94,21 @@ def video_frame_indices(total: int, n: int) -> list[int]:
 
 def video_patches(frames: np.ndarray, spec: VideoSpec) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """``[T, H, W, 3]`` uint8 frames -> (``[grid_t * grid_h * grid_w, 3 * tp * p * p]`` float32 patches,
-    (grid_t, grid_h, grid_w)), as transformers' Qwen2VLVideoProcessor computes them."""
+    (grid_t, grid_h, grid_w)): resized as qwen-omni-utils' fetch_video resizes them, then normalised and
+    patched as transformers' Qwen2VLVideoProcessor does (whose own resize then keeps the size)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # [T, C, H, W] uint8
     t, c, h, w = video.shape
     p, m, tp = spec.patch_size, spec.merge_size, spec.temporal_patch_size
-    rh, rw = smart_resize(h, w, factor=p * m, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
-    if (rh, rw) != (h, w):  # torchvision's uint8 resize on CPU: native bicubic with antialiasing
-        video = F.interpolate(video, size=[rh, rw], mode="bicubic", align_corners=False, antialias=True)
+    # qwen-omni-utils' fetch_video: each frame's share of the clip's budget, never below 1.05 x the minimum
+    max_pixels = max(min(spec.max_pixels, spec.total_pixels / t * tp), int(spec.min_pixels * 1.05))
+    rh, rw = smart_resize(h, w, factor=p * m, min_pixels=spec.min_pixels, max_pixels=max_pixels)
+    if (rh, rw) != (h, w):
+        # torchvision.transforms.functional.resize on a uint8 tensor, as fetch_video calls it: bicubic with
+        # antialiasing in float32, clamped, rounded back to uint8 (not v2's native uint8 kernel: up to 6 apart)
+        x = F.interpolate(video.to(torch.float32), size=[rh, rw], mode="bicubic", align_corners=False, antialias=True)
+        video = x.clamp_(0, 255).round_().to(torch.uint8)
     # The processor's fused rescale + normalise: mean and std divided by the rescale factor.
     mean = torch.tensor(spec.image_mean) * (1.0 / spec.rescale_factor)
     std = torch.tensor(spec.image_std) * (1.0 / spec.rescale_factor)
