@@ -78,14 +78,19 @@ def write_clips(out: Path) -> None:
 def reference_case(case: dict[str, Any], clip_dir: Path, tok) -> dict[str, Any]:
     """What the reference pipeline gives for one case (needs torchvision and qwen-omni-utils)."""
     from qwen_omni_utils import process_mm_info
-    from transformers import Qwen2_5OmniProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor, WhisperFeatureExtractor
+    from transformers import (
+        Qwen2_5OmniProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+        WhisperFeatureExtractor,
+    )
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import (
         Qwen2_5OmniPreTrainedModelForConditionalGeneration as Model,
     )
 
     from r1omni_ray.data.audio import load_audio
-    from r1omni_ray.data.qwen_omni_processor import QWEN_OMNI_SYSTEM_PROMPT
     from r1omni_ray.data.prompts import trainer_question
+    from r1omni_ray.data.qwen_omni_processor import QWEN_OMNI_SYSTEM_PROMPT
 
     clip = str(clip_dir / case["clip"])
     uiv = case["use_audio_in_video"]
