@@ -162,7 +162,7 @@ class _OmniIndex:
     def expand(self, text: str, audio_tokens: list[int], grid: tuple[int, int, int] | None,
                second_per_grid: float | None, use_audio_in_video: bool) -> str:
         return self._expand(
-            self, [text], iter(audio_tokens), iter([]), iter([torch.tensor(grid)] if grid else []),
+            self, [text], iter(audio_tokens), iter([]), iter([np.array(grid)] if grid else []),
             video_second_per_grid=iter([second_per_grid] if grid else []), use_audio_in_video=use_audio_in_video,
             position_id_per_seconds=self.config.position_id_per_seconds,
             seconds_per_chunk=self.config.seconds_per_chunk,
