@@ -46,6 +46,25 @@ QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers
              "num_key_value_heads": 4, "vocab_size": 152064, "tie_word_embeddings": False, "max_window_layers": 28}
 # The omni prompt at R1-Omni's setting: 8 frames -> 392 visual tokens, 30 s of audio -> 500, ~80 of text.
 PROMPT_TOKENS = 972
+# Qwen2.5-Omni thinkers as published (config.json thinker_config): the 7B's LM is Qwen2.5-7B's, its vision tower
+# a 32-block ViT of width 1280, its audio tower Whisper-large-v3's encoder, both projecting to the LM width.
+# The 3B's LM is taken as Qwen2.5-3B's (hidden 2048, 36 layers, 16/2 heads, MLP 11008, vocab 151936) with the
+# same towers projecting to 2048, and an untied head (as the 7B; a tied one would be 0.3B fewer): not checked
+# against its config.json, which is not on these machines.
+_OMNI_TOWERS = {"vision": {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+                           "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112,
+                           "fullatt_block_indexes": [7, 15, 23, 31]},
+                "audio": {"d_model": 1280, "encoder_layers": 32, "encoder_attention_heads": 20, "encoder_ffn_dim": 5120,
+                          "num_mel_bins": 128, "max_source_positions": 1500, "n_window": 100}}
+QWEN_OMNI_LM = {
+    "qwen2_5_omni_7b": QWEN25_7B,
+    "qwen2_5_omni_3b": {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+                        "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+                        "tie_word_embeddings": False},
+}
+# A 4 s 1280x720 clip with its audio track as Qwen2.5-Omni's pipeline reads it (bench.omni_shape --family
+# qwen2_5_omni): 2960 video tokens, 100 audio tokens, the interleaving markers and the question (tiny tokenizer).
+QWEN_OMNI_PROMPT_TOKENS = 3046
 GIB = 2**30
 
 
@@ -66,6 +85,16 @@ class Counts:
 def build_config(size: str) -> Any:
     from r1omni_ray.model.modeling import HumanOmniQwen2Config
 
+    if size in QWEN_OMNI_LM:
+        from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+        lm = QWEN_OMNI_LM[size]
+        text = {k: v for k, v in lm.items() if k != "max_window_layers"} | {"rope_parameters": {
+            "rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
+        return Qwen2_5OmniThinkerConfig(text_config=text,
+                                        vision_config=_OMNI_TOWERS["vision"] | {"out_hidden_size": lm["hidden_size"]},
+                                        audio_config=_OMNI_TOWERS["audio"] | {"output_dim": lm["hidden_size"]})
+
     ref = json.loads(REFERENCE.read_text())
     towers = ref["tower_configs"]
     vision = towers["siglip-base-patch16-224"]
@@ -80,9 +109,11 @@ def meta_model(size: str, cfg: RunConfig) -> Any:
     """The policy at ``size`` on the meta device (no memory), its towers frozen as ``cfg`` says."""
     from r1omni_ray.model.loading import freeze_modules
     from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM
+    from r1omni_ray.model.qwen_omni import QwenOmniThinkerPolicy
 
+    cls = QwenOmniThinkerPolicy if size in QWEN_OMNI_LM else HumanOmniQwen2ForCausalLM
     with torch.device("meta"):
-        model = HumanOmniQwen2ForCausalLM(build_config(size))
+        model = cls(build_config(size))
     mc = cfg.model
     freeze_modules(model, mc.freeze_vision_tower, mc.freeze_audio_tower, mc.freeze_bert)
     return model
@@ -92,14 +123,15 @@ def count(size: str, cfg: RunConfig) -> Counts:
     from r1omni_ray.engines.base import TOKEN_EMBEDDING, is_lm_param
 
     model = meta_model(size, cfg)
-    config = model.config
+    config = model.model.config  # the LM's (a composite model's text config)
     ship_v, ship_a = cfg.model.shipped_tower_features()
     named = dict(model.named_parameters())
-    dropped = (("model.vision_tower.",) if ship_v else ()) + (("model.audio_tower.",) if ship_a else ())
+    towers = model.towers()
+    dropped = {id(p) for kind, on in (("vision", ship_v), ("audio", ship_a)) if on for p in towers[kind].parameters()}
     n = {k: p.numel() for k, p in named.items()}
     return Counts(
         total=sum(n.values()), trainable=sum(n[k] for k, p in named.items() if p.requires_grad),
-        reference=sum(v for k, v in n.items() if not k.startswith(dropped)),
+        reference=sum(n[k] for k, p in named.items() if id(p) not in dropped),
         lm=sum(v for k, v in n.items() if is_lm_param(k)),
         front_end=sum(v for k, v in n.items() if not is_lm_param(k) or k == TOKEN_EMBEDDING),
         hidden=config.hidden_size, intermediate=config.intermediate_size, layers=config.num_hidden_layers,
@@ -192,22 +224,42 @@ def rollout_gib(c: Counts, cfg: RunConfig, gpu_gib: float) -> dict[str, float]:
             "total_other_gpus": budget + engine_extra}
 
 
+def hf_rollout_gib(c: Counts, cfg: RunConfig, prompt_tokens: int) -> dict[str, float]:
+    """A transformers-engine rollout GPU: the whole bf16 model, and the KV cache of one generate call (each
+    prompt's keys/values once, shared by its G samples, plus the samples' own new tokens)."""
+    rc = cfg.rollout
+    prompts = max(1, cfg.train.prompts_per_step // max(rc.num_workers, 1))
+    kv = 2 * 2 * c.layers * c.kv_dim * (prompts * prompt_tokens + prompts * rc.group_size * rc.max_new_tokens)
+    return {"weights": 2 * c.total / GIB, "kv_cache": kv / GIB, "total": (2 * c.total + kv) / GIB}
+
+
+MODELS = (("0.5b", "r1omni_0.5b_rlvr.yaml", PROMPT_TOKENS), ("7b", "humanomni_7b_rlvr.yaml", PROMPT_TOKENS),
+          ("qwen2_5_omni_3b", "qwen2_5_omni_3b_rlvr.yaml", QWEN_OMNI_PROMPT_TOKENS),
+          ("qwen2_5_omni_7b", "qwen2_5_omni_7b_rlvr.yaml", QWEN_OMNI_PROMPT_TOKENS))
+
+
 def rows(gpu_gib: float) -> list[dict[str, Any]]:
     out = []
-    for size, path in (("0.5b", ROOT / "configs" / "r1omni_0.5b_rlvr.yaml"),
-                       ("7b", ROOT / "configs" / "humanomni_7b_rlvr.yaml")):
+    for size, name, prompt_tokens in MODELS:
+        path = ROOT / "configs" / name
         cfg = load_config(path)
         c = count(size, cfg)
-        base = {"model": size, "config": path.name, "params_total": c.total, "params_trainable": c.trainable}
+        base = {"model": size, "config": path.name, "params_total": c.total, "params_trainable": c.trainable,
+                "prompt_tokens": prompt_tokens}
         for ckpt in (False, True):
             lcfg = load_config(path, [f"learner.gradient_checkpointing={str(ckpt).lower()}"])
-            est = learner_gib(c, lcfg)
+            est = learner_gib(c, lcfg, prompt_tokens)
             out.append(base | {"role": "learner", "zero_stage": cfg.learner.zero_stage,
                                "num_learners": cfg.learner.num_learners, "gradient_checkpointing": ckpt,
                                "gib": {k: round(v, 2) for k, v in est.items()},
                                "fits": est["plan_peak"] < gpu_gib})
+        if cfg.rollout.engine == "hf":
+            est = hf_rollout_gib(c, cfg, prompt_tokens)
+            out.append(base | {"role": "rollout", "engine": "hf", "gib": {k: round(v, 2) for k, v in est.items()},
+                               "fits": est["total"] < gpu_gib})
+            continue
         est = rollout_gib(c, cfg, gpu_gib)
-        out.append(base | {"role": "rollout", "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
+        out.append(base | {"role": "rollout", "engine": "vllm", "tensor_parallel_size": cfg.rollout.tensor_parallel_size,
                            "gib": {k: round(v, 2) for k, v in est.items()},
                            "fits": est["kv_cache_left"] > 0 and est["total_gpu0"] < gpu_gib})
     return out

@@ -17,6 +17,12 @@ and prompt embeddings, with vLLM's prefix caching on (its default: a prompt's G 
 cached blocks of its prefill) and off (every request prefills). Generated tokens/s and the ratio to the
 first. With --lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights; use with --parts engine).
 
+--family qwen2_5_omni: the Qwen2.5-Omni thinker (tiny-width LM and towers, transformers' own classes) at the
+shape Qwen2.5-Omni's own pipeline gives a 4 s 1280x720 clip with its audio track: 8 frames at 2 fps resized
+to 560x1036 under the default 768-token budget (4 x 40 x 74 patches -> 2960 video tokens), 400 mel frames
+-> 100 audio tokens, interleaved in 2 s chunks with TMRoPE positions (the processor's own functions), plus
+the question: ~3.1k prompt tokens. vLLM does not serve this family yet (--no-vllm is implied).
+
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """
 
@@ -88,6 +94,66 @@ def omni_prompts(n: int, vocab_ids: list[int], seed: int) -> list[SimpleNamespac
         pixel_values=torch.randn(8, 3, side, side, generator=g), audio_features=torch.randn(128, MEL_FRAMES, generator=g),
         bert_input_ids=[1] + text(30) + [2], vision_feats=None, audio_feats=None,
     ) for _ in range(n)]
+
+
+QWEN_CLIP = {"frames": 100, "fps": 25.0, "height": 720, "width": 1280, "mel_frames": 400}  # 4 s of 720p, 25 fps
+
+
+def qwen_omni_model(lm: TinyLMArgs, vocab_size: int, tower_hidden: int, seed: int, ids: dict[str, int]):
+    """The thinker with the given LM dimensions, tiny towers of the real patch and mel sizes."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
+
+    from r1omni_ray.model.qwen_omni import QwenOmniThinkerPolicy
+
+    head = lm.hidden_size // lm.num_heads
+    cfg = Qwen2_5OmniThinkerConfig(
+        text_config=dict(vocab_size=vocab_size, hidden_size=lm.hidden_size, intermediate_size=lm.intermediate_size,
+                         num_hidden_layers=lm.num_layers, num_attention_heads=lm.num_heads,
+                         num_key_value_heads=lm.num_kv_heads, max_position_embeddings=8192, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [head // 8, head * 3 // 16, head * 3 // 16]}),
+        vision_config=dict(depth=2, hidden_size=tower_hidden, intermediate_size=2 * tower_hidden, num_heads=2,
+                           out_hidden_size=lm.hidden_size, fullatt_block_indexes=[1]),
+        audio_config=dict(encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=2 * tower_hidden,
+                          d_model=tower_hidden, output_dim=lm.hidden_size),
+        audio_token_index=ids["audio_token_index"], image_token_index=ids["image_token_index"],
+        video_token_index=ids["video_token_index"], vision_start_token_id=ids["vision_start_token_id"],
+        audio_start_token_id=ids["audio_start_token_id"])
+    torch.manual_seed(seed)
+    return QwenOmniThinkerPolicy(cfg).eval()
+
+
+def qwen_omni_prompts(n: int, tok, ids: dict[str, int], seed: int) -> list[SimpleNamespace]:
+    """Qwen2.5-Omni prompts for QWEN_CLIP: the processor's own prompt, placeholder expansion and positions,
+    with random patches and mel features of the shapes its video and audio would give."""
+    from transformers import WhisperFeatureExtractor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    from r1omni_ray.data.qwen_omni_processor import (
+        QwenOmniProcessor,
+        VideoSpec,
+        audio_token_count,
+        video_frame_count,
+    )
+
+    spec, c = VideoSpec(), QWEN_CLIP
+    proc = QwenOmniProcessor(tok, WhisperFeatureExtractor(feature_size=128), ids, spec)
+    t = video_frame_count(c["frames"], c["fps"], spec)
+    h, w = smart_resize(c["height"], c["width"], factor=28, min_pixels=spec.min_pixels, max_pixels=spec.max_pixels)
+    grid = (t // 2, h // 14, w // 14)
+    second = 2 / (t / c["frames"] * c["fps"])
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        text = proc.build_prompt("which emotion does the person show?", True, True)
+        expanded = proc.index.expand(text, [audio_token_count(c["mel_frames"])], grid, second, True)
+        pid = list(tok(expanded, add_special_tokens=False)["input_ids"])
+        out.append(SimpleNamespace(
+            prompt_ids=pid, positions=proc.index.positions(pid, grid, c["mel_frames"], second, True),
+            video_grid_thw=grid, pixel_values=torch.randn(grid[0] * grid[1] * grid[2], 3 * 2 * 14 * 14, generator=g),
+            audio_features=torch.randn(128, c["mel_frames"], generator=g), bert_input_ids=[], vision_feats=None,
+            audio_feats=None, media_kinds=(True, True)))
+    return out
 
 
 def with_features(model, prompts: list[SimpleNamespace]) -> list[SimpleNamespace]:
@@ -226,13 +292,23 @@ def main(argv: list[str] | None = None) -> int:
                    help="also run the vLLM engine (the CPU build here) on the same prompts")
     p.add_argument("--lm-width", choices=("tiny", "0.5b"), default="tiny",
                    help="tiny: the --hidden-size... flags; 0.5b: Qwen2.5-0.5B's LM dimensions (use with --parts engine)")
+    p.add_argument("--family", choices=("humanomni", "qwen2_5_omni"), default="humanomni",
+                   help="the policy family (and its prompt shape)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     from r1omni_ray.tiny.tokenizer import build_tiny_tokenizer
 
+    qwen = args.family == "qwen2_5_omni"
     with tempfile.TemporaryDirectory() as d:
-        tok = build_tiny_tokenizer(d)
+        if qwen:
+            from r1omni_ray.data.qwen_omni_processor import thinker_token_ids
+            from r1omni_ray.tiny.qwen_omni import make_tiny_qwen_omni_processor
+
+            tok = make_tiny_qwen_omni_processor(d)[0]
+            ids = thinker_token_ids(tok)
+        else:
+            tok = build_tiny_tokenizer(d)
     specials = set(tok.all_special_ids)
     vocab_ids = [i for i in range(len(tok)) if i not in specials]
     lm, vocab = tiny_lm_from_flags(args), len(tok)
@@ -240,13 +316,18 @@ def main(argv: list[str] | None = None) -> int:
         q = QWEN25_05B
         lm = TinyLMArgs(q.hidden_size, q.intermediate_size, q.num_layers, q.num_heads, q.num_kv_heads)
         vocab = q.vocab_size
-    model = omni_model(lm, vocab, args.tower_hidden, args.seed)
-    prompts = omni_prompts(args.prompts, vocab_ids, args.seed)
+    if qwen:
+        args.vllm = False  # not served for this family yet (preflight refuses rollout.engine=vllm for it)
+        model = qwen_omni_model(lm, vocab, args.tower_hidden, args.seed, ids)
+        prompts = qwen_omni_prompts(args.prompts, tok, ids, args.seed)
+    else:
+        model = omni_model(lm, vocab, args.tower_hidden, args.seed)
+        prompts = omni_prompts(args.prompts, vocab_ids, args.seed)
     plen = len(model.embed_prompts(prompts[:1])[0])
     emit({"bench": "omni_shape", "kind": "config", "machine": machine_info(), "lm": asdict(lm),
           "tower_hidden": args.tower_hidden, "prompt_tokens": plen, "prompts": args.prompts,
           "group_size": args.group_size, "new_tokens": args.new_tokens, "threads": args.threads,
-          "zero_stage": args.zero_stage, "lm_width": args.lm_width, "lm_vocab": vocab})
+          "zero_stage": args.zero_stage, "lm_width": args.lm_width, "lm_vocab": vocab, "family": args.family})
     parts = {s.strip() for s in args.parts.split(",")}
     summary: dict[str, Any] = {"bench": "omni_shape", "kind": "summary"}
     if "engine" in parts:

@@ -56,6 +56,16 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PROCESSOR_FILE = "qwen_omni_processor.json"  # ours: the video settings (a published checkpoint has none)
 
 
+def thinker_token_ids(tokenizer) -> dict[str, int]:
+    """The thinker config's placeholder and marker ids for a tokenizer with OMNI_TOKENS (what a checkpoint's
+    config holds; for a tokenizer built here), with Qwen2.5-Omni's time settings."""
+    ids = {name: tokenizer.convert_tokens_to_ids(t) for name, t in OMNI_TOKENS.items()}
+    return {"audio_token_index": ids["audio_token"], "image_token_index": ids["image_token"],
+            "video_token_index": ids["video_token"], "vision_start_token_id": ids["vision_bos_token"],
+            "vision_end_token_id": ids["vision_eos_token"], "audio_start_token_id": ids["audio_bos_token"],
+            "audio_end_token_id": ids["audio_eos_token"], "position_id_per_seconds": 25, "seconds_per_chunk": 2}
+
+
 @dataclass(frozen=True)
 class VideoSpec:
     """The video processor's settings (preprocessor_config.json / video_preprocessor_config.json names)."""

@@ -145,27 +145,32 @@ class QwenOmniThinkerPolicy(CompletionLogprobs, Qwen2_5OmniThinkerForConditional
     # ---- prompt ----
     def embed_prompts(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor]:
         """Token embeddings with the tower outputs written over the <|VIDEO|> / <|AUDIO|> placeholders, in
-        order: list of [L_i, H]."""
+        order: list of [L_i, H]. Under ZeRO-3 every rank gathers the same modules in the same order: video
+        tower (or its zero-input stand-in), audio tower (or its stand-in), then the embedding table."""
         cfg = self.config
-        video, audio = self._modality(prompts, "video"), self._modality(prompts, "audio")
+        feats, anchors = {}, []
+        for kind in ("video", "audio"):
+            feats[kind] = self._modality(prompts, kind)
+            if not feats[kind] and self.every_forward_runs.get(kind) == "raw":
+                anchors.append(self._placeholder(kind).sum() * 0.0)  # zero-valued, but on the graph
         ids = [torch.tensor(p.prompt_ids, dtype=torch.long, device=self.device) for p in prompts]
         emb = self.get_input_embeddings()(torch.cat(ids)).split([len(x) for x in ids])  # one call (ZeRO-3)
         out = []
         for i, (row, e) in enumerate(zip(ids, emb, strict=True)):
-            for kind, tok, feats in (("video", cfg.video_token_index, video), ("audio", cfg.audio_token_index, audio)):
+            for kind, tok in (("video", cfg.video_token_index), ("audio", cfg.audio_token_index)):
                 where = row == tok
                 n = int(where.sum())
                 if n == 0:
                     continue
-                if i not in feats:
+                if i not in feats[kind]:
                     raise ValueError(f"prompt {i} has {n} {kind} placeholder(s) but no {kind} input")
-                if feats[i].shape[0] != n:
-                    raise ValueError(f"prompt {i}: {n} {kind} placeholder(s) but {feats[i].shape[0]} {kind} tokens")
-                e = e.masked_scatter(where[:, None], feats[i].to(e.dtype))
+                if feats[kind][i].shape[0] != n:
+                    raise ValueError(f"prompt {i}: {n} {kind} placeholder(s) but {feats[kind][i].shape[0]} {kind} tokens")
+                e = e.masked_scatter(where[:, None], feats[kind][i].to(e.dtype))
             out.append(e)
-        for kind in ("video", "audio"):
-            if not (video if kind == "video" else audio) and self.every_forward_runs.get(kind) == "raw" and out:
-                out[0] = out[0] + self._placeholder(kind).sum().to(out[0].dtype) * 0.0
+        for anchor in anchors:
+            if out:
+                out[0] = out[0] + anchor.to(out[0].dtype)
         return out
 
     def prompt_positions(self, prompts: Sequence[MMPrompt]) -> list[torch.Tensor]:

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from transformers import WhisperFeatureExtractor
 
-from r1omni_ray.data.qwen_omni_processor import OMNI_TOKENS, QwenOmniProcessor, VideoSpec
+from r1omni_ray.data.qwen_omni_processor import (
+    OMNI_TOKENS,
+    QWEN_OMNI_SYSTEM_PROMPT,
+    QwenOmniProcessor,
+    VideoSpec,
+    thinker_token_ids,
+)
 from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
 from r1omni_ray.tiny.tokenizer import build_tiny_tokenizer
 
@@ -54,7 +60,6 @@ class TinyOmniSizes:
 
 
 def _thinker_config(vocab: int, tok, s: TinyOmniSizes) -> dict:
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in OMNI_TOKENS.items()}
     head = s.hidden_size // s.num_attention_heads
     return dict(
         text_config=dict(
@@ -75,10 +80,7 @@ def _thinker_config(vocab: int, tok, s: TinyOmniSizes) -> dict:
             num_mel_bins=s.num_mel_bins, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=2 * s.audio_hidden,
             d_model=s.audio_hidden, output_dim=s.hidden_size, max_source_positions=1500, n_window=50,
         ),
-        audio_token_index=ids["audio_token"], image_token_index=ids["image_token"], video_token_index=ids["video_token"],
-        vision_start_token_id=ids["vision_bos_token"], vision_end_token_id=ids["vision_eos_token"],
-        audio_start_token_id=ids["audio_bos_token"], audio_end_token_id=ids["audio_eos_token"],
-        position_id_per_seconds=25, seconds_per_chunk=2, tie_word_embeddings=False,
+        tie_word_embeddings=False, **thinker_token_ids(tok),
     )
 
 
@@ -107,7 +109,7 @@ def _tiny_speech_configs(vocab: int, thinker: dict) -> dict:
 def make_tiny_qwen_omni_processor(out_dir: str | Path, corpus: tuple[str, ...] = (),
                                   sizes: TinyOmniSizes | None = None) -> tuple:
     s = sizes or TinyOmniSizes()
-    texts = list(SYNTHETIC_VOCAB_TEXTS) + [str(c) for c in corpus]
+    texts = list(SYNTHETIC_VOCAB_TEXTS) + [QWEN_OMNI_SYSTEM_PROMPT] + [str(c) for c in corpus]
     tok = build_tiny_tokenizer(out_dir, texts, extra_special=tuple(OMNI_TOKENS.values()),
                                chat_template=QWEN_OMNI_CHAT_TEMPLATE, named_tokens=OMNI_TOKENS)
     fe = WhisperFeatureExtractor(feature_size=s.num_mel_bins, chunk_length=30, sampling_rate=16000)

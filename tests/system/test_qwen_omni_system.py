@@ -3,6 +3,7 @@ frozen towers' outputs, ZeRO-3 learners (every rank the same collectives, a text
 in the advantages' direction, the broadcast is bit-exact, and the whole driver (SFT -> RLVR with its
 evaluation and modality attribution) runs, its final model reloading as a thinker checkpoint."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -40,17 +41,21 @@ def test_grpo_on_zero3_follows_advantages_and_broadcast_is_bit_exact(local_ray, 
                     model=QWEN | {"freeze_vision_tower": not vision_trainable})
     groups = RLVRGroups.build(cfg, str(qwen_ckpt), LABELS)
     try:
-        recs = load_records(synth_data / "train.json").records
+        recs = load_records(synth_data / "train.json").records[:4]
+        recs[2:] = [dataclasses.replace(r, video=None) for r in recs[2:]]  # audio only: one rank gets no video
         params = SamplingParams(n=4, max_new_tokens=12, seed=0)
-        samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:3])), params), params)
+        samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs)), params), params)
         assert all(len(g.completions) == 4 and g.inputs.positions.shape[0] == 3 for g in samples)
-        for media in ray.get([g.media_ref for g in samples]):
+        assert [g.modalities() for g in samples] == [(True, True)] * 2 + [(False, True)] * 2
+        for media in ray.get([g.media_ref for g in samples[:2]]):
             assert media.audio_feats is not None and media.audio_features is None
             assert (media.vision_feats is None) == vision_trainable
         assert any(m.name.startswith("visual.") for m in groups.sync.metas) == vision_trainable
         adv = [1.0, 1.0, -1.0, -1.0] * len(samples)
-        # 3 prompts over 2 learners: uneven work per rank (ZeRO-3 gathers stay in step).
+        # One rank without video: with a trainable vision tower it still runs the tower (on a zero input), or
+        # ZeRO-3's gathers would fall out of step.
         shards, num_micro = shard_for_learners(samples, adv, 2, cfg.learner.micro_batch_size)
+        assert sorted(any(p.media_kinds[0] for p in b.prompts) for b in shards) == [False, True]
         before = groups.learners.logprobs(shards, num_micro)
         lens = [len(c) for b in shards for c in b.completions]
         groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from r1omni_ray.data.qwen_omni_processor import thinker_token_ids as thinker_ids
+
 HERE = Path(__file__).resolve().parent
 QUESTION = "As an emotional recognition expert, which emotion does the person show?"
 # Smaller per-frame budgets than the defaults (128..768 tokens of 28 x 28 px), so the reference stays small:
@@ -40,15 +42,6 @@ CASES: dict[str, dict[str, Any]] = {
     # video without audio
     "video_only": {"clip": "talk_4s.mp4", "audio": None, "use_audio_in_video": False, "no_audio": True},
 }
-
-
-def thinker_ids(tok) -> dict[str, int]:
-    from r1omni_ray.data.qwen_omni_processor import OMNI_TOKENS
-
-    ids = {name: tok.convert_tokens_to_ids(t) for name, t in OMNI_TOKENS.items()}
-    return {"audio_token_index": ids["audio_token"], "image_token_index": ids["image_token"],
-            "video_token_index": ids["video_token"], "vision_start_token_id": ids["vision_bos_token"],
-            "audio_start_token_id": ids["audio_bos_token"], "position_id_per_seconds": 25, "seconds_per_chunk": 2}
 
 
 def digest(t: torch.Tensor) -> str:
