@@ -85,3 +85,24 @@ def test_sft_then_rlvr_with_evaluation_and_the_export_reloads(local_ray, qwen_ck
     start = load_qwen_omni(qwen_ckpt, "float32")
     changed = [n for n, p in final.state_dict().items() if not torch.equal(p, start.state_dict()[n])]
     assert changed and all(n.startswith(("model.", "lm_head.")) for n in changed)  # the frozen towers stay
+
+
+def test_evaluation_with_modality_attribution(local_ray, qwen_ckpt, synth_data, tmp_path, capsys):
+    """launch.evaluate on the Qwen2.5-Omni checkpoint: WAR/UAR, and each example re-scored without its video
+    (the audio then an item of its own) and without its audio."""
+    import json
+
+    from launch.evaluate import main
+
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text("rollout: {num_workers: 1, max_new_tokens: 6, num_cpus_per_worker: 0.5}\n"
+                   f"train: {{output_dir: {tmp_path}}}\nwandb: {{mode: disabled}}\n")
+    out = tmp_path / "report"
+    assert main(["--config", str(cfg), "--ckpt", str(qwen_ckpt), "--data", str(synth_data / "sft.json"),
+                 "--label-set", "dfew", "--out", str(out), "--attribution"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n"] == 8 and m["data_errors"] == 0 and 0.0 <= m["war"] <= 1.0 and 0.0 <= m["uar"] <= 1.0
+    assert [a["label"] for a in m["attribution"]][-1] == "ALL"
+    preds = json.loads((out / "predictions.json").read_text())
+    assert all(p["error"] is None for p in preds)
+    assert "WAR" in capsys.readouterr().out
