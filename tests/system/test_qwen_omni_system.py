@@ -20,7 +20,12 @@ from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.model.family import detect
 from r1omni_ray.model.qwen_omni import load_qwen_omni
-from tests.system.test_rlvr_system import LABELS, assert_workers_match_learners, small_cfg
+from tests.system.test_rlvr_system import (
+    LABELS,
+    assert_moved_with_advantages,
+    assert_workers_match_learners,
+    small_cfg,
+)
 
 pytestmark = pytest.mark.slow
 QWEN = {"family": "qwen2_5_omni"}
@@ -60,12 +65,7 @@ def test_grpo_on_zero3_follows_advantages_and_broadcast_is_bit_exact(local_ray, 
         lens = [len(c) for b in shards for c in b.completions]
         groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
         after = groups.learners.logprobs(shards, num_micro)
-        up = down = 0.0
-        for b, lb, la in zip(shards, before, after, strict=True):
-            for a, x, y in zip(b.advantages, lb, la, strict=True):
-                up += sum(y) - sum(x) if a > 0 else 0.0
-                down += sum(y) - sum(x) if a < 0 else 0.0
-        assert up > 0 > down, (up, down)
+        assert_moved_with_advantages(shards, before, after)
         groups.sync.broadcast(1)
         assert_workers_match_learners(groups)
     finally:

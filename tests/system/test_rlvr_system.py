@@ -32,6 +32,17 @@ def small_cfg(out: Path, zero: int, **sections) -> "object":
     return config_from_dict(d)
 
 
+def assert_moved_with_advantages(shards: list, before: list, after: list) -> None:
+    """The update raised the log-probs of positive-advantage completions and lowered the negative ones."""
+    up = down = 0.0
+    for b, lb, la in zip(shards, before, after, strict=True):
+        for a, x, y in zip(b.advantages, lb, la, strict=True):
+            delta = sum(y) - sum(x)
+            up += delta if a > 0 else 0.0
+            down += delta if a < 0 else 0.0
+    assert up > 0 > down, (up, down)
+
+
 def assert_workers_match_learners(groups: RLVRGroups) -> None:
     # full_state is collective under ZeRO-3: every learner rank takes part in the gather.
     learner_state = groups.learners.full_states()[0]
@@ -66,13 +77,7 @@ def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_r
         lens = [len(c) for b in shards for c in b.completions]
         groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
         after = groups.learners.logprobs(shards, num_micro)
-        up = down = 0.0
-        for b, lb, la in zip(shards, before, after, strict=True):
-            for a, x, y in zip(b.advantages, lb, la, strict=True):
-                delta = sum(y) - sum(x)
-                up += delta if a > 0 else 0.0
-                down += delta if a < 0 else 0.0
-        assert up > 0 > down, (up, down)
+        assert_moved_with_advantages(shards, before, after)
         groups.sync.broadcast(1)
         assert_workers_match_learners(groups)
         samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:2])), params), params)
