@@ -109,11 +109,11 @@ class QwenOmniThinkerPolicy(CompletionLogprobs, Qwen2_5OmniThinkerForConditional
         out = self.audio_tower(flat, feature_lens=lens, aftercnn_lens=cnn_lens).last_hidden_state
         return list(out.split(out_lens.tolist()))
 
-    def _modality(self, prompts: Sequence[MMPrompt], kind: str, shipped_only: bool = False) -> dict[int, torch.Tensor]:
+    def _modality(self, prompts: Sequence[MMPrompt], kind: str) -> dict[int, torch.Tensor]:
+        """One modality's tokens per prompt index: shipped tower outputs where a prompt has them, else the
+        tower run on its raw input."""
         raw, shipped = ("pixel_values", "vision_feats") if kind == "video" else ("audio_features", "audio_feats")
         out = {i: getattr(p, shipped).to(self.device) for i, p in enumerate(prompts) if getattr(p, shipped, None) is not None}
-        if shipped_only:
-            return out
         idx = [i for i, p in enumerate(prompts) if i not in out and getattr(p, raw, None) is not None]
         if idx:
             run = self._video_tokens if kind == "video" else self._audio_tokens
@@ -221,10 +221,21 @@ def load_qwen_omni(ckpt_dir: str | Path, dtype: str = "auto") -> QwenOmniThinker
     thinker = thinker_config_dict(path)
     config = Qwen2_5OmniThinkerConfig(**{k: v for k, v in thinker.items() if k not in ("model_type", "transformers_version")})
     full = raw.get("model_type") == FULL_MODEL_TYPE
-    model, info = QwenOmniThinkerPolicy.from_pretrained(
-        str(path), config=config, dtype=resolve_dtype(dtype), local_files_only=True,
-        key_mapping=THINKER_PREFIX if full else None, output_loading_info=True,
-    )
+    # transformers would log a table of the ~1k talker/token2wav tensors on every load (and, as the thinker's
+    # tensor-parallel plan names the text model alone, every other layer as "not sharded"): the checks below
+    # name anything that matters, and one line says what was skipped.
+    quiet = [logging.getLogger(f"transformers.{m}") for m in ("modeling_utils", "distributed.tensor_parallel")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        model, info = QwenOmniThinkerPolicy.from_pretrained(
+            str(path), config=config, dtype=resolve_dtype(dtype), local_files_only=True,
+            key_mapping=THINKER_PREFIX if full else None, output_loading_info=True,
+        )
+    finally:
+        for q, lv in zip(quiet, levels, strict=True):
+            q.setLevel(lv)
     missing = sorted(set(info.get("missing_keys", ())))
     unexpected = sorted(set(info.get("unexpected_keys", ())))
     if info.get("mismatched_keys"):

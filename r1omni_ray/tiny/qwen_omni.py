@@ -94,6 +94,8 @@ def _tiny_speech_configs(vocab: int, thinker: dict) -> dict:
             rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
             tts_codec_start_token_id=60, tts_codec_end_token_id=61, tts_codec_pad_token_id=62,
             tts_codec_mask_token_id=63, tts_text_start_token_id=0, tts_text_end_token_id=1, tts_text_pad_token_id=2,
+            **dict.fromkeys(("audio_token_index", "image_token_index", "video_token_index", "vision_start_token_id",
+                             "vision_end_token_id", "audio_start_token_id", "audio_end_token_id"), 3),
         ),
         token2wav_config=dict(
             dit_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, head_dim=16, ff_mult=1,
