@@ -63,7 +63,7 @@ QWEN_OMNI_LM = {
                         "tie_word_embeddings": False},
 }
 # A 4 s 1280x720 clip with its audio track as Qwen2.5-Omni's pipeline reads it (bench.omni_shape --family
-# qwen2_5_omni): 2960 video tokens, 100 audio tokens, the interleaving markers and the question (tiny tokenizer).
+# qwen2_5_omni): 2880 video tokens, 100 audio tokens, the interleaving markers and the question (tiny tokenizer).
 QWEN_OMNI_PROMPT_TOKENS = 3046
 GIB = 2**30
 

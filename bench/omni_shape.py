@@ -19,9 +19,9 @@ first. With --lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights
 
 --family qwen2_5_omni: the Qwen2.5-Omni thinker (tiny-width LM and towers, transformers' own classes) at the
 shape Qwen2.5-Omni's own pipeline gives a 4 s 1280x720 clip with its audio track: 8 frames at 2 fps resized
-to 560x1036 under the default 768-token budget (4 x 40 x 74 patches -> 2960 video tokens), 400 mel frames
+to 560x1008 under the default 768-token budget (4 x 40 x 72 patches -> 2880 video tokens), 400 mel frames
 -> 100 audio tokens, interleaved in 2 s chunks with TMRoPE positions (the processor's own functions), plus
-the question: ~3.1k prompt tokens. vLLM does not serve this family yet (--no-vllm is implied).
+the question: ~3.0k prompt tokens. vLLM does not serve this family yet (--no-vllm is implied).
 
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """

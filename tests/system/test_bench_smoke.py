@@ -171,7 +171,7 @@ def test_grad_checkpointing_benchmark_runs():
 
 def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
     """The 0.5B count is the reference checkpoint's, tensor for tensor (less what its forward never reads);
-    every role of both configs has an estimate, and gradient checkpointing lowers the learner's."""
+    every role of every config has an estimate, and gradient checkpointing lowers the learner's."""
     import math
 
     from bench.memory_model import REFERENCE, rows
@@ -180,9 +180,13 @@ def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
     unused = set(ref["not_used_in_forward"])
     published = sum(math.prod(s) for k, s in ref["tensors"].items() if k not in unused)
     out = rows(80.0)
-    assert {(r["model"], r["role"]) for r in out} == {(m, r) for m in ("0.5b", "7b") for r in ("learner", "rollout")}
+    models = ("0.5b", "7b", "qwen2_5_omni_3b", "qwen2_5_omni_7b")
+    assert {(r["model"], r["role"]) for r in out} == {(m, r) for m in models for r in ("learner", "rollout")}
     assert all(r["params_total"] == published for r in out if r["model"] == "0.5b")
-    for m in ("0.5b", "7b"):
+    # The Qwen2.5-Omni-7B thinker with frozen towers trains its LM alone: Qwen2.5-7B's 7,615,616,512 parameters.
+    assert {r["params_trainable"] for r in out if r["model"] == "qwen2_5_omni_7b"} == {7_615_616_512}
+    assert all(r["engine"] == "hf" for r in out if r["model"].startswith("qwen") and r["role"] == "rollout")
+    for m in models:
         learner = {r["gradient_checkpointing"]: r["gib"] for r in out if r["model"] == m and r["role"] == "learner"}
         assert learner[True]["activations"] < learner[False]["activations"]
         parts = {k: v for k, v in learner[True].items() if k not in ("total", "startup", "plan_peak")}
@@ -203,3 +207,18 @@ def test_decode_benchmark_runs():
     assert all(r["pyav_s"] > 0 for r in clips)
     if recs[0]["decord"]:  # where decord 0.6 installs, both decoded the same frames
         assert all(r["frames_equal"] is True and r["pyav_over_decord"] > 0 for r in clips)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(450)
+def test_omni_shape_benchmark_runs_for_qwen2_5_omni():
+    argv = TINY_LM[:-4] + ["--heads", "1", "--kv-heads", "1", "--tower-hidden", "16", "--prompts", "1",
+                           "--group-size", "2", "--new-tokens", "4", "--warmup", "0", "--steps", "1",
+                           "--engine-repeats", "1", "--family", "qwen2_5_omni"]
+    recs = _run_module("bench.omni_shape", argv, 400)
+    # 2880 video + 100 audio tokens of a 4 s 720p clip, interleaved, and the question's text
+    assert recs[0]["family"] == "qwen2_5_omni" and 2980 < recs[0]["prompt_tokens"] < 3100
+    engine = [r for r in recs if r.get("part") == "engine"]
+    assert [r["variant"] for r in engine] == ["per_sample", "shared_prefix"]  # no vLLM for this family yet
+    learner = [r for r in recs if r.get("part") == "learner"]
+    assert len(learner) == 4 and all(r["completion_tokens_per_s"] > 0 for r in learner)
