@@ -122,8 +122,9 @@ def learner_attention(requested: str, device: torch.device, dtype: torch.dtype, 
 
 
 def set_lm_attention(model: torch.nn.Module, implementation: str) -> None:
-    """The decoder layers read the top-level config's choice at every forward; the towers keep their own."""
-    model.config._attn_implementation = implementation
+    """The decoder layers read their config's choice at every forward: the LM's (HumanOmni's top-level config,
+    a composite model's text config, where setting the top level would change the towers' too)."""
+    model.model.config._attn_implementation = implementation
 
 
 def load_policy(
