@@ -240,6 +240,8 @@ class QwenOmniProcessor:
         chosen: dict[str, float] = {}
 
         def choose(total: int, fps: float) -> list[int]:
+            if fps <= 0:  # sampling at 2 fps needs the clip's own rate
+                raise MediaError("video stream declares no frame rate", file=path)
             n = video_frame_count(total, fps, spec)
             chosen["fps"] = n / total * fps  # the rate the frames were actually sampled at
             return video_frame_indices(total, n)

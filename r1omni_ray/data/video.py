@@ -105,9 +105,7 @@ def read_frames(path: str | os.PathLike, choose: Callable[[int, float], Sequence
             if not index.pts:
                 raise MediaError("video has no frames", file=path)
             rate = stream.average_rate or stream.guessed_rate
-            fps = float(rate) if rate else 0.0
-            if fps <= 0:
-                raise MediaError("video stream declares no frame rate", file=path)
+            fps = float(rate) if rate else 0.0  # 0: the stream declares none (HumanOmni's sampling needs none)
             indices = list(choose(len(index.pts), fps))
             frames = _decode_at(container, stream, index, sorted(set(indices)), threads)
         except av.error.FFmpegError as e:
