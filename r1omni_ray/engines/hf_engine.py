@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache
 
 from r1omni_ray.engines.base import Completion, SamplingParams, sample_seed, stop_token_ids, trim_at_eos
 from r1omni_ray.engines.shared_prefix import ATTN_NAME, shared_prefix_cache
-from r1omni_ray.model.decode_positions import DecodePositions
+from r1omni_ray.model.decode_positions import DecodePositions, next_positions
 from r1omni_ray.model.modeling import MMPrompt
 
 
@@ -87,7 +87,7 @@ def left_padded_positions(rows: Sequence[torch.Tensor] | None, width: int, n: in
     table = torch.zeros(rows[0].shape[0], len(rows), width, dtype=torch.long, device=rows[0].device)
     for i, r in enumerate(rows):
         table[:, i, width - r.shape[1] :] = r
-    nxt = torch.tensor([int(r.max()) + 1 for r in rows], device=table.device)
+    nxt = torch.tensor(next_positions(rows), device=table.device)
     return DecodePositions(table.repeat_interleave(n, dim=1), nxt.repeat_interleave(n))
 
 

@@ -1,10 +1,18 @@
-"""Positions of a multi-axis-rotary family's prompts while transformers' generate() decodes them."""
+"""Positions after a prompt: where a completion continues (next_positions), and a multi-axis-rotary family's
+prompts while transformers' generate() decodes them (DecodePositions)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+
+def next_positions(rows: Sequence[torch.Tensor]) -> list[int]:
+    """Where each prompt's completion starts, on every axis: one past the prompt's largest position (for 1-D
+    positions, its length). The learners' forwards and the rollout engine both take it from here."""
+    return [int(r.max()) + 1 if r.numel() else 0 for r in rows]
 
 
 @dataclass

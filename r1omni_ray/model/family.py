@@ -13,7 +13,6 @@ A new family is one module defining a ``FAMILY`` (a :class:`PolicyFamily`), name
 from __future__ import annotations
 
 import importlib
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,13 +67,10 @@ def family(name: str) -> PolicyFamily:
 
 def detect(ckpt_dir: str | Path) -> PolicyFamily:
     """The family whose model_type config.json names; an error naming the file otherwise."""
+    from r1omni_ray.model.towers import checkpoint_config
+
     path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(ckpt_dir)}: not a checkpoint directory (no config.json)")
-    try:
-        kind = json.loads(path.read_text(encoding="utf-8")).get("model_type")
-    except ValueError as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
+    kind = checkpoint_config(ckpt_dir).get("model_type")
     for name in FAMILY_MODULES:
         fam = family(name)
         if kind in fam.model_types:

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from r1omni_ray.model.decode_positions import next_positions
 from r1omni_ray.model.prefix_cache import completion_cache, prompt_cache
 
 if TYPE_CHECKING:
@@ -201,7 +202,7 @@ class CompletionLogprobs:
         rows = self.prompt_positions(prompts)
         if rows is None:
             rows = [torch.arange(e.shape[0], device=self.device)[None] for e in pe]
-        return rows, [int(r.max()) + 1 if r.numel() else 0 for r in rows]
+        return rows, next_positions(rows)
 
     @staticmethod
     def _lm_positions(pos: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,6 @@ the last two are skipped by name, and any other tensor the thinker has no place 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from r1omni_ray.model.family import PolicyFamily
 from r1omni_ray.model.loading import CheckpointError, _short_list, resolve_dtype
 from r1omni_ray.model.logprobs import CompletionLogprobs
 from r1omni_ray.model.modeling import MMPrompt
+from r1omni_ray.model.towers import checkpoint_config
 
 if TYPE_CHECKING:
     from r1omni_ray.config import ModelConfig
@@ -47,20 +47,10 @@ NOT_THINKER = re.compile(r"^(talker|token2wav)\.")
 THINKER_PREFIX = {r"^thinker\.": ""}
 
 
-def read_config(ckpt_dir: str | Path) -> dict[str, Any]:
-    path = Path(ckpt_dir) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{Path(ckpt_dir)}: not a checkpoint directory (no config.json)")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise CheckpointError(f"{path}: cannot read ({e})") from None
-
-
 def thinker_config_dict(ckpt_dir: str | Path) -> dict[str, Any]:
     """The thinker's config as a dict: config.json itself (a thinker checkpoint) or its ``thinker_config``
     (a full Qwen2.5-Omni checkpoint). A full checkpoint without one is an error naming the file."""
-    raw = read_config(ckpt_dir)
+    raw = checkpoint_config(ckpt_dir)
     kind = raw.get("model_type")
     if kind == FULL_MODEL_TYPE:
         thinker = raw.get("thinker_config")
@@ -217,7 +207,7 @@ class QwenOmniThinkerPolicy(CompletionLogprobs, Qwen2_5OmniThinkerForConditional
 def load_qwen_omni(ckpt_dir: str | Path, dtype: str = "auto") -> QwenOmniThinkerPolicy:
     """The thinker from a local directory, strictly (see the module docstring)."""
     path = Path(ckpt_dir)
-    raw = read_config(path)
+    raw = checkpoint_config(path)
     thinker = thinker_config_dict(path)
     config = Qwen2_5OmniThinkerConfig(**{k: v for k, v in thinker.items() if k not in ("model_type", "transformers_version")})
     full = raw.get("model_type") == FULL_MODEL_TYPE

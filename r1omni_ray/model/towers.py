@@ -54,6 +54,14 @@ def read_config_json(ckpt_dir: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: cannot read ({e})") from None
 
 
+def checkpoint_config(ckpt_dir: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory, which must have one (an error naming the directory)."""
+    path = Path(ckpt_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint directory (no config.json)")
+    return read_config_json(path)
+
+
 def tower_dir(ckpt_dir: str | Path, which: str, overrides: TowerPaths = TowerPaths()) -> Path:
     """The folder of one tower (``which``: vision, audio or bert): the override, else config.json's value,
     else the default sub-folder; relative to ``ckpt_dir``. A folder that does not exist is an error naming

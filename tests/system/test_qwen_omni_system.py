@@ -17,15 +17,9 @@ from launch.train_rlvr import run_rlvr
 from launch.train_sft import run_sft
 from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
-from r1omni_ray.learner.grpo_update import StepSpec
 from r1omni_ray.model.family import detect
 from r1omni_ray.model.qwen_omni import load_qwen_omni
-from tests.system.test_rlvr_system import (
-    LABELS,
-    assert_moved_with_advantages,
-    assert_workers_match_learners,
-    small_cfg,
-)
+from tests.system.test_rlvr_system import LABELS, small_cfg, train_and_broadcast
 
 pytestmark = pytest.mark.slow
 QWEN = {"family": "qwen2_5_omni"}
@@ -61,13 +55,7 @@ def test_grpo_on_zero3_follows_advantages_and_broadcast_is_bit_exact(local_ray, 
         # ZeRO-3's gathers would fall out of step.
         shards, num_micro = shard_for_learners(samples, adv, 2, cfg.learner.micro_batch_size)
         assert sorted(any(p.media_kinds[0] for p in b.prompts) for b in shards) == [False, True]
-        before = groups.learners.logprobs(shards, num_micro)
-        lens = [len(c) for b in shards for c in b.completions]
-        groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
-        after = groups.learners.logprobs(shards, num_micro)
-        assert_moved_with_advantages(shards, before, after)
-        groups.sync.broadcast(1)
-        assert_workers_match_learners(groups)
+        train_and_broadcast(groups, shards, num_micro, max_len=12)
     finally:
         groups.shutdown()
 

@@ -32,8 +32,14 @@ def small_cfg(out: Path, zero: int, **sections) -> "object":
     return config_from_dict(d)
 
 
-def assert_moved_with_advantages(shards: list, before: list, after: list) -> None:
-    """The update raised the log-probs of positive-advantage completions and lowered the negative ones."""
+def train_and_broadcast(groups: RLVRGroups, shards: list, num_micro: int, max_len: int) -> None:
+    """One GRPO update on hand-made advantages, then weight version 1 to the workers: the log-probs of the
+    positive-advantage completions rose and the negative ones fell, and every worker holds the learners'
+    weights bit for bit."""
+    before = groups.learners.logprobs(shards, num_micro)
+    lens = [len(c) for b in shards for c in b.completions]
+    groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), max_len))
+    after = groups.learners.logprobs(shards, num_micro)
     up = down = 0.0
     for b, lb, la in zip(shards, before, after, strict=True):
         for a, x, y in zip(b.advantages, lb, la, strict=True):
@@ -41,6 +47,8 @@ def assert_moved_with_advantages(shards: list, before: list, after: list) -> Non
             up += delta if a > 0 else 0.0
             down += delta if a < 0 else 0.0
     assert up > 0 > down, (up, down)
+    groups.sync.broadcast(1)
+    assert_workers_match_learners(groups)
 
 
 def assert_workers_match_learners(groups: RLVRGroups) -> None:
@@ -73,13 +81,7 @@ def test_grpo_update_follows_advantages_and_broadcast_is_bit_exact_zero2(local_r
         # Hand-made advantages: the first two samples of every group are good, the last two bad.
         adv = [1.0, 1.0, -1.0, -1.0] * len(samples)
         shards, num_micro = shard_for_learners(samples, adv, 2, cfg.learner.micro_batch_size)
-        before = groups.learners.logprobs(shards, num_micro)
-        lens = [len(c) for b in shards for c in b.completions]
-        groups.learners.train(shards, StepSpec(num_micro, sum(lens), len(lens), 12))
-        after = groups.learners.logprobs(shards, num_micro)
-        assert_moved_with_advantages(shards, before, after)
-        groups.sync.broadcast(1)
-        assert_workers_match_learners(groups)
+        train_and_broadcast(groups, shards, num_micro, max_len=12)
         samples = groups.rollout.collect(groups.rollout.submit(list(enumerate(recs[:2])), params), params)
         assert all(g.weight_version == 1 for g in samples)
     finally:
