@@ -43,6 +43,7 @@ from r1omni_ray.engines.base import (
     stop_token_ids,
     trim_at_eos,
 )
+from r1omni_ray.engines.vllm_mrope_request import ARCHITECTURE, MEDIA_TOKENS_KEY, MODALITY, mrope_request
 from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
 from r1omni_ray.weight_broadcast import BroadcastGroup, ParamMeta, receive_buckets
 
@@ -85,12 +86,27 @@ def generation_config_for(tokenizer) -> dict[str, Any]:
             "bos_token_id": tokenizer.bos_token_id}
 
 
-def export_lm_dir(model: HumanOmniQwen2ForCausalLM, tokenizer, out_dir: str | Path) -> Path:
-    """Write a plain Qwen2 checkpoint (config + LM weights + tokenizer + generation_config) that vLLM loads."""
-    from safetensors.torch import save_file
+def serves_mrope(model: torch.nn.Module) -> bool:
+    """Whether the policy's LM takes multi-axis positions (the Qwen2.5-Omni thinker's TMRoPE): then vLLM serves it as
+    engines/vllm_mrope_lm.py, with token ids, media embeddings and positions; else as plain Qwen2 on prompt
+    embeddings."""
+    return hasattr(model, "prompt_positions")
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+
+def media_token_ids(model: torch.nn.Module) -> list[int]:
+    cfg = model.config
+    return [int(getattr(cfg, k)) for k in ("video_token_index", "audio_token_index", "image_token_index")
+            if getattr(cfg, k, None) is not None]
+
+
+def lm_export_config(model: torch.nn.Module) -> dict[str, Any]:
+    """config.json of the LM export: HumanOmni's config less its towers, as a plain Qwen2; the thinker's text
+    config (M-RoPE sections included), as this project's vLLM model with the ids of its media placeholders."""
+    if serves_mrope(model):
+        cfg = model.config.get_text_config().to_dict()
+        cfg.update(model_type="qwen2", architectures=[ARCHITECTURE], **{MEDIA_TOKENS_KEY: media_token_ids(model)})
+        return {k: v for k, v in cfg.items() if k not in {"auto_map", "dtype", "torch_dtype"}} | {
+            "torch_dtype": str(model.dtype).removeprefix("torch.")}
     cfg = model.config.to_dict()
     drop = {
         "mm_vision_tower", "mm_audio_tower", "text_model_path", "vision_config", "audio_config",
@@ -99,6 +115,16 @@ def export_lm_dir(model: HumanOmniQwen2ForCausalLM, tokenizer, out_dir: str | Pa
     cfg = {k: v for k, v in cfg.items() if k not in drop and not k.startswith(("mm_", "audio_"))}
     cfg["model_type"] = "qwen2"
     cfg["architectures"] = ["Qwen2ForCausalLM"]
+    return cfg
+
+
+def export_lm_dir(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
+    """Write the LM's checkpoint (config + LM weights + tokenizer + generation_config) that vLLM loads."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = lm_export_config(model)
     (out / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
     (out / "generation_config.json").write_text(json.dumps(generation_config_for(tokenizer), indent=2))
     lm = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if is_lm_param(k)}
@@ -197,6 +223,7 @@ def check_version(version: str, platform: str) -> None:
 def engine_args(
     lm_dir: str | Path, platform: str, tensor_parallel_size: int, dtype: str, gpu_memory_utilization: float,
     max_model_len: int | None, kv_cache_gib: float | None, enforce_eager: bool | None, model_max_len: int = 32768,
+    mrope: bool = False,
 ) -> dict[str, Any]:
     """Keyword arguments of vllm.LLM. Log-probs are those of the distribution sampled from (after
     temperature, top-p and min_tokens masking: "processed"), as the hf engine records them, so the learner's
@@ -205,13 +232,17 @@ def engine_args(
     2-layer model). Also on CPU, no chunked prefill: when a seeded request's prefill is split, vLLM 0.32 rewinds
     its generator with `set_offset`, which CPU generators do not have, and the engine dies ("CPU Generator does
     not use offset"); every request here is seeded. Whole prefills need a step budget of the longest sequence
-    (model_max_len: the model's own limit, used when max_model_len is unset)."""
+    (model_max_len: the model's own limit, used when max_model_len is unset). mrope: the model of
+    engines/vllm_mrope_lm.py, whose one modality is embeddings only (limit 0 with enable_mm_embeds: no tower, no
+    dummy media at start)."""
     cpu = platform == "cpu"
     kw: dict[str, Any] = dict(
         model=str(lm_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype, enable_prompt_embeds=True,
         worker_extension_cls=f"{__name__}.BroadcastReceiverExtension", logprobs_mode="processed_logprobs",
         enforce_eager=cpu if enforce_eager is None else enforce_eager,
     )
+    if mrope:
+        kw.update(enable_prompt_embeds=False, enable_mm_embeds=True, limit_mm_per_prompt={MODALITY: 0})
     if tensor_parallel_size > 1:
         # The tensor-parallel workers are child processes on the actor's own devices (Ray gave the actor
         # all of them). Left to choose inside a placement group, vLLM picks its Ray executor, which wants
@@ -374,12 +405,14 @@ class VLLMEngine:
         if platform == "cpu":
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-            check_head_size(model.config, CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
+            check_head_size(model.config.get_text_config(), CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
             os.environ.update(cpu_process_env(threads))
         self.tokenizer = tokenizer
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
         self.tp = tensor_parallel_size
+        self.mrope = serves_mrope(model)
+        lm_config = model.config.get_text_config()
         # The export is the full LM (15 GB at 7B), on node-local storage. With export_key (the rollout worker's
         # checkpoint) it goes to the node's stable path (NodeExport: vLLM's compile cache is found again by a
         # later start); without one, to a folder of its own. Either way it is removed once vLLM has loaded it.
@@ -398,14 +431,14 @@ class VLLMEngine:
             # measures free GPU memory.
             model.model.layers = torch.nn.ModuleList()
             model.model.norm = torch.nn.Identity()
-            if not model.config.tie_word_embeddings:
+            if not lm_config.tie_word_embeddings:
                 model.lm_head = torch.nn.Identity()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             phase("vLLM start (load, profile, compile, CUDA graphs)")
             self.llm = vllm.LLM(**engine_args(lm_dir, platform, tensor_parallel_size, dtype, gpu_memory_utilization,
                                               max_model_len, kv_cache_gib, enforce_eager,
-                                              model.config.max_position_embeddings) | (llm_overrides or {}))
+                                              lm_config.max_position_embeddings, self.mrope) | (llm_overrides or {}))
         finally:
             if shared is not None:
                 shared.release()
@@ -429,7 +462,14 @@ class VLLMEngine:
         for start in range(0, len(prompts), EMBED_CHUNK):  # bounded activation memory beside vLLM's pool
             embeds += [e.cpu() for e in self.frontend.embed_prompts(prompts[start : start + EMBED_CHUNK])]
         plan = sample_plan(len(prompts), params, uids)
-        requests = build_requests([embeds[i] for i, _ in plan])
+        if self.mrope:
+            positions = self.frontend.prompt_positions(prompts)
+            media = media_token_ids(self.frontend)
+            per_prompt = [mrope_request(list(p.prompt_ids), e, pos, media)
+                          for p, e, pos in zip(prompts, embeds, positions, strict=True)]
+            requests = [per_prompt[i] for i, _ in plan]
+        else:
+            requests = build_requests([embeds[i] for i, _ in plan])
         sps = [self._vllm.SamplingParams(**sampling_kwargs(params, seed, sorted(self.eos_ids))) for _, seed in plan]
         outs = self.llm.generate(requests, sps, use_tqdm=False)
         groups: list[list[Completion]] = [[] for _ in prompts]
