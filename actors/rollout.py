@@ -20,7 +20,7 @@ import torch
 
 from actors.common import device, gpu_ids, node_ip, setup_process
 from actors.load_progress import LoadProgress
-from r1omni_ray.config import ConfigError, RunConfig, config_from_dict
+from r1omni_ray.config import RunConfig, config_from_dict
 from r1omni_ray.data.errors import DataError
 from r1omni_ray.data.media_decoder import MediaDecoder
 from r1omni_ray.data.processor import PromptMedia, prompt_modalities
@@ -90,8 +90,6 @@ class RolloutWorker:
         progress = LoadProgress(f"rollout-worker-{index}")
         with progress.phase("policy load"):
             fam = mc.policy_family(ckpt_dir)
-            if rc.engine == "vllm" and not fam.vllm_rollouts:  # preflight says so first; this is for direct callers
-                raise ConfigError(f"rollout.engine=vllm: not available for the {fam.name} family yet ({fam.vllm_missing})")
             self.processor = fam.load_processor(ckpt_dir, mc, self.cfg.data.input_style)
             model = fam.load_policy(ckpt_dir, mc).to(device())
         self.model = model  # the engine's front end: its frozen towers give the features shipped to learners

@@ -53,10 +53,6 @@ def check_inputs(cfg: RunConfig, init_ckpt: str | None = None) -> None:
                 cfg.model.policy_family(value).check(value)
             except ValueError as e:  # a family/checkpoint mismatch, a Qwen2.5-Omni checkpoint without a thinker
                 raise ConfigError(f"{name}={value!r}: {e}") from None
-    fam = cfg.model.policy_family(init_ckpt or cfg.model.path)
-    if cfg.rollout.engine == "vllm" and not fam.vllm_rollouts:
-        raise ConfigError(f"rollout.engine=vllm: not available for the {fam.name} family yet ({fam.vllm_missing}); "
-                          "use rollout.engine=hf")
     for name in ("data.train_path", "data.eval_path", "data.sft_path"):
         value = run_paths(cfg).get(name)
         if value is not None and not Path(value).is_file():

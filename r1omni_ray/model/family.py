@@ -33,8 +33,6 @@ AUTO = "auto"
 class PolicyFamily(ABC):
     name: str
     model_types: tuple[str, ...]  # config.json model_type values of its checkpoints
-    vllm_rollouts: bool = True  # engines/vllm_engine.py serves it (else: why not, for the one-line refusal)
-    vllm_missing: str = ""
 
     @abstractmethod
     def load_policy(self, ckpt_dir: str | Path, mc: ModelConfig) -> nn.Module:

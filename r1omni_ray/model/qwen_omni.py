@@ -246,9 +246,6 @@ def load_qwen_omni(ckpt_dir: str | Path, dtype: str = "auto") -> QwenOmniThinker
 class QwenOmniFamily(PolicyFamily):
     name = "qwen2_5_omni"
     model_types = (FULL_MODEL_TYPE, THINKER_MODEL_TYPE)
-    vllm_rollouts = False
-    vllm_missing = ("the vLLM engine serves the LM on prompt embeddings with 1-D positions; the thinker needs its "
-                    "3-D TMRoPE positions, and vLLM's own thinker takes audio only as raw features")
 
     def check(self, ckpt_dir: str | Path) -> None:
         thinker_config_dict(ckpt_dir)  # a full checkpoint without a thinker is refused here

@@ -118,3 +118,53 @@ def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray
 
     finally:
         groups.shutdown()
+
+
+QWEN_STEPS = 10
+
+
+def test_qwen_omni_rlvr_with_vllm_rollouts_trains_off_policy_and_vllm_holds_the_learners_weights(
+        local_ray, synth_data, tmp_path):
+    """The Qwen2.5-Omni thinker with vLLM rollouts (engines/vllm_mrope_lm.py) through the same system: ZeRO-3
+    learners on shipped tower outputs, one step of staleness corrected with vLLM's own sampling log-probs, and at
+    the end vLLM's greedy log-probs equal the learners' teacher-forced ones under the trained weights."""
+    from r1omni_ray.model.qwen_omni import load_qwen_omni
+    from r1omni_ray.tiny.qwen_omni import make_tiny_qwen_omni_checkpoint
+    from r1omni_ray.tiny.synthetic import SYNTHETIC_VOCAB_TEXTS
+
+    ckpt = make_tiny_qwen_omni_checkpoint(tmp_path / "qwen", tuple(SYNTHETIC_VOCAB_TEXTS))
+    cfg = vllm_cfg(tmp_path / "run")
+    cfg.model.family = "qwen2_5_omni"
+    cfg.rollout.num_workers, cfg.rollout.max_model_len = 1, 512
+    cfg.learner.zero_stage = 3
+    cfg.train.steps, cfg.train.max_staleness = QWEN_STEPS, 1
+    records = load_records(synth_data / "train.json", label_set=LABELS).records
+    groups = RLVRGroups.build(cfg, str(ckpt), LABELS)
+    try:
+        assert [ray.get(w.info.remote())["engine"] for w in groups.rollout.workers] == ["VLLMEngine"]
+        hist = RLVRTrainer(cfg, groups, records, None, LABELS, RunLogger(tmp_path, cfg.wandb, {})).fit()
+        assert len(hist) == QWEN_STEPS and all(h["samples"] == 4 * G for h in hist)
+        assert all(h["learner/corrected_step"] == 1.0 and h["learner/recomputed_old_logprobs"] == 0.0 for h in hist)
+        assert max(h["weight_version_lag"] for h in hist) == 1.0
+        assert not any(m.name.startswith(("visual.", "audio_tower.")) for m in groups.sync.metas)  # frozen towers
+
+        policy = load_qwen_omni(ckpt, "float32")
+        _, unexpected = policy.load_state_dict(groups.learners.full_states()[0], strict=False)
+        assert not unexpected and ray.get(groups.rollout.workers[0].info.remote())["version"] == QWEN_STEPS
+        items = list(enumerate(records[:3]))
+        params = SamplingParams(greedy=True, max_new_tokens=8, logprobs=True)
+        samples, *media = ray.get(groups.rollout.workers[0].rollout.options(num_returns=1 + len(items))
+                                  .remote(items, params))
+        inputs = [s.inputs.with_media(m) for s, m in zip(samples, media, strict=True)]
+        comps = [s.completions[0].token_ids for s in samples]
+        with torch.no_grad():
+            lp, _, _ = policy.completion_logprobs(inputs, list(range(len(inputs))), comps)
+        for k, s in enumerate(samples):
+            torch.testing.assert_close(torch.tensor(s.completions[0].logprobs), lp[k, : len(comps[k])],
+                                       atol=LOGPROB_ATOL, rtol=0)
+        k = QWEN_STEPS // 3
+        first = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[:k])
+        last = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[-k:])
+        assert last > first, [round(h["reward/test_letter_e_mean"], 3) for h in hist]
+    finally:
+        groups.shutdown()
