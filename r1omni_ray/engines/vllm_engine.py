@@ -13,7 +13,11 @@ the whole host's memory, per engine); worker threads are pinned to cores unless 
 backend takes a fixed list of head sizes (vllm/v1/attention/backends/cpu_attn.py).
 
 vLLM serves the Qwen2 LM only; the rollout actor keeps the multimodal front end (SigLIP, Whisper,
-projectors, BERT gate, the token embedding) and hands vLLM prompt embeddings. Weights: every vLLM worker
+projectors, BERT gate, the token embedding) and hands vLLM prompt embeddings. An LM with M-RoPE (the
+Qwen2.5-Omni thinker: its towers and token embedding stay in the actor likewise) is served as this project's
+vLLM model (engines/vllm_mrope_lm.py, registered by the plugin in engines/vllm_plugin.py): its requests are
+token ids with the media rows of the prompt embeddings and the prompt's TMRoPE positions
+(engines/vllm_mrope_request.py), since prompt embeddings would get text positions. Weights: every vLLM worker
 (each tensor-parallel rank) is a rank of the ENGINES broadcast group (learner-0 and the vLLM workers: NCCL
 on GPUs, one process per GPU) and receives the LM's buckets there; the actor is a rank of the ACTORS group
 and receives the front end's. Only the token embedding goes to both. Only names, dtypes, shapes and the
@@ -44,7 +48,7 @@ from r1omni_ray.engines.base import (
     trim_at_eos,
 )
 from r1omni_ray.engines.vllm_mrope_request import ARCHITECTURE, MEDIA_TOKENS_KEY, MODALITY, mrope_request
-from r1omni_ray.model.modeling import HumanOmniQwen2ForCausalLM, MMPrompt
+from r1omni_ray.model.modeling import MMPrompt
 from r1omni_ray.weight_broadcast import BroadcastGroup, ParamMeta, receive_buckets
 
 # The versions each platform's code above was read against (pyproject: the cpu and gpu extras).
@@ -373,7 +377,7 @@ def _run_beside(fn: Callable[[], Any], rpc: Callable[[], Any]) -> Any:
 class VLLMEngine:
     def __init__(
         self,
-        model: HumanOmniQwen2ForCausalLM,
+        model: torch.nn.Module,
         tokenizer,
         export_dir: str | Path | None = None,
         tensor_parallel_size: int = 1,
@@ -388,7 +392,8 @@ class VLLMEngine:
         on_phase: Callable[[str | None], None] | None = None,
         export_key: str | None = None,
     ) -> None:
-        """export_dir: node-local folder for the LM export that vLLM loads at start (None: the system's
+        """model: the policy (HumanOmni or the Qwen2.5-Omni thinker); it stays as the front end, without its decoder
+        layers. export_dir: node-local folder for the LM export that vLLM loads at start (None: the system's
         temporary folder); it is deleted once vLLM has read it. export_key: what the export holds (export_key()
         of the worker's checkpoint): the export then goes to the node's stable path (NodeExport). llm_overrides: further vllm.LLM arguments,
         over the ones derived here (benchmarks: enable_prefix_caching=False). on_phase(name): told as each phase of

