@@ -21,7 +21,8 @@ first. With --lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights
 shape Qwen2.5-Omni's own pipeline gives a 4 s 1280x720 clip with its audio track: 8 frames at 2 fps resized
 to 560x1008 under the default 768-token budget (4 x 40 x 72 patches -> 2880 video tokens), 400 mel frames
 -> 100 audio tokens, interleaved in 2 s chunks with TMRoPE positions (the processor's own functions), plus
-the question: ~3.0k prompt tokens. vLLM does not serve this family yet (--no-vllm is implied).
+the question: ~3.0k prompt tokens. Its vLLM variants serve the thinker's LM as engines/vllm_mrope_lm.py (token
+ids, the media rows and TMRoPE positions).
 
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """
@@ -262,11 +263,12 @@ def bench_vllm(args: argparse.Namespace, model, tokenizer, featured, params) -> 
     from r1omni_ray.engines.vllm_engine import VLLMEngine
 
     out = []
+    max_len = max(2048, max(len(p.prompt_ids) for p in featured) + params.max_new_tokens)
     for name, caching in (("vllm", True), ("vllm_no_prefix_caching", False)):
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()
             engine = VLLMEngine(copy.deepcopy(model), tokenizer, work, dtype="float32", threads=args.threads,
-                                max_model_len=2048, llm_overrides={"enable_prefix_caching": caching})
+                                max_model_len=max_len, llm_overrides={"enable_prefix_caching": caching})
             start = time.perf_counter() - t0
             out.append(time_engine(args, name, engine, featured, params) | {"engine_start_s": rounded(start)})
             engine.close()
@@ -317,7 +319,6 @@ def main(argv: list[str] | None = None) -> int:
         lm = TinyLMArgs(q.hidden_size, q.intermediate_size, q.num_layers, q.num_heads, q.num_kv_heads)
         vocab = q.vocab_size
     if qwen:
-        args.vllm = False  # not served for this family yet (preflight refuses rollout.engine=vllm for it)
         model = qwen_omni_model(lm, vocab, args.tower_hidden, args.seed, ids)
         prompts = qwen_omni_prompts(args.prompts, tok, ids, args.seed)
     else:

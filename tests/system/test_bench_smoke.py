@@ -185,7 +185,7 @@ def test_memory_model_counts_the_published_model_exactly_and_prints_each_role():
     assert all(r["params_total"] == published for r in out if r["model"] == "0.5b")
     # The Qwen2.5-Omni-7B thinker with frozen towers trains its LM alone: Qwen2.5-7B's 7,615,616,512 parameters.
     assert {r["params_trainable"] for r in out if r["model"] == "qwen2_5_omni_7b"} == {7_615_616_512}
-    assert all(r["engine"] == "hf" for r in out if r["model"].startswith("qwen") and r["role"] == "rollout")
+    assert all(r["engine"] == "vllm" and r["fits"] for r in out if r["model"].startswith("qwen") and r["role"] == "rollout")
     for m in models:
         learner = {r["gradient_checkpointing"]: r["gib"] for r in out if r["model"] == m and r["role"] == "learner"}
         assert learner[True]["activations"] < learner[False]["activations"]
@@ -219,6 +219,7 @@ def test_omni_shape_benchmark_runs_for_qwen2_5_omni():
     # 2880 video + 100 audio tokens of a 4 s 720p clip, interleaved, and the question's text
     assert recs[0]["family"] == "qwen2_5_omni" and 2980 < recs[0]["prompt_tokens"] < 3100
     engine = [r for r in recs if r.get("part") == "engine"]
-    assert [r["variant"] for r in engine] == ["per_sample", "shared_prefix"]  # no vLLM for this family yet
+    assert [r["variant"] for r in engine] == ["per_sample", "shared_prefix", "vllm", "vllm_no_prefix_caching"]
+    assert all(r["completion_tokens"] == [4, 4] for r in engine)
     learner = [r for r in recs if r.get("part") == "learner"]
     assert len(learner) == 4 and all(r["completion_tokens_per_s"] > 0 for r in learner)
