@@ -105,10 +105,11 @@ def media_token_ids(model: torch.nn.Module) -> list[int]:
 
 def lm_export_config(model: torch.nn.Module) -> dict[str, Any]:
     """config.json of the LM export: HumanOmni's config less its towers, as a plain Qwen2; the thinker's text
-    config (M-RoPE sections included), as this project's vLLM model with the ids of its media placeholders."""
+    config (a Qwen2 LM with M-RoPE sections), as this project's vLLM model with the ids of its media placeholders."""
     if serves_mrope(model):
+        # Its own model_type (qwen2_5_omni_text): transformers' config class for it knows mrope_section.
         cfg = model.config.get_text_config().to_dict()
-        cfg.update(model_type="qwen2", architectures=[ARCHITECTURE], **{MEDIA_TOKENS_KEY: media_token_ids(model)})
+        cfg.update(architectures=[ARCHITECTURE], **{MEDIA_TOKENS_KEY: media_token_ids(model)})
         return {k: v for k, v in cfg.items() if k not in {"auto_map", "dtype", "torch_dtype"}} | {
             "torch_dtype": str(model.dtype).removeprefix("torch.")}
     cfg = model.config.to_dict()

@@ -131,11 +131,12 @@ class MRoPEQwen2ForCausalLM(Qwen2ForCausalLM, SupportsMultiModal, SupportsMRoPE)
         return SupportsMultiModal.embed_input_ids(self, input_ids, multimodal_embeddings, is_multimodal=is_multimodal)
 
     def get_mrope_input_positions(self, input_tokens: list[int], mm_features: list[Any]) -> tuple[torch.Tensor, int]:
+        """The request's own positions, and the delta that continues a completion from their max + 1."""
         n = len(input_tokens)
-        pos = None
-        for f in mm_features:
-            if f.modality == MODALITY and f.data is not None and POSITIONS in f.data:
-                pos = f.data[POSITIONS].data.to("cpu", torch.int64)
-        if pos is None:  # a text-only prompt
+        items = [f for f in mm_features if f.modality == MODALITY]
+        if not items:  # a text-only prompt: 0..L-1 on every axis, as the learners count it
             return torch.arange(n).expand(3, n).clone(), 0
+        if items[0].data is None:  # never text positions in silence
+            raise RuntimeError(f"{MODALITY!r} item without its data in the model runner: no positions to use")
+        pos = items[0].data[POSITIONS].data.to("cpu", torch.int64)
         return pos.clone(), int(pos.max()) + 1 - n

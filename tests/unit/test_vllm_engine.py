@@ -137,7 +137,7 @@ def test_the_thinkers_lm_export_is_the_projects_mrope_model_and_holds_the_lm_onl
 
     cfg = lm_export_config(policy)
     text = policy.config.get_text_config()
-    assert cfg["architectures"] == [ARCHITECTURE] and cfg["model_type"] == "qwen2"
+    assert cfg["architectures"] == [ARCHITECTURE] and cfg["model_type"] == "qwen2_5_omni_text"
     assert cfg["rope_parameters"]["mrope_section"] == text.rope_parameters["mrope_section"]
     assert cfg["hidden_size"] == text.hidden_size and cfg[MEDIA_TOKENS_KEY] == media_token_ids(policy)
     assert {policy.config.video_token_index, policy.config.audio_token_index} <= set(cfg[MEDIA_TOKENS_KEY])
