@@ -21,8 +21,8 @@ first. With --lm-width 0.5b the LM has Qwen2.5-0.5B's dimensions (random weights
 shape Qwen2.5-Omni's own pipeline gives a 4 s 1280x720 clip with its audio track: 8 frames at 2 fps resized
 to 560x1008 under the default 768-token budget (4 x 40 x 72 patches -> 2880 video tokens), 400 mel frames
 -> 100 audio tokens, interleaved in 2 s chunks with TMRoPE positions (the processor's own functions), plus
-the question: ~3.0k prompt tokens. Its vLLM variants serve the thinker's LM as engines/vllm_mrope_lm.py (token
-ids, the media rows and TMRoPE positions).
+the question: ~3.0k prompt tokens. Its vLLM variant serves the thinker's LM as engines/vllm_mrope_lm.py (token
+ids, the media rows and TMRoPE positions); on CPU without prefix caching, the engine's only setting there.
 
 Run: python -m bench.omni_shape  (one JSON line per variant, then a summary line)
 """
@@ -260,11 +260,16 @@ def bench_vllm(args: argparse.Namespace, model, tokenizer, featured, params) -> 
     # vLLM's own log handler writes to stdout, where only JSON lines belong: its records go to stderr instead
     # (Python's last-resort handler, warnings and up), here and in the processes it spawns.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    from r1omni_ray.engines.vllm_engine import VLLMEngine
+    from vllm.platforms import current_platform
+
+    from r1omni_ray.engines.vllm_engine import VLLMEngine, serves_mrope
 
     out = []
     max_len = max(2048, max(len(p.prompt_ids) for p in featured) + params.max_new_tokens)
-    for name, caching in (("vllm", True), ("vllm_no_prefix_caching", False)):
+    variants = [("vllm", True), ("vllm_no_prefix_caching", False)]
+    if serves_mrope(model) and current_platform.device_type == "cpu":
+        variants = [("vllm_no_prefix_caching", False)]  # the engine's only setting there (vllm_engine.engine_args)
+    for name, caching in variants:
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()
             engine = VLLMEngine(copy.deepcopy(model), tokenizer, work, dtype="float32", threads=args.threads,

@@ -239,7 +239,7 @@ def engine_args(
     not use offset"); every request here is seeded. Whole prefills need a step budget of the longest sequence
     (model_max_len: the model's own limit, used when max_model_len is unset). mrope: the model of
     engines/vllm_mrope_lm.py, whose one modality is embeddings only (limit 0 with enable_mm_embeds: no tower, no
-    dummy media at start)."""
+    dummy media at start); on CPU without prefix caching (below)."""
     cpu = platform == "cpu"
     kw: dict[str, Any] = dict(
         model=str(lm_dir), tensor_parallel_size=tensor_parallel_size, dtype=dtype, enable_prompt_embeds=True,
@@ -256,6 +256,13 @@ def engine_args(
     if cpu:
         kw["enable_chunked_prefill"] = False
         kw["max_num_batched_tokens"] = max(max_model_len or model_max_len, 4096)
+        if mrope:
+            # The same split can come from the encoder cache (max_num_batched_tokens' worth of media rows):
+            # with prefix caching, samples whose cached blocks end inside the media hold their prompt's rows in
+            # it, and a new prompt that does not fit is prefilled up to its media only (vllm/v1/core/sched/
+            # scheduler.py _try_schedule_encoder_inputs), which kills the engine as above. Without prefix
+            # caching every prefill is whole, so the rows a step needs are at most its tokens: it always fits.
+            kw["enable_prefix_caching"] = False
     if cpu or kv_cache_gib is not None:
         kw["kv_cache_memory_bytes"] = int((CPU_KV_CACHE_GIB if kv_cache_gib is None else kv_cache_gib) * 2**30)
     else:

