@@ -93,8 +93,10 @@ def generation_config_for(tokenizer) -> dict[str, Any]:
 def serves_mrope(model: torch.nn.Module) -> bool:
     """Whether the policy's LM takes multi-axis positions (the Qwen2.5-Omni thinker's TMRoPE): then vLLM serves it as
     engines/vllm_mrope_lm.py, with token ids, media embeddings and positions; else as plain Qwen2 on prompt
-    embeddings."""
-    return hasattr(model, "prompt_positions")
+    embeddings. The test is vLLM's own (transformers_utils/config.py uses_mrope): the LM config's rope has an
+    mrope_section."""
+    rope = getattr(model.config.get_text_config(), "rope_parameters", None) or {}
+    return "mrope_section" in rope
 
 
 def media_token_ids(model: torch.nn.Module) -> list[int]:

@@ -69,6 +69,27 @@ def kill_when(trainer: RLVRTrainer, groups: RLVRGroups, step: int, box: dict[str
     return t
 
 
+def assert_greedy_logprobs_are_the_learners(worker, policy, records) -> None:
+    """The worker's greedy samples carry vLLM's log-probs; the learners' teacher-forced forward under
+    ``policy`` gives the same on the same tokens."""
+    items = list(enumerate(records))
+    params = SamplingParams(greedy=True, max_new_tokens=8, logprobs=True)
+    samples, *media = ray.get(worker.rollout.options(num_returns=1 + len(items)).remote(items, params))
+    inputs = [s.inputs.with_media(m) for s, m in zip(samples, media, strict=True)]
+    comps = [s.completions[0].token_ids for s in samples]
+    with torch.no_grad():
+        lp, _, _ = policy.completion_logprobs(inputs, list(range(len(inputs))), comps)
+    for k, s in enumerate(samples):
+        torch.testing.assert_close(torch.tensor(s.completions[0].logprobs), lp[k, : len(comps[k])],
+                                   atol=LOGPROB_ATOL, rtol=0)
+
+
+def reward_ends(hist: list[dict[str, Any]], k: int) -> tuple[float, float]:
+    """The mean test reward of the first k steps and of the last k."""
+    first = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[:k])
+    return first, statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[-k:])
+
+
 def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray, tiny_ckpt, synth_data, tmp_path):
     cfg = vllm_cfg(tmp_path)
     records = load_records(synth_data / "train.json", label_set=LABELS).records
@@ -99,21 +120,10 @@ def test_rlvr_with_vllm_learns_survives_a_killed_worker_and_resyncs_it(local_ray
         policy = load_policy(str(tiny_ckpt))
         missing, unexpected = policy.load_state_dict(groups.learners.full_states()[0], strict=False)
         assert not unexpected
-        items = list(enumerate(records[:3]))
-        params = SamplingParams(greedy=True, max_new_tokens=8, logprobs=True)
         for w in groups.rollout.workers:
-            samples, *media = ray.get(w.rollout.options(num_returns=1 + len(items)).remote(items, params))
-            inputs = [s.inputs.with_media(m) for s, m in zip(samples, media, strict=True)]
-            comps = [s.completions[0].token_ids for s in samples]
-            with torch.no_grad():
-                lp, _, _ = policy.completion_logprobs(inputs, list(range(len(inputs))), comps)
-            for k2, s in enumerate(samples):
-                torch.testing.assert_close(torch.tensor(s.completions[0].logprobs), lp[k2, : len(comps[k2])],
-                                           atol=LOGPROB_ATOL, rtol=0)
+            assert_greedy_logprobs_are_the_learners(w, policy, records[:3])
         # Reward rises (the mean of the last quarter against the first).
-        k = STEPS // 4
-        first = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[:k])
-        last = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[-k:])
+        first, last = reward_ends(hist, STEPS // 4)
         assert last > first + 0.05, [round(h["reward/test_letter_e_mean"], 3) for h in hist]
 
     finally:
@@ -151,20 +161,8 @@ def test_qwen_omni_rlvr_with_vllm_rollouts_trains_off_policy_and_vllm_holds_the_
         policy = load_qwen_omni(ckpt, "float32")
         _, unexpected = policy.load_state_dict(groups.learners.full_states()[0], strict=False)
         assert not unexpected and ray.get(groups.rollout.workers[0].info.remote())["version"] == QWEN_STEPS
-        items = list(enumerate(records[:3]))
-        params = SamplingParams(greedy=True, max_new_tokens=8, logprobs=True)
-        samples, *media = ray.get(groups.rollout.workers[0].rollout.options(num_returns=1 + len(items))
-                                  .remote(items, params))
-        inputs = [s.inputs.with_media(m) for s, m in zip(samples, media, strict=True)]
-        comps = [s.completions[0].token_ids for s in samples]
-        with torch.no_grad():
-            lp, _, _ = policy.completion_logprobs(inputs, list(range(len(inputs))), comps)
-        for k, s in enumerate(samples):
-            torch.testing.assert_close(torch.tensor(s.completions[0].logprobs), lp[k, : len(comps[k])],
-                                       atol=LOGPROB_ATOL, rtol=0)
-        k = QWEN_STEPS // 3
-        first = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[:k])
-        last = statistics.fmean(h["reward/test_letter_e_mean"] for h in hist[-k:])
+        assert_greedy_logprobs_are_the_learners(groups.rollout.workers[0], policy, records[:3])
+        first, last = reward_ends(hist, QWEN_STEPS // 3)
         assert last > first, [round(h["reward/test_letter_e_mean"], 3) for h in hist]
     finally:
         groups.shutdown()

@@ -123,11 +123,12 @@ def test_mrope_requests_carry_the_media_rows_in_prompt_order_and_the_positions()
 
 
 @torch.no_grad()
-def test_the_thinkers_lm_export_is_the_projects_mrope_model_and_holds_the_lm_only(tmp_path):
+def test_the_thinkers_lm_export_is_the_projects_mrope_model_and_holds_the_lm_only(tiny_ckpt, tmp_path):
     from safetensors.torch import load_file
 
-    from r1omni_ray.engines.vllm_engine import lm_export_config, media_token_ids
+    from r1omni_ray.engines.vllm_engine import lm_export_config, media_token_ids, serves_mrope
     from r1omni_ray.engines.vllm_mrope_request import ARCHITECTURE, MEDIA_TOKENS_KEY
+    from r1omni_ray.model.loading import load_policy
     from r1omni_ray.model.qwen_omni import load_qwen_omni
     from r1omni_ray.tiny.qwen_omni import make_tiny_qwen_omni_checkpoint
 
@@ -137,6 +138,7 @@ def test_the_thinkers_lm_export_is_the_projects_mrope_model_and_holds_the_lm_onl
 
     cfg = lm_export_config(policy)
     text = policy.config.get_text_config()
+    assert serves_mrope(policy) and not serves_mrope(load_policy(tiny_ckpt))  # HumanOmni: plain Qwen2 rope
     assert cfg["architectures"] == [ARCHITECTURE] and cfg["model_type"] == "qwen2_5_omni_text"
     assert cfg["rope_parameters"]["mrope_section"] == text.rope_parameters["mrope_section"]
     assert cfg["hidden_size"] == text.hidden_size and cfg[MEDIA_TOKENS_KEY] == media_token_ids(policy)
