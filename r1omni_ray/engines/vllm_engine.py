@@ -417,17 +417,17 @@ class VLLMEngine:
 
         platform = current_platform.device_type
         check_version(vllm.__version__, platform)
+        lm_config = model.config.get_text_config()  # HumanOmni's config itself; the thinker's text config
         if platform == "cpu":
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-            check_head_size(model.config.get_text_config(), CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
+            check_head_size(lm_config, CPUAttentionBackend.get_supported_head_sizes(), "rollout.engine=vllm")
             os.environ.update(cpu_process_env(threads))
         self.tokenizer = tokenizer
         self.eos_ids = stop_token_ids(tokenizer, model.generation_config, stop_on_checkpoint_eos)
         self.pad_id = tokenizer.pad_token_id
         self.tp = tensor_parallel_size
         self.mrope = serves_mrope(model)
-        lm_config = model.config.get_text_config()
         # The export is the full LM (15 GB at 7B), on node-local storage. With export_key (the rollout worker's
         # checkpoint) it goes to the node's stable path (NodeExport: vLLM's compile cache is found again by a
         # later start); without one, to a folder of its own. Either way it is removed once vLLM has loaded it.

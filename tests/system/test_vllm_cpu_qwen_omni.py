@@ -68,7 +68,9 @@ def engine(world, tmp_path_factory):
     from r1omni_ray.model.qwen_omni import load_qwen_omni
 
     ckpt, proc, _ = world
-    # Lets collective_rpc carry a function (the position probe below) to the worker.
+    # Lets collective_rpc carry a function (the position probe below) to the worker; read by the processes
+    # vLLM starts now, and by this one when it sends.
+    before = os.environ.get("VLLM_ALLOW_INSECURE_SERIALIZATION")
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     eng = VLLMEngine(load_qwen_omni(ckpt, "float32").eval(), proc.tokenizer, tmp_path_factory.mktemp("export"),
                      dtype="float32", max_model_len=2048, export_key=export_key(ckpt))
@@ -77,6 +79,10 @@ def engine(world, tmp_path_factory):
     assert any(n.startswith("visual.") for n in eng.named_tensors())
     yield eng
     eng.close()
+    if before is None:
+        os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION")
+    else:
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = before
 
 
 def learner_logprobs(policy, prompts, groups) -> list[torch.Tensor]:
