@@ -262,13 +262,16 @@ def bench_vllm(args: argparse.Namespace, model, tokenizer, featured, params) -> 
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     from vllm.platforms import current_platform
 
-    from r1omni_ray.engines.vllm_engine import VLLMEngine, serves_mrope
+    from r1omni_ray.engines.vllm_engine import VLLMEngine, engine_args, serves_mrope
 
     out = []
     max_len = max(2048, max(len(p.prompt_ids) for p in featured) + params.max_new_tokens)
+    # Prefix caching only where the engine allows it for this model (engine_args: not the M-RoPE model on CPU).
+    defaults = engine_args("", current_platform.device_type, 1, "float32", 0.6, max_len, None, None,
+                           mrope=serves_mrope(model))
     variants = [("vllm", True), ("vllm_no_prefix_caching", False)]
-    if serves_mrope(model) and current_platform.device_type == "cpu":
-        variants = [("vllm_no_prefix_caching", False)]  # the engine's only setting there (vllm_engine.engine_args)
+    if defaults.get("enable_prefix_caching", True) is False:
+        variants = variants[1:]
     for name, caching in variants:
         with tempfile.TemporaryDirectory() as work:
             t0 = time.perf_counter()

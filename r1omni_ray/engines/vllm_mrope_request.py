@@ -15,11 +15,16 @@ POSITIONS = "r1omni_positions"  # [3, L]: the prompt's TMRoPE positions
 MEDIA_TOKENS_KEY = "r1omni_media_token_ids"  # in the exported config.json: which ids are media placeholders
 
 
+def media_mask(ids: list[int], media: Iterable[int]) -> torch.Tensor:
+    """Which of the prompt's tokens are media placeholders."""
+    media = set(media)
+    return torch.tensor([t in media for t in ids], dtype=torch.bool)
+
+
 def media_span(ids: list[int], media: Iterable[int]) -> tuple[int, torch.Tensor]:
     """(offset, is_embed) of the placeholder range from the first media token to the last: vLLM scatters the
     item's rows over the positions where is_embed is set, and embeds the text in between itself."""
-    media = set(media)
-    mask = torch.tensor([t in media for t in ids], dtype=torch.bool)
+    mask = media_mask(ids, media)
     where = mask.nonzero().flatten()
     if where.numel() == 0:
         raise ValueError("a media item for a prompt without media placeholder tokens")
@@ -31,8 +36,7 @@ def mrope_request(ids: list[int], embeds: torch.Tensor, positions: torch.Tensor,
                   ) -> dict[str, Any]:
     """One vLLM prompt: the token ids, and (if it has media) the media rows of its embeddings with its positions.
     A text-only prompt is plain token ids: vLLM then counts 0..L-1 on every axis, which is what its positions are."""
-    media = set(media)
-    mask = torch.tensor([t in media for t in ids], dtype=torch.bool)
+    mask = media_mask(ids, media)
     if tuple(positions.shape) != (3, len(ids)):
         raise ValueError(f"positions {tuple(positions.shape)} do not fit a {len(ids)}-token prompt")
     if not bool(mask.any()):

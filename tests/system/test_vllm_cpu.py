@@ -13,36 +13,22 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.vllm_support import LOGPROB_ATOL, push_weights, skip_without_locked_vllm, vllm_platform
+from tests.vllm_support import (
+    LOGPROB_ATOL,
+    VLLM_CPU_MARKS,
+    learner_logprobs,
+    push_weights,
+    spread_weights,
+)
 
-pytestmark = [
-    pytest.mark.slow,
-    skip_without_locked_vllm,
-    pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
-                       reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
-]
+pytestmark = VLLM_CPU_MARKS
 
 MANY = 28  # distinct prompts of ~170 tokens: more than vLLM's default 4,096-token step of prefill
 CPU_BLOCK = 128  # vLLM's default KV block on CPU (vllm/platforms/cpu.py): prefix caching works in whole blocks
-
-
-def spread_weights(ckpt: Path, seed: int = 0) -> None:
-    """Rewrite a tiny checkpoint's LM weights in place: larger embeddings and noisier layers give varied,
-    input-dependent greedy outputs (an eos among them) instead of one token repeated."""
-    from safetensors.torch import load_file, save_file
-
-    sd = load_file(ckpt / "model.safetensors")
-    g = torch.Generator().manual_seed(seed)
-    for k, v in sd.items():
-        if k.startswith("model.layers.") and v.dim() == 2:
-            sd[k] = v + 0.2 * torch.randn(v.shape, generator=g)
-    sd["model.embed_tokens.weight"] = sd["model.embed_tokens.weight"] * 30
-    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
 
 
 @pytest.fixture(scope="module")
@@ -118,15 +104,6 @@ def push(engine, named: list[tuple[str, torch.Tensor]]) -> None:
     assert got["engines"] == [lm] and got["actor"] == front
     assert got["actor"] + got["engines"][0] == sum(nbytes.values()) + nbytes[TOKEN_EMBEDDING]
     assert got["sent"] == {"actors": front, "engines": lm, "sent": front + lm}
-
-
-def learner_logprobs(policy, prompts, per_prompt, temperature: float = 1.0) -> list[torch.Tensor]:
-    """The learners' teacher-forced log-probs of every returned completion (their own code path)."""
-    idx = [i for i, g in enumerate(per_prompt) for _ in g]
-    comps = [c.token_ids for g in per_prompt for c in g]
-    with torch.no_grad():
-        lp, _, _ = policy.completion_logprobs(prompts, idx, comps, temperature=temperature)
-    return [lp[k, : len(c)] for k, c in enumerate(comps)]
 
 
 def assert_logprobs_match(per_prompt, reference: list[torch.Tensor], atol: float = LOGPROB_ATOL) -> None:

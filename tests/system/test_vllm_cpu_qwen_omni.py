@@ -12,31 +12,19 @@ from __future__ import annotations
 import copy
 import os
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 
-from tests.vllm_support import LOGPROB_ATOL, push_weights, skip_without_locked_vllm, vllm_platform
+from tests.vllm_support import (
+    LOGPROB_ATOL,
+    VLLM_CPU_MARKS,
+    learner_logprobs,
+    push_weights,
+    spread_weights,
+)
 
-pytestmark = [
-    pytest.mark.slow,
-    skip_without_locked_vllm,
-    pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"), reason="vLLM here is a GPU build"),
-]
-
-
-def spread_lm_weights(ckpt: Path, seed: int = 0) -> None:
-    from safetensors.torch import load_file, save_file
-
-    path = ckpt / "model.safetensors"
-    sd = load_file(path)
-    g = torch.Generator().manual_seed(seed)
-    for k, v in sd.items():
-        if k.startswith("thinker.model.layers.") and v.dim() == 2:
-            sd[k] = v + 0.2 * torch.randn(v.shape, generator=g)
-    sd["thinker.model.embed_tokens.weight"] = sd["thinker.model.embed_tokens.weight"] * 30
-    save_file(sd, path, metadata={"format": "pt"})
+pytestmark = VLLM_CPU_MARKS
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +36,7 @@ def world(tmp_path_factory):
     from tests.reference.qwen_omni.make_reference import HERE as CLIPS
 
     ckpt = make_tiny_qwen_omni_checkpoint(tmp_path_factory.mktemp("vllm_qomni") / "full", layout="full")
-    spread_lm_weights(ckpt)
+    spread_weights(ckpt, prefix="thinker.")
     proc = QwenOmniProcessor.from_pretrained(ckpt)
     clip, short, wav = (str(CLIPS / n) for n in ("talk_4s.mp4", "short_1500ms.mp4", "voice.wav"))
 
@@ -83,14 +71,6 @@ def engine(world, tmp_path_factory):
         os.environ.pop("VLLM_ALLOW_INSECURE_SERIALIZATION")
     else:
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = before
-
-
-def learner_logprobs(policy, prompts, groups) -> list[torch.Tensor]:
-    idx = [i for i, g in enumerate(groups) for _ in g]
-    comps = [c.token_ids for g in groups for c in g]
-    with torch.no_grad():
-        lp, _, _ = policy.completion_logprobs(prompts, idx, comps, temperature=1.0)
-    return [lp[k, : len(c)] for k, c in enumerate(comps)]
 
 
 def worst_gap(groups, reference: list[torch.Tensor]) -> float:

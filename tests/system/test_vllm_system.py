@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import pytest
 import ray
 import torch
 
@@ -23,14 +22,9 @@ from r1omni_ray.data.records import load_records
 from r1omni_ray.engines.base import SamplingParams
 from r1omni_ray.model.loading import load_policy
 from r1omni_ray.tracking import RunLogger
-from tests.vllm_support import LOGPROB_ATOL, skip_without_locked_vllm, vllm_platform
+from tests.vllm_support import LOGPROB_ATOL, VLLM_CPU_MARKS
 
-pytestmark = [
-    pytest.mark.slow,
-    skip_without_locked_vllm,
-    pytest.mark.skipif(vllm_platform() not in ("cpu", "missing"),
-                       reason="vLLM here is a GPU build: tests/system/test_vllm_gpu.py covers it"),
-]
+pytestmark = VLLM_CPU_MARKS
 
 LABELS = ["happy", "sad", "angry", "neutral"]
 G = 8
